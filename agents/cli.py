@@ -1,0 +1,149 @@
+"""`longdream train | eval | bench | envs` - the command line.
+
+    longdream train [key=value ...]          train (an existing run_dir resumes)
+    longdream eval run_dir=<path> episodes=<n>   evaluate a saved agent and write a video
+    longdream bench <name> [key=value ...]   benchmarks: update, learning, scan
+    longdream envs                           list environment ids
+
+Errors a user can fix (bad keys, unknown envs, corrupt checkpoints) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+USAGE = __doc__.split("\n\n")[1]
+BENCHES = ("update", "learning", "scan")
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _merge_overrides(old: list[str], new: list[str]) -> list[str]:
+    """Later overrides of the same key win (Hydra rejects a key given twice)."""
+    merged = {_key(o): o for o in old}
+    merged.update({_key(o): o for o in new})
+    return list(merged.values())
+
+
+def _run_dir_of(overrides: list[str]) -> str | None:
+    for o in overrides:
+        if _key(o) == "run_dir":
+            return o.split("=", 1)[1]
+    return None
+
+
+def load_config(overrides: list[str]):
+    """Compose the config; inside an existing run directory the run's own overrides come first."""
+    from omegaconf import OmegaConf
+
+    from agents.config import build, compose
+
+    run_dir = _run_dir_of(overrides)
+    saved = Path(run_dir) / "overrides.json" if run_dir else None
+    if saved is not None and saved.exists():
+        overrides = _merge_overrides(json.loads(saved.read_text()), overrides)
+    raw = compose(overrides)
+    if raw.run_dir is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{raw.env.id}-{raw.world_model.name}-{raw.size.name}-seed{raw.seed}")
+        OmegaConf.update(raw, "run_dir", str(Path("runs") / name))
+    return build(raw), overrides
+
+
+def cmd_train(args: list[str]) -> int:
+    from agents.train import train
+
+    cfg, overrides = load_config(args)
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "overrides.json").exists():
+        (run_dir / "overrides.json").write_text(json.dumps([o for o in overrides if _key(o) != "run_dir"]))
+    res = train(cfg)
+    before = res.get("eval_return_before")
+    print(f"\ntrained {res['env_steps']} env steps, {res['updates']} updates in {res['wall_s']:.0f} s")
+    if before is not None:
+        print(f"eval return: before {before:.1f} -> after {res['eval_return_after']:.1f}")
+    else:
+        print(f"eval return after: {res['eval_return_after']:.1f}")
+    print(f"logs:       tensorboard --logdir {res['tensorboard']}")
+    print(f"videos:     {res['videos']}")
+    print(f"checkpoint: {res['checkpoint']}")
+    return 0
+
+
+def cmd_eval(args: list[str]) -> int:
+    import numpy as np
+    import torch
+
+    from agents import checkpoint
+    from agents.config import ConfigError
+    from agents.train import build_agent, evaluate
+
+    opts = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = sorted(set(opts) - {"run_dir", "episodes", "device"})
+    if unknown or "run_dir" not in opts:
+        raise ConfigError(f"usage: longdream eval run_dir=<path> [episodes=<n>] [device=cpu|cuda]"
+                          + (f" (unknown key '{unknown[0]}')" if unknown else ""))
+    run_dir = Path(opts["run_dir"])
+    if not (run_dir / "overrides.json").exists():
+        raise ConfigError(f"'{run_dir}' is not a longdream run directory (no overrides.json); pass the run_dir of a training run")
+    cfg, _ = load_config([f"run_dir={run_dir}"] + ([f"device={opts['device']}"] if "device" in opts else []))
+    ckpt = checkpoint.latest(run_dir)
+    if ckpt is None:
+        raise checkpoint.CheckpointError(f"no checkpoint in '{run_dir}'; train first")
+    agent, policy, shapes = build_agent(cfg, cfg.train.device)
+    agent.load_state_dict(checkpoint.load(ckpt)["agent"])
+    episodes = int(opts.get("episodes", 10))
+    video = run_dir / "videos" / f"eval-cli-{ckpt.name}"
+    torch.manual_seed(cfg.train.seed)
+    returns = evaluate(cfg, policy, shapes, episodes, cfg.train.seed + 30_000, video=video)
+    print(f"eval over {episodes} episodes: mean {np.mean(returns):.1f}, std {np.std(returns):.1f}, "
+          f"min {np.min(returns):.1f}, max {np.max(returns):.1f}")
+    print(f"video: {video.with_suffix('.gif')}")
+    return 0
+
+
+def cmd_bench(args: list[str]) -> int:
+    from agents.config import ConfigError
+
+    if not args or args[0] not in BENCHES:
+        raise ConfigError(f"usage: longdream bench <name> [key=value ...] with name one of {', '.join(BENCHES)}")
+    importlib.import_module(f"bench.{args[0]}").main(args[1:])
+    return 0
+
+
+def cmd_envs(args: list[str]) -> int:
+    from envs.make import list_envs
+
+    print(list_envs())
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "envs": cmd_envs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        return 2
+    from agents.checkpoint import CheckpointError
+    from agents.config import ConfigError
+    from envs.make import EnvError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ConfigError, EnvError, CheckpointError) as e:
+        print(f"longdream: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longdream: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Hydra config -> frozen dataclasses, one per component.
+
+`compose(overrides)` reads configs/train.yaml with the command line's key=value overrides; `build`
+turns each group into its component's dataclass. A mistyped or unknown key is a ConfigError that
+names it; derived values (size presets) are filled in by each dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from agents.dreamer import AgentConfig
+from envs.make import EnvConfig
+from worldmodels.model import BACKBONES, LossConfig
+from worldmodels.nets import NetsConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Keys that may differ between a checkpoint and the command that resumes it.
+RESUMABLE_KEYS = {"steps", "run_dir", "device", "eval_every", "eval_episodes", "log_every", "video_every",
+                  "checkpoint_every", "progress"}
+
+
+class ConfigError(ValueError):
+    """A bad configuration; its message is one line that names the key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int  # environment steps to train for (agent steps x action repeat), counted across resumes
+    seed: int
+    device: str
+    run_dir: str
+    envs: int  # env processes; more than one runs a MultiSyncCollector
+    prefill: int  # random-policy env steps before learning starts
+    train_ratio: float  # replayed steps (B x T per update) per agent step
+    batch_size: int  # B
+    seq_len: int  # T
+    replay_capacity: int  # rows kept in the replay buffer
+    collect_every: int  # agent steps per env between learner phases
+    eval_every: int  # env steps between evaluations (0: only at the start and end)
+    eval_episodes: int
+    log_every: int  # env steps between scalar logs
+    video_every: int  # env steps between open-loop videos (pixel envs)
+    checkpoint_every: float  # seconds between checkpoints
+    progress: bool  # show a progress bar
+
+
+@dataclass(frozen=True)
+class Config:
+    train: TrainConfig
+    env: EnvConfig
+    backbone: str
+    core: object  # the backbone's own config dataclass
+    nets: NetsConfig
+    agent: AgentConfig
+    loss: LossConfig
+    raw: DictConfig  # the resolved config, saved to the run directory
+
+
+def _build(cls, node, where: str):
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key '{key}' (valid here: {', '.join(sorted(names))})")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad value in '{where}': {e}") from None
+
+
+def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        msg = str(e)
+        key = re.search(r"Key '([^']+)' is not in struct", msg) or re.search(r"Could not override '([^']+)'", msg)
+        if key:
+            raise ConfigError(f"unknown config key '{key.group(1)}'; see configs/{config_name}.yaml for the valid keys") from None
+        group = re.search(r"Could not find '([^']+)'", msg)
+        if group:
+            options = re.search(r"Available options:(.*)", msg, re.S)
+            opts = " ".join(options.group(1).split()) if options else ""
+            raise ConfigError(f"no config '{group.group(1)}' (available: {opts})") from None
+        raise ConfigError(msg.strip().splitlines()[0]) from None
+
+
+def build(cfg: DictConfig) -> Config:
+    top = {k: v for k, v in cfg.items() if k not in ("env", "world_model", "size", "agent", "loss")}
+    train = _build(TrainConfig, OmegaConf.create(top), "")
+    if train.steps < 0 or train.batch_size < 1 or train.seq_len < 2 or train.envs < 1:
+        raise ConfigError("steps must be >= 0, batch_size >= 1, seq_len >= 2 and envs >= 1")
+    if train.envs > 1 and train.collect_every < train.seq_len:
+        raise ConfigError(f"with envs > 1 each env's batch must hold a whole sequence: set collect_every >= seq_len ({train.seq_len})")
+    wm = OmegaConf.to_container(cfg.world_model, resolve=True)
+    name = wm.pop("name")
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown world_model '{name}' (choose one of {', '.join(BACKBONES)})")
+    core_cls = BACKBONES[name][1]
+    nets = _build(NetsConfig, cfg.size, "size")
+    core = _build(core_cls, {**wm, "size": nets.name}, "world_model")
+    return Config(train=train, env=_build(EnvConfig, cfg.env, "env"), backbone=name, core=core, nets=nets,
+                  agent=_build(AgentConfig, cfg.agent, "agent"), loss=_build(LossConfig, cfg.loss, "loss"), raw=cfg)
+
+
+def config_mismatch(saved: DictConfig, new: DictConfig) -> list[str]:
+    """Keys whose values differ and that a resume may not change."""
+    a = _flat(OmegaConf.to_container(saved, resolve=True))
+    b = _flat(OmegaConf.to_container(new, resolve=True))
+    return sorted(k for k in set(a) | set(b) if k.split(".")[0] not in RESUMABLE_KEYS and a.get(k) != b.get(k))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,188 @@
+"""Actor-critic learning in imagination, after DreamerV3 (Hafner et al. 2023, sec. 3 and appendix).
+
+From every posterior state of a replayed batch, the world model's prior is rolled forward H steps
+under the actor. Lambda-returns (eq. 7) computed by a reverse linear scan are the critic's two-hot
+target and, normalised by the EMA of their 5th-95th percentile range (eq. 8), the actor's
+REINFORCE signal:
+
+    L_actor  = -sum_t w_t [ sg((R_t - v_t) / max(1, S)) log pi(a_t|s_t) + eta H[pi(.|s_t)] ]
+    L_critic = -sum_t w_t [ log p_v(sg(R_t) | s_t) + log p_v(sg(v_slow(s_t)) | s_t) ]
+
+w_t is the imagined probability of still being in the episode (cumulative continuation).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worldmodels.base import flatten_state
+from worldmodels.model import WorldModel
+from worldmodels.nets import TwoHot, mlp, unimix_probs
+from worldmodels.ops.scan import lambda_return
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    horizon: int = 15  # imagination steps
+    gamma: float = 1 - 1 / 333  # discount per agent step
+    lam: float = 0.95  # lambda of the lambda-return
+    entropy: float = 3e-4  # eta, the actor's entropy bonus
+    slow_critic_mix: float = 0.02  # EMA rate of the slow critic
+    slow_critic_reg: float = 1.0  # weight of the slow-critic regulariser
+    retnorm_decay: float = 0.99  # EMA decay of the return percentile range
+    retnorm_low: float = 0.05
+    retnorm_high: float = 0.95
+    unimix: float = 0.01  # uniform mix of discrete actions
+    min_std: float = 0.1
+    max_std: float = 1.0
+    wm_lr: float = 1e-4
+    actor_lr: float = 3e-5
+    critic_lr: float = 3e-5
+    wm_clip: float = 1000.0  # gradient-norm clip
+    ac_clip: float = 100.0
+
+
+class Actor(nn.Module):
+    """Categorical with unimix for discrete actions (one-hot), bounded normal for continuous ones."""
+
+    def __init__(self, feat: int, action_dim: int, discrete: bool, units: int, layers: int, cfg: AgentConfig):
+        super().__init__()
+        self.discrete, self.cfg, self.action_dim = discrete, cfg, action_dim
+        self.net = mlp(feat, units, layers, action_dim if discrete else 2 * action_dim)
+
+    def dist(self, feat: Tensor) -> torch.distributions.Distribution:
+        out = self.net(feat)
+        if self.discrete:
+            probs = unimix_probs(out, self.cfg.unimix)
+            return torch.distributions.OneHotCategorical(probs=probs)
+        mean, std = out.chunk(2, -1)
+        std = self.cfg.min_std + (self.cfg.max_std - self.cfg.min_std) * torch.sigmoid(std + 2.0)
+        return torch.distributions.Independent(torch.distributions.Normal(torch.tanh(mean), std), 1)
+
+    def sample(self, feat: Tensor) -> Tensor:
+        action = self.dist(feat).sample()
+        return action if self.discrete else action.clamp(-1, 1)
+
+    def mode(self, feat: Tensor) -> Tensor:
+        d = self.dist(feat)
+        if self.discrete:
+            return F.one_hot(d.probs.argmax(-1), self.action_dim).to(feat.dtype)
+        return d.base_dist.mean
+
+
+class ReturnNorm(nn.Module):
+    """S = EMA of (P95 - P5) of the lambda-returns; advantages are divided by max(1, S)."""
+
+    def __init__(self, cfg: AgentConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def update(self, returns: Tensor) -> Tensor:
+        flat = returns.detach().flatten().float()
+        low = torch.quantile(flat, self.cfg.retnorm_low)
+        high = torch.quantile(flat, self.cfg.retnorm_high)
+        d = self.cfg.retnorm_decay
+        if not self.initialised:
+            self.low.copy_(low)
+            self.high.copy_(high)
+            self.initialised.fill_(True)
+        else:
+            self.low.mul_(d).add_((1 - d) * low)
+            self.high.mul_(d).add_((1 - d) * high)
+        return torch.clamp(self.high - self.low, min=1.0)
+
+
+class Agent(nn.Module):
+    def __init__(self, wm: WorldModel, cfg: AgentConfig):
+        super().__init__()
+        self.cfg, self.wm = cfg, wm
+        spec, nets, feat = wm.spec, wm.nets, wm.core.feat_size
+        self.actor = Actor(feat, spec.action_dim, spec.discrete, nets.units, nets.layers, cfg)
+        self.critic = TwoHot(feat, nets.units, nets.layers, nets.bins)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.retnorm = ReturnNorm(cfg)
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        c = self.cfg
+        return {
+            "wm": torch.optim.Adam(self.wm.parameters(), lr=c.wm_lr, eps=1e-8),
+            "actor": torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr, eps=1e-5),
+            "critic": torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5),
+        }
+
+
+def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) -> tuple[dict, dict]:
+    """Actor and critic losses from imagined rollouts that start at `starts` (N, ...)."""
+    cfg, wm = agent.cfg, agent.wm
+    with torch.no_grad():  # REINFORCE needs no gradient through the dynamics
+        feat, action = wm.core.imagine(starts, agent.actor.sample, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
+        reward = wm.reward.mean(wm.reward(feat[:, 1:]))  # (N, H) reward on arrival at step t+1
+        cont = torch.sigmoid(wm.cont(feat[:, 1:]).squeeze(-1))  # (N, H)
+        value = agent.critic.mean(agent.critic(feat))  # (N, H+1)
+        ret = lambda_return(reward, value, cfg.gamma * cont, cfg.lam)  # (N, H)
+        # w_t: probability that step t is still inside the episode, seen from the start state.
+        alive = torch.cat([start_cont[:, None], cont[:, :-1]], 1)  # (N, H)
+        weight = torch.cumprod(alive, 1)  # (N, H)
+        scale = agent.retnorm.update(ret)
+        adv = (ret - value[:, :-1]) / scale  # (N, H)
+        slow = agent.slow_critic.mean(agent.slow_critic(feat[:, :-1]))  # (N, H)
+
+    dist = agent.actor.dist(feat[:, :-1])
+    logp = dist.log_prob(action[:, :-1])  # (N, H)
+    ent = dist.entropy()  # (N, H)
+    actor_loss = -(weight * (adv * logp + cfg.entropy * ent)).mean()
+
+    logits = agent.critic(feat[:, :-1])  # (N, H, K)
+    critic_loss = (weight * (agent.critic.loss(logits, ret) + cfg.slow_critic_reg * agent.critic.loss(logits, slow))).mean()
+
+    metrics = {
+        "train/return_scale": scale, "train/imag_return": ret.mean(), "train/imag_reward": reward.mean(),
+        "train/actor_entropy": ent.mean().detach(), "train/value": value.mean(),
+    }
+    return {"actor": actor_loss, "critic": critic_loss}, metrics
+
+
+def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One learner step: world model, then actor and critic in imagination, then the slow critic.
+    A non-finite loss skips the whole step so it never reaches the weights."""
+    cfg = agent.cfg
+    total, terms, states, feat, wm_metrics = agent.wm.loss(
+        batch["obs"], batch["action"], batch["reward"], batch["is_first"], batch["is_terminal"])
+    starts = {k: v.detach() for k, v in flatten_state(states).items()}  # (B*T, ...)
+    start_cont = 1.0 - batch["is_terminal"].flatten().float()  # (B*T,)
+    ac_losses, ac_metrics = imagine_losses(agent, starts, start_cont)
+
+    losses = {"wm": total, **ac_losses}
+    if not all(torch.isfinite(v) for v in losses.values()):
+        return {"train/nonfinite": torch.ones(())}
+
+    for opt in opts.values():
+        opt.zero_grad(set_to_none=True)
+    for v in losses.values():  # the three losses touch disjoint parameters
+        v.backward()
+    clips = {"wm": (agent.wm, cfg.wm_clip), "actor": (agent.actor, cfg.ac_clip), "critic": (agent.critic, cfg.ac_clip)}
+    norms = {name: nn.utils.clip_grad_norm_(mod.parameters(), clip) for name, (mod, clip) in clips.items()}
+    if not all(torch.isfinite(n) for n in norms.values()):
+        for opt in opts.values():
+            opt.zero_grad(set_to_none=True)
+        return {"train/nonfinite": torch.ones(())}
+    for opt in opts.values():
+        opt.step()
+    with torch.no_grad():
+        for slow, fast in zip(agent.slow_critic.parameters(), agent.critic.parameters()):
+            slow.lerp_(fast, cfg.slow_critic_mix)
+
+    metrics = {f"loss/{k}": v.detach() for k, v in terms.items()}
+    metrics.update({f"loss/{k}": v.detach() for k, v in ac_losses.items()})
+    metrics.update({f"train/grad_norm_{k}": v for k, v in norms.items()})
+    metrics.update({f"train/{k}": v for k, v in wm_metrics.items()})
+    metrics.update(ac_metrics)
+    metrics["train/nonfinite"] = torch.zeros(())
+    return metrics

@@ -1,0 +1,78 @@
+"""The agent's policy at the TorchRL boundary: a TensorDict module a collector can run.
+
+It carries the backbone's recurrent state from step to step through the env's TensorDictPrimer
+(keys "state_<name>" plus "prev_action", zeroed at every reset), resets it where InitTracker's
+"is_init" marks an episode start, and writes the next state under "next" for the collector to carry.
+"""
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torch import Tensor
+from torchrl.data import Unbounded
+from torchrl.envs import TensorDictPrimer
+
+from agents.dreamer import Agent
+
+RANDOM, EXPLORE, EVAL = 0, 1, 2
+
+
+class DreamerPolicy(TensorDictModuleBase):
+    def __init__(self, agent: Agent, action_low: Tensor, action_high: Tensor, mode: int = EXPLORE):
+        super().__init__()
+        self.agent = agent
+        wm = agent.wm
+        self.obs_key = "pixels" if wm.spec.pixels else "observation"
+        self.state_keys = list(wm.core.state_shapes())
+        self.in_keys = [self.obs_key, "is_init", "prev_action"] + [f"state_{k}" for k in self.state_keys]
+        self.out_keys = ["action", ("next", "prev_action")] + [("next", f"state_{k}") for k in self.state_keys]
+        self.register_buffer("low", action_low.float())
+        self.register_buffer("high", action_high.float())
+        # A buffer, not an attribute, so that weight syncing to collector workers carries it too.
+        self.register_buffer("mode", torch.tensor(mode))
+
+    def primer(self) -> TensorDictPrimer:
+        """The env transform that declares (and zeroes at reset) the state this policy carries."""
+        shapes = {f"state_{k}": s for k, s in self.agent.wm.core.state_shapes().items()}
+        shapes["prev_action"] = (self.agent.wm.spec.action_dim,)
+        return TensorDictPrimer({k: Unbounded(s) for k, s in shapes.items()}, default_value=0.0)
+
+    def to_env(self, action: Tensor) -> Tensor:
+        """Actor actions live in [-1, 1] (or one-hot); rescale continuous ones to the env's bounds."""
+        if self.agent.wm.spec.discrete:
+            return action
+        return self.low + (action + 1) / 2 * (self.high - self.low)
+
+    @torch.no_grad()
+    def forward(self, td: TensorDictBase) -> TensorDictBase:
+        unbatched = td.batch_dims == 0
+        if unbatched:
+            td = td.unsqueeze(0)
+        wm, dev = self.agent.wm, self.low.device
+        obs = td[self.obs_key].to(dev)  # (N, ...)
+        N = obs.shape[0]
+        is_first = td["is_init"].to(dev).reshape(N, 1).float()  # (N, 1)
+        prev = td["prev_action"].to(dev).float()  # (N, A)
+        state = {k: td[f"state_{k}"].to(dev).float() for k in self.state_keys}
+        states, feat, _ = wm.core.observe(state, wm.encoder(obs[:, None]), prev[:, None], is_first)
+        feat = feat[:, 0]  # (N, F)
+        mode = int(self.mode)
+        if mode == RANDOM:
+            action = self.random(N)
+        elif mode == EXPLORE:
+            action = self.agent.actor.sample(feat)
+        else:
+            action = self.agent.actor.mode(feat)
+        td["action"] = self.to_env(action).to(td.device if td.device is not None else dev)
+        td["next", "prev_action"] = action.cpu() if td.device is None else action.to(td.device)
+        for k in self.state_keys:
+            td["next", f"state_{k}"] = states[k][:, 0].to(td["prev_action"].device)
+        return td.squeeze(0) if unbatched else td
+
+    def random(self, N: int) -> Tensor:
+        A = self.agent.wm.spec.action_dim
+        if self.agent.wm.spec.discrete:
+            idx = torch.randint(A, (N,), device=self.low.device)
+            return torch.nn.functional.one_hot(idx, A).float()
+        return torch.rand(N, A, device=self.low.device) * 2 - 1

@@ -1,0 +1,223 @@
+"""The training loop: collect -> store -> update on the train ratio -> log / eval / checkpoint.
+
+One function, `train(cfg)`, read top to bottom. Counting: `env_steps` are environment frames (agent
+steps x action repeat) and are what `steps`, `prefill`, `eval_every` and `log_every` count;
+`train_ratio` is replayed agent steps (batch_size x seq_len per update) per collected agent step.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from agents import checkpoint
+from agents.config import Config, ConfigError, config_mismatch
+from agents.dreamer import Agent, update
+from agents.policy import EVAL, EXPLORE, RANDOM, DreamerPolicy
+from agents.replay import Replay
+from agents.video import add_gif, open_loop_grid, save_video
+from envs.make import make_env, obs_spec
+from torchrl.data import Unbounded
+from torchrl.envs import TensorDictPrimer
+from worldmodels.model import WorldModel
+
+
+def _collect_env(env_cfg, seed: int, primer_shapes: dict, render: bool = False):
+    """Env plus the primer that carries the policy's recurrent state (module level: picklable)."""
+    env = make_env(env_cfg, seed, render=render)
+    env.append_transform(TensorDictPrimer({k: Unbounded(s) for k, s in primer_shapes.items()}, default_value=0.0))
+    return env
+
+
+def build_agent(cfg: Config, device: str) -> tuple[Agent, DreamerPolicy, dict]:
+    env = make_env(cfg.env, cfg.train.seed)
+    spec = obs_spec(env)
+    if spec.discrete:
+        low = high = torch.zeros(spec.action_dim)
+    else:
+        low, high = env.action_spec.space.low.float(), env.action_spec.space.high.float()
+    env.close()
+    agent = Agent(WorldModel(cfg.backbone, cfg.core, cfg.nets, spec, cfg.loss), cfg.agent).to(device)
+    policy = DreamerPolicy(agent, low, high).to(device)
+    shapes = {f"state_{k}": s for k, s in agent.wm.core.state_shapes().items()}
+    shapes["prev_action"] = (spec.action_dim,)
+    return agent, policy, shapes
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, policy: DreamerPolicy, shapes: dict, episodes: int, seed: int,
+             video: Path | None = None) -> list[float]:
+    """Run `episodes` greedy episodes; optionally save the first one as a video."""
+    env = _collect_env(cfg.env, seed, shapes, render=video is not None and not cfg.env.pixels)
+    old_mode = int(policy.mode)
+    policy.mode.fill_(EVAL)
+    returns = []
+    for i in range(episodes):
+        td = env.rollout(cfg.env.time_limit, policy=policy, break_when_any_done=True)
+        returns.append(float(td["next", "reward"].sum()))
+        if video is not None and i == 0 and "pixels" in td.keys():
+            frames = td["pixels"].permute(0, 2, 3, 1).cpu().numpy()  # (T, H, W, 3)
+            save_video(video, frames)
+    policy.mode.fill_(old_mode)
+    env.close()
+    return returns
+
+
+def train(cfg: Config) -> dict:
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    device = t.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+
+    agent, policy, shapes = build_agent(cfg, device)
+    opts = agent.optimizers()
+    replay = Replay(t.replay_capacity, t.batch_size, t.seq_len, run_dir / "replay", policy.obs_key, t.envs)
+    counters = {"env_steps": 0, "agent_steps": 0, "updates": 0, "updates_due": 0.0, "episodes": 0,
+                "nonfinite": 0, "last_log": 0, "last_eval": 0, "last_video": 0}
+
+    ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
+    if ckpt is not None:
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        diff = config_mismatch(saved, cfg.raw)
+        if diff:
+            raise ConfigError(f"config does not match the checkpoint in {run_dir} (differs: {', '.join(diff[:5])}); "
+                              f"resume with the same settings or use a new run_dir")
+        payload = checkpoint.load(ckpt, replay)
+        agent.load_state_dict(payload["agent"])
+        for k, opt in opts.items():
+            opt.load_state_dict(payload["opts"][k])
+        counters.update(payload["counters"])
+        checkpoint.set_rng_state(payload["rng"])
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg.raw, run_dir / "config.yaml")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(run_dir / "tb", purge_step=counters["env_steps"] or None)
+    writer.add_text("config", "```yaml\n" + OmegaConf.to_yaml(cfg.raw) + "\n```", counters["env_steps"])
+    results = {"run_dir": str(run_dir)}
+    if ckpt is None:
+        results["eval_return_before"] = float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 10_000)))
+        writer.add_scalar("eval/return", results["eval_return_before"], 0)
+
+    def save_checkpoint():
+        payload = {"agent": agent.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()},
+                   "counters": dict(counters), "rng": checkpoint.rng_state()}
+        checkpoint.save(run_dir, counters["env_steps"], payload, replay)
+
+    make_fn = functools.partial(_collect_env, cfg.env, t.seed + counters["episodes"], shapes)
+    policy.mode.fill_(RANDOM if counters["env_steps"] < t.prefill else EXPLORE)
+    if t.envs == 1:
+        from torchrl.collectors import Collector
+
+        collector = Collector(make_fn, policy, frames_per_batch=t.collect_every, total_frames=-1,
+                              policy_device=device, env_device="cpu", storing_device="cpu")
+    else:
+        from torchrl.collectors import MultiSyncCollector
+
+        collector = MultiSyncCollector([make_fn] * t.envs, policy, frames_per_batch=t.collect_every * t.envs,
+                                       total_frames=-1, policy_device=device, env_device="cpu", storing_device="cpu",
+                                       cat_results="stack")
+
+    repeat, tokens = cfg.env.action_repeat, t.batch_size * t.seq_len
+    metrics, recent_returns = defaultdict(list), []
+    clock = {"start": time.time(), "ckpt": time.time(), "train": 0.0, "log": time.time(), "log_steps": counters["env_steps"]}
+    bar = tqdm(total=t.steps, initial=min(counters["env_steps"], t.steps), unit="step", disable=not t.progress,
+               dynamic_ncols=True, desc="train")
+    try:
+        for data in collector if counters["env_steps"] < t.steps else []:
+            # --- store ---
+            replay.add(data)
+            n = data.numel()
+            counters["agent_steps"] += n
+            counters["env_steps"] += n * repeat
+            bar.update(n * repeat)
+            done = data["next", "done"].reshape(-1)
+            for ret, length in zip(data["next", "episode_reward"].reshape(-1)[done].tolist(),
+                                   data["next", "step_count"].reshape(-1)[done].tolist()):
+                counters["episodes"] += 1
+                recent_returns.append(ret)
+                writer.add_scalar("episode/return", ret, counters["env_steps"])
+                writer.add_scalar("episode/length", length * repeat, counters["env_steps"])
+
+            # --- update on the train ratio ---
+            if counters["env_steps"] >= t.prefill and replay.ready():
+                policy.mode.fill_(EXPLORE)
+                counters["updates_due"] += n * t.train_ratio / tokens
+                tic = time.time()
+                while counters["updates_due"] >= 1:
+                    m = update(agent, opts, replay.sample(device))
+                    counters["updates"] += 1
+                    counters["updates_due"] -= 1
+                    counters["nonfinite"] += int(m["train/nonfinite"])
+                    for k, v in m.items():
+                        metrics[k].append(float(v))
+                clock["train"] += time.time() - tic
+                collector.update_policy_weights_()
+
+            # --- log / video / eval / checkpoint on their clocks ---
+            step = counters["env_steps"]
+            if step - counters["last_log"] >= t.log_every:
+                counters["last_log"] = step
+                now = time.time()
+                for k, v in metrics.items():
+                    writer.add_scalar(k, float(np.mean(v)), step)
+                writer.add_scalar("train/nonfinite_updates", counters["nonfinite"], step)
+                writer.add_scalar("train/updates", counters["updates"], step)
+                writer.add_scalar("train/replay_size", len(replay), step)
+                writer.add_scalar("fps/env", (step - clock["log_steps"]) / max(now - clock["log"], 1e-9), step)
+                if clock["train"] > 0:
+                    writer.add_scalar("fps/train", len(metrics["loss/dec"]) * tokens / clock["train"], step)
+                clock.update(log=now, log_steps=step, train=0.0)
+                metrics.clear()
+            if agent.wm.spec.pixels and t.video_every and step - counters["last_video"] >= t.video_every and replay.ready():
+                counters["last_video"] = step
+                write_open_loop(agent, replay, writer, step, device)
+            if t.eval_every and step - counters["last_eval"] >= t.eval_every and step < t.steps:
+                counters["last_eval"] = step
+                writer.add_scalar("eval/return", float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + step))), step)
+            if time.time() - clock["ckpt"] >= t.checkpoint_every:
+                clock["ckpt"] = time.time()
+                save_checkpoint()
+            last = np.mean(recent_returns[-10:]) if recent_returns else math.nan
+            bar.set_postfix(fps=f"{(step - clock['log_steps']) / max(time.time() - clock['log'], 1e-9):.0f}",
+                            ret=f"{last:.1f}", upd=counters["updates"], refresh=False)
+            if step >= t.steps:
+                break
+    finally:
+        collector.shutdown()
+        bar.close()
+
+    save_checkpoint()
+    video = run_dir / "videos" / f"eval-{counters['env_steps']}"
+    results["eval_return_after"] = float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 20_000, video=video)))
+    writer.add_scalar("eval/return", results["eval_return_after"], counters["env_steps"])
+    if agent.wm.spec.pixels and replay.ready():
+        write_open_loop(agent, replay, writer, counters["env_steps"], device)
+    writer.close()
+    results.update(env_steps=counters["env_steps"], updates=counters["updates"], episodes=counters["episodes"],
+                   wall_s=time.time() - clock["start"], videos=str(run_dir / "videos"),
+                   checkpoint=str(checkpoint.latest(run_dir)), tensorboard=str(run_dir / "tb"))
+    return results
+
+
+@torch.no_grad()
+def write_open_loop(agent: Agent, replay: Replay, writer, step: int, device: str, n: int = 4, context: int = 5) -> None:
+    """Observe `context` replayed frames, imagine the rest from the true actions; log truth | model | error."""
+    batch = replay.sample(device)
+    obs, action, is_first = batch["obs"][:n], batch["action"][:n], batch["is_first"][:n]
+    pred = agent.wm.open_loop(obs, action, is_first, context)  # (n, T, 3, 64, 64) uint8
+    frames = open_loop_grid(obs, pred)
+    add_gif(writer, "report/open_loop", frames, step)
+    save_video(Path(writer.log_dir).parent / "videos" / f"open_loop-{step}", frames, fps=10)

@@ -1,0 +1,4 @@
+"""Environment construction for longdream: gymnasium, dm-control and the memory-probe suite."""
+from envs.make import EnvConfig, EnvError, list_envs, make_env, obs_spec
+
+__all__ = ["EnvConfig", "EnvError", "list_envs", "make_env", "obs_spec"]

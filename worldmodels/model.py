@@ -1,0 +1,97 @@
+"""The world model: shared encoder, decoder, reward and continue heads around a swappable sequence
+core. Losses follow DreamerV3: prediction (decoder, symexp two-hot reward, Bernoulli continue) plus
+KL balancing with free bits, L = pred + dyn * max(free, KL[sg(q)||p]) + rep * max(free, KL[q||sg(p)]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worldmodels.nets import ConvDecoder, ConvEncoder, NetsConfig, TwoHot, VectorDecoder, VectorEncoder, mlp
+from worldmodels.rssm import RSSM, RSSMConfig
+
+# The one place a backbone is picked by name: {name: (core class, its config dataclass)}.
+BACKBONES = {
+    "rssm": (RSSM, RSSMConfig),
+}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    dec: float = 1.0
+    reward: float = 1.0
+    cont: float = 1.0
+    dyn: float = 0.5
+    rep: float = 0.1
+    free_bits: float = 1.0  # nats below which the KL terms give no gradient
+
+
+@dataclass(frozen=True)
+class ObsSpec:
+    """What the encoder reads: a vector (obs_dim,) or uint8 pixels (3, 64, 64)."""
+
+    pixels: bool
+    obs_dim: int = 0
+    action_dim: int = 1
+    discrete: bool = False
+
+
+class WorldModel(nn.Module):
+    def __init__(self, backbone: str, core_cfg, nets: NetsConfig, spec: ObsSpec, loss: LossConfig = LossConfig()):
+        super().__init__()
+        self.spec, self.loss_cfg, self.nets = spec, loss, nets
+        if spec.pixels:
+            self.encoder = ConvEncoder(nets.cnn_depth)
+        else:
+            self.encoder = VectorEncoder(spec.obs_dim, nets.units, nets.layers)
+        core_cls, _ = BACKBONES[backbone]
+        self.core = core_cls(core_cfg, self.encoder.out_dim, spec.action_dim)
+        feat = self.core.feat_size
+        if spec.pixels:
+            self.decoder = ConvDecoder(feat, nets.cnn_depth)
+        else:
+            self.decoder = VectorDecoder(feat, spec.obs_dim, nets.units, nets.layers)
+        self.reward = TwoHot(feat, nets.units, nets.layers, nets.bins)
+        self.cont = mlp(feat, nets.units, nets.layers, 1)
+
+    def loss(self, obs: Tensor, action: Tensor, reward: Tensor, is_first: Tensor, is_terminal: Tensor):
+        """One world-model pass over a batch of sequences (B, T). Returns the weighted total, the
+        per-term means, the posterior states (B, T, ...) and features (B, T, F)."""
+        B, T = is_first.shape
+        embed = self.encoder(obs)  # (B, T, E)
+        states, feat, kl = self.core.observe(self.core.initial(B), embed, action, is_first)
+        terms = {
+            "dec": self.decoder.loss(self.decoder(feat), obs),  # (B, T)
+            "reward": self.reward.loss(self.reward(feat), reward),  # (B, T)
+            "cont": F.binary_cross_entropy_with_logits(
+                self.cont(feat).squeeze(-1), 1.0 - is_terminal.float(), reduction="none"),  # (B, T)
+            "dyn": kl["dyn"].clamp(min=self.loss_cfg.free_bits),
+            "rep": kl["rep"].clamp(min=self.loss_cfg.free_bits),
+        }
+        means = {k: v.mean() for k, v in terms.items()}
+        total = sum(getattr(self.loss_cfg, k) * v for k, v in means.items())
+        metrics = {"kl": kl["rep"].mean().detach()}
+        return total, means, states, feat, metrics
+
+    @torch.no_grad()
+    def open_loop(self, obs: Tensor, action: Tensor, is_first: Tensor, context: int) -> Tensor:
+        """Observe `context` frames, then imagine the rest from the true actions; returns the
+        decoded prediction (B, T, ...) in observation units (uint8 for pixels)."""
+        B, T = is_first.shape
+        embed = self.encoder(obs[:, :context])
+        states, feat, _ = self.core.observe(self.core.initial(B), embed, action[:, :context], is_first[:, :context])
+        last = {k: v[:, -1] for k, v in states.items()}
+        future = action[:, context:]  # (B, T-C, A) the actions that lead into the imagined frames
+        step = iter(range(future.shape[1]))
+        if future.shape[1]:
+            def replay_actions(_feat: Tensor) -> Tensor:
+                i = next(step, None)
+                return future[:, i] if i is not None else torch.zeros_like(future[:, 0])
+
+            # imagine() asks the policy at each state; feeding the recorded actions replays them.
+            img_feat, _ = self.core.imagine(last, replay_actions, future.shape[1])
+            feat = torch.cat([feat, img_feat[:, 1:]], 1)
+        return self.decoder.mean(self.decoder(feat))

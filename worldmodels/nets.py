@@ -1,0 +1,189 @@
+"""Networks and distributions shared by every backbone (DreamerV3, Hafner et al. 2023, arXiv 2301.04104).
+
+symlog/symexp (eq. 1), the symexp two-hot head over 255 bins (eq. 9-10), categorical latents with 1%
+unimix and straight-through gradients, the CNN encoder/decoder for 64x64 pixels and the MLP encoder/
+decoder for vectors. Backbones only differ in their sequence core; everything here is shared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Shared widths per size preset. Backbone-specific dims live beside each backbone.
+NET_SIZES = {
+    "xs": dict(units=64, layers=1, cnn_depth=8),
+    "s": dict(units=512, layers=2, cnn_depth=32),
+    "m": dict(units=640, layers=3, cnn_depth=48),
+}
+
+
+@dataclass(frozen=True)
+class NetsConfig:
+    name: str = "xs"  # size preset: xs (CPU tests) | s | m
+    units: int | None = None  # MLP width of encoder, decoder, heads, actor and critic
+    layers: int | None = None  # hidden layers of those MLPs
+    cnn_depth: int | None = None  # channels of the first conv; doubles per stage
+    bins: int = 255  # two-hot bins for reward and value
+
+    def __post_init__(self):
+        if self.name not in NET_SIZES:
+            raise ValueError(f"unknown size '{self.name}'; choose one of {sorted(NET_SIZES)}")
+        for key, value in NET_SIZES[self.name].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+
+
+def symlog(x: Tensor) -> Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: Tensor) -> Tensor:
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+def mlp(inp: int, units: int, layers: int, out: int | None = None, zero_out: bool = False) -> nn.Sequential:
+    """Linear -> LayerNorm -> SiLU blocks, optionally followed by an output projection."""
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        mods += [nn.Linear(inp if i == 0 else units, units, bias=False), nn.LayerNorm(units), nn.SiLU()]
+    if out is not None:
+        last = nn.Linear(units if layers else inp, out)
+        if zero_out:  # DreamerV3 zero-initialises reward and critic outputs: predictions start at 0
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        mods.append(last)
+    return nn.Sequential(*mods)
+
+
+class TwoHot(nn.Module):
+    """Symexp two-hot regression head: logits over bins placed uniformly in symlog space."""
+
+    def __init__(self, inp: int, units: int, layers: int, bins: int = 255, low: float = -20.0, high: float = 20.0):
+        super().__init__()
+        self.net = mlp(inp, units, layers, bins, zero_out=True)
+        self.register_buffer("bins", torch.linspace(low, high, bins))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)  # (..., K) logits
+
+    def mean(self, logits: Tensor) -> Tensor:
+        return symexp((logits.softmax(-1) * self.bins).sum(-1))  # (...)
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy against the two-hot encoding of symlog(target); returns (...)."""
+        return -(two_hot(symlog(target), self.bins) * logits.log_softmax(-1)).sum(-1)
+
+
+def two_hot(x: Tensor, bins: Tensor) -> Tensor:
+    """Spread each value over its two neighbouring bins so that the weighted mean equals it."""
+    x = x.clamp(bins[0], bins[-1])
+    K = bins.numel()
+    hi = torch.searchsorted(bins, x.detach().contiguous(), right=True).clamp(1, K - 1)  # (...)
+    lo = hi - 1
+    w_hi = (x - bins[lo]) / (bins[hi] - bins[lo])
+    out = torch.zeros(*x.shape, K, device=x.device, dtype=x.dtype)
+    out.scatter_(-1, lo.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
+    out.scatter_add_(-1, hi.unsqueeze(-1), w_hi.unsqueeze(-1))
+    return out  # (..., K)
+
+
+def unimix_probs(logits: Tensor, unimix: float) -> Tensor:
+    probs = logits.softmax(-1)
+    return (1 - unimix) * probs + unimix / logits.shape[-1]
+
+
+def sample_onehot(probs: Tensor, noise: Tensor | None = None) -> Tensor:
+    """One-hot sample with straight-through gradients. `noise` (uniform, same shape) makes it fixed."""
+    if noise is None:
+        idx = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+    else:  # Gumbel-max with given uniforms, for deterministic tests
+        idx = (probs.log() - torch.log(-torch.log(noise.clamp(1e-9, 1 - 1e-9)))).argmax(-1)
+    onehot = F.one_hot(idx, probs.shape[-1]).to(probs.dtype)
+    return onehot + probs - probs.detach()
+
+
+def categorical_kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
+    """KL(p || q) for factorised categoricals given log-probabilities, summed over latents: (...)."""
+    return (p_logits.exp() * (p_logits - q_logits)).sum((-1, -2))
+
+
+class VectorEncoder(nn.Module):
+    def __init__(self, obs_dim: int, units: int, layers: int):
+        super().__init__()
+        self.net = mlp(obs_dim, units, max(layers, 1))
+        self.out_dim = units
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.net(symlog(obs))  # (..., E)
+
+
+class VectorDecoder(nn.Module):
+    def __init__(self, feat: int, obs_dim: int, units: int, layers: int):
+        super().__init__()
+        self.net = mlp(feat, units, max(layers, 1), obs_dim)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        return self.net(feat)  # (..., O) prediction in symlog space
+
+    def loss(self, pred: Tensor, obs: Tensor) -> Tensor:
+        return (pred - symlog(obs)).pow(2).sum(-1)  # (...)
+
+    def mean(self, pred: Tensor) -> Tensor:
+        return symexp(pred)
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over channels of an image tensor (N, C, H, W)."""
+
+    def __init__(self, C: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvEncoder(nn.Module):
+    """Four stride-2 convolutions 64 -> 4, channels depth x (1, 2, 4, 8). Input uint8 (..., 3, 64, 64)."""
+
+    def __init__(self, depth: int, channels: int = 3):
+        super().__init__()
+        mods, c = [], channels
+        for i in range(4):
+            mods += [nn.Conv2d(c, depth * 2**i, 4, 2, 1, bias=False), ChannelNorm(depth * 2**i), nn.SiLU()]
+            c = depth * 2**i
+        self.net = nn.Sequential(*mods)
+        self.out_dim = c * 4 * 4
+
+    def forward(self, obs: Tensor) -> Tensor:
+        lead = obs.shape[:-3]
+        x = obs.reshape(-1, *obs.shape[-3:]).float() / 255.0 - 0.5  # (N, 3, 64, 64)
+        return self.net(x).reshape(*lead, self.out_dim)  # (..., E)
+
+
+class ConvDecoder(nn.Module):
+    def __init__(self, feat: int, depth: int, channels: int = 3):
+        super().__init__()
+        self.depth = depth
+        self.proj = nn.Linear(feat, depth * 8 * 4 * 4)
+        mods, c = [], depth * 8
+        for i in reversed(range(3)):
+            mods += [nn.ConvTranspose2d(c, depth * 2**i, 4, 2, 1, bias=False), ChannelNorm(depth * 2**i), nn.SiLU()]
+            c = depth * 2**i
+        mods.append(nn.ConvTranspose2d(c, channels, 4, 2, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, feat: Tensor) -> Tensor:
+        lead = feat.shape[:-1]
+        x = self.proj(feat.reshape(-1, feat.shape[-1])).reshape(-1, self.depth * 8, 4, 4)
+        return self.net(x).reshape(*lead, -1, 64, 64)  # (..., 3, 64, 64), pixels centred on 0
+
+    def loss(self, pred: Tensor, obs: Tensor) -> Tensor:
+        target = obs.float() / 255.0 - 0.5
+        return (pred - target).pow(2).sum((-1, -2, -3))  # (...) sum over pixels, units of S4WM's MSE
+
+    def mean(self, pred: Tensor) -> Tensor:
+        return ((pred + 0.5).clamp(0, 1) * 255).to(torch.uint8)
