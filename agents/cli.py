@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 2
+    import logging
+
+    logging.getLogger("torchrl").setLevel(logging.WARNING)
     from agents.checkpoint import CheckpointError
     from agents.config import ConfigError
     from envs.make import EnvError

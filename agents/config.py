@@ -90,8 +90,8 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
             raise ConfigError(f"unknown config key '{key.group(1)}'; see configs/{config_name}.yaml for the valid keys") from None
         group = re.search(r"Could not find '([^']+)'", msg)
         if group:
-            options = re.search(r"Available options:(.*)", msg, re.S)
-            opts = " ".join(options.group(1).split()) if options else ""
+            options = re.search(r"Available options in '[^']*':(.*?)Config search path", msg, re.S)
+            opts = ", ".join(options.group(1).split()) if options else "none"
             raise ConfigError(f"no config '{group.group(1)}' (available: {opts})") from None
         raise ConfigError(msg.strip().splitlines()[0]) from None
 

@@ -6,12 +6,13 @@ is_first / is_terminal (DreamerV3's layout). Rows are written in time order per 
 episode ends an extra row holds its last observation, so the continue head sees terminal states.
 
 Storage is a LazyMemmapStorage in the run directory. A SliceSampler draws windows of T rows inside
-one "stream" segment: a stream id is (env, lap of the circular buffer), so a window never joins two
-envs or old and overwritten data. Windows may cross episode starts; is_first is set there (and at
-every window's first row), and the model resets its state on it, so episodes never join silently.
+one "stream" segment: a stream id is (env, session, lap of the circular buffer), so a window never
+joins two envs, two runs of a resumed training, or old and overwritten data. Windows may cross
+episode starts; is_first is set there (and at every window's first row), and the model resets its state on it, so episodes never join silently.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,13 +26,20 @@ class Replay:
                  n_envs: int = 1, action_low: Tensor | None = None, action_high: Tensor | None = None):
         self.capacity, self.batch_size, self.seq_len, self.obs_key, self.n_envs = capacity, batch_size, seq_len, obs_key, n_envs
         self.directory = Path(directory)
-        self.rb = TensorDictReplayBuffer(
-            storage=LazyMemmapStorage(capacity, scratch_dir=self.directory / "live"),
-            sampler=SliceSampler(slice_len=seq_len, traj_key="stream", strict_length=True),
-            batch_size=batch_size * seq_len,
-        )
+        self.session = 0  # bumped on every resume, so new rows never share a stream id with old ones
+        self.rb = self._buffer()
         self.carry_reward = torch.zeros(n_envs)  # r_{t-1} of each stream across collector batches
-        self.written = 0  # rows written since the start; the buffer's cursor is written % capacity
+        self.cursor = 0  # where the next row goes (the buffer's round-robin writer agrees)
+        self.laps = 0  # times this session's writes wrapped around the storage
+
+    def _buffer(self) -> TensorDictReplayBuffer:
+        live = self.directory / f"live-{self.session}"
+        shutil.rmtree(live, ignore_errors=True)
+        return TensorDictReplayBuffer(
+            storage=LazyMemmapStorage(self.capacity, scratch_dir=live),
+            sampler=SliceSampler(slice_len=self.seq_len, traj_key="stream", strict_length=True),
+            batch_size=self.batch_size * self.seq_len,
+        )
 
     def __len__(self) -> int:
         return len(self.rb)
@@ -44,10 +52,11 @@ class Replay:
         for e in range(self.n_envs):
             rows = self._rows(frames[e], e)
             n = rows.shape[0]
-            lap = (self.written + torch.arange(n)) // self.capacity
-            rows["stream"] = e + self.n_envs * lap
+            lap = self.laps + (self.cursor + torch.arange(n)) // self.capacity
+            rows["stream"] = e + self.n_envs * (lap + (self.session << 32))
             self.rb.extend(rows)
-            self.written += n
+            self.laps += (self.cursor + n) // self.capacity
+            self.cursor = (self.cursor + n) % self.capacity
             total += n
         return total
 
@@ -96,12 +105,28 @@ class Replay:
         """At least one stream segment can serve a full window."""
         return len(self.rb) >= self.seq_len * self.n_envs
 
-    # Checkpointing: the buffer's own dump (storage, sampler, writer) plus the row-builder's carry.
+    # Checkpointing writes the filled rows only, oldest first (a dump of the storage would copy its
+    # whole preallocated capacity), plus the row builder's carry.
     def save(self, path: Path) -> None:
-        self.rb.dumps(path)
-        torch.save({"carry_reward": self.carry_reward, "written": self.written}, path / "rows.pt")
+        path.mkdir(parents=True, exist_ok=True)
+        n = len(self.rb)
+        if n:
+            order = torch.cat([torch.arange(self.cursor, n), torch.arange(0, self.cursor)]) if n == self.capacity else torch.arange(n)
+            self.rb.storage.get(order).memmap_(path / "rows")
+        torch.save({"carry_reward": self.carry_reward, "session": self.session, "rows": n}, path / "meta.pt")
 
     def load(self, path: Path) -> None:
-        self.rb.loads(path)
-        extra = torch.load(path / "rows.pt")
-        self.carry_reward, self.written = extra["carry_reward"], extra["written"]
+        meta = torch.load(path / "meta.pt")
+        self.session = meta["session"] + 1
+        self.rb = self._buffer()
+        for stale in self.directory.glob("live-*"):  # storages of earlier (maybe killed) sessions
+            if stale.name != f"live-{self.session}":
+                shutil.rmtree(stale, ignore_errors=True)
+        self.cursor, self.laps = 0, 0
+        if meta["rows"]:
+            rows = TensorDict.load_memmap(path / "rows")
+            assert rows.shape[0] == meta["rows"], (rows.shape, meta["rows"])
+            for start in range(0, rows.shape[0], 65536):  # chunks keep memory flat for image replay
+                self.rb.extend(rows[start:start + 65536].clone())
+            self.cursor = meta["rows"] % self.capacity
+        self.carry_reward = meta["carry_reward"]

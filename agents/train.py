@@ -191,8 +191,7 @@ def train(cfg: Config) -> dict:
                 clock["ckpt"] = time.time()
                 save_checkpoint()
             last = np.mean(recent_returns[-10:]) if recent_returns else math.nan
-            bar.set_postfix(fps=f"{(step - clock['log_steps']) / max(time.time() - clock['log'], 1e-9):.0f}",
-                            ret=f"{last:.1f}", upd=counters["updates"], refresh=False)
+            bar.set_postfix(ret=f"{last:.1f}", updates=counters["updates"], refresh=False)
             if step >= t.steps:
                 break
     finally:

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 # Pixels without a GPU go through Mesa's software EGL; this must be set before dm-control is imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Classic-control rendering (pygame/SDL) for eval videos needs no display or sound device.
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 
 import torch
 from torchrl.envs import (CatTensors, Compose, DoubleToFloat, EnvBase, InitTracker, PermuteTransform,
