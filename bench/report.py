@@ -1,0 +1,67 @@
+"""Shared plumbing for benchmarks: key=value arguments, machine description, JSON + markdown out."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse(argv: list[str], defaults: dict) -> dict:
+    """key=value strings over typed defaults; an unknown key is an error naming it."""
+    from agents.config import ConfigError
+
+    out = dict(defaults)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in defaults:
+            raise ConfigError(f"unknown benchmark option '{key}' (valid: {', '.join(sorted(defaults))})")
+        kind = type(defaults[key])
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else (value if defaults[key] is None else kind(value))
+    return out
+
+
+def machine(device: str = "cpu") -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores (CPU)"
+
+
+def write(name: str, data: dict, table: str, out: str | None = None) -> Path:
+    folder = Path(out) if out else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **data}
+    (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
+    (folder / f"{name}.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwritten: {folder / (name + '.json')}, {folder / (name + '.md')}")
+    return folder
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_comparator(script: str, args: list[str]) -> list[dict]:
+    """Run an external timing script that prints `RESULT {json}` lines; return the parsed rows."""
+    proc = subprocess.run(["python", script, *args], capture_output=True, text=True)
+    rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if not rows:
+        raise RuntimeError(f"comparator {script} gave no result: {proc.stderr.strip().splitlines()[-1:]}")
+    return rows

@@ -1,0 +1,100 @@
+"""`longdream bench update`: time one full learner update (world model over B x T, imagination
+from every posterior state for H=15, actor and critic losses, backward, optimiser steps, slow
+critic) on a random, well-formed batch shaped like dm-control walker (24-dim obs, 6-dim action).
+
+Sizes: the presets (xs, s) and two matched to TorchRL's DreamerV3 walker preset in width (hidden 64,
+32x4 latents, units 64) and in parameter count: `p025` (~0.25M, deter 128) and `p064` (~0.64M,
+deter 320; TorchRL's block GRU reaches its count with deter 512). With
+`comparator=<path to a TorchRL DreamerV3 timing script>` that script runs in the same session and
+the table gives the ratio.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from bench.report import machine, markdown, parse, run_comparator, write
+
+PRESETS = {
+    "xs": ({}, {}),
+    "s": ({"size": "s"}, {"name": "s"}),
+    "p025": ({"deter": 128, "hidden": 64, "stoch": 32, "classes": 4}, {"units": 64, "layers": 2}),
+    "p064": ({"deter": 320, "hidden": 64, "stoch": 32, "classes": 4}, {"units": 64, "layers": 2}),
+}
+DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
+            "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m", "out": "", "threads": 0}
+
+
+def time_update(size: str, a: dict) -> dict:
+    from agents.dreamer import Agent, AgentConfig, update
+    from worldmodels.model import BACKBONES, ObsSpec, WorldModel
+    from worldmodels.nets import NetsConfig
+
+    core_over, net_over = PRESETS[size]
+    cfg_cls = BACKBONES[a["backbone"]][1]
+    core_cfg = cfg_cls(**{"size": "xs", **core_over}) if a["backbone"] == "rssm" else cfg_cls(size=core_over.get("size", "xs"))
+    nets = NetsConfig(**{"name": "xs", **net_over})
+    torch.manual_seed(0)
+    dev = torch.device(a["device"])
+    wm = WorldModel(a["backbone"], core_cfg, nets, ObsSpec(pixels=False, obs_dim=24, action_dim=6))
+    agent = Agent(wm, AgentConfig()).to(dev)
+    opts = agent.optimizers()
+    B, T = a["batch"], a["seq"]
+    g = torch.Generator().manual_seed(0)
+    is_first = torch.zeros(B, T)
+    is_first[:, 0] = 1
+    is_first[: B // 2, T // 2] = 1  # half the rows cross an episode start, as in the comparator
+    batch = {"obs": torch.randn(B, T, 24, generator=g), "action": torch.rand(B, T, 6, generator=g) * 2 - 1,
+             "reward": torch.rand(B, T, generator=g), "is_first": is_first, "is_terminal": torch.zeros(B, T)}
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(a["warmup"]):
+        update(agent, opts, batch)
+    times = []
+    for _ in range(a["repeats"]):
+        sync()
+        t = time.perf_counter()
+        m = update(agent, opts, batch)
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    assert m["train/nonfinite"] == 0, "non-finite loss in the benchmark batch"
+    params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
+    return {"size": size, "params": params, "median_ms": round(statistics.median(times), 1),
+            "min_ms": round(min(times), 1), "n": len(times),
+            "transitions_per_s": round(B * T * 1e3 / statistics.median(times), 1)}
+
+
+def main(argv: list[str]) -> dict:
+    a = parse(argv, DEFAULTS)
+    if a["threads"]:
+        torch.set_num_threads(a["threads"])
+    rows = []
+    for size in a["sizes"].split(","):
+        r = time_update(size, a)
+        rows.append(r)
+        print(f"[update] {a['backbone']} {size}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms", file=sys.stderr)
+    comp = []
+    if a["comparator"]:
+        comp = run_comparator(a["comparator"], ["--device", a["device"], "--sizes", a["comparator_sizes"],
+                                                "--repeats", str(a["repeats"]), "--warmup", str(a["warmup"]),
+                                                "--batch", str(a["batch"]), "--seq", str(a["seq"])])
+    table_rows = [[f"longdream {a['backbone']} {r['size']}", f"{r['params'] / 1e6:.2f}M", r["median_ms"], r["transitions_per_s"], ""]
+                  for r in rows]
+    for c in comp:
+        counts = c.get("params", {})
+        params = counts.get("optimized_total", counts.get("total")) if isinstance(counts, dict) else counts
+        table_rows.append([f"TorchRL DreamerV3 {c['size']} ({c['mode']})",
+                           f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else params,
+                           c["median_ms"], c.get("transitions_per_s", ""), ""])
+        for r, tr in zip(rows, table_rows):
+            if r["size"] == "p064" and c["size"] == "size1m":
+                tr[4] = f"{c['median_ms'] / r['median_ms']:.2f}x faster than TorchRL size1m"
+    title = (f"One learner update, B{a['batch']} x T{a['seq']}, H15, 24-dim obs, 6-dim action, eager fp32, "
+             f"{machine(a['device'])}; median of {a['repeats']}")
+    table = title + "\n\n" + markdown(["system", "params", "median ms", "transitions/s", "ratio"], table_rows)
+    data = {"machine": machine(a["device"]), "args": a, "longdream": rows, "comparator": comp}
+    write(f"update_{a['device'].split(':')[0]}", data, table, a["out"] or None)
+    return data

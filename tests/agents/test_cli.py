@@ -1,0 +1,132 @@
+"""End-to-end: the real CLI on tiny settings (xs size, a few hundred steps)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from agents.cli import main
+
+FAST = ["size=xs", "prefill=100", "train_ratio=16", "batch_size=4", "seq_len=8", "log_every=50",
+        "eval_episodes=1", "eval_every=0", "progress=false", "collect_every=8"]
+
+EXPECTED_SCALARS = {
+    "loss/dec", "loss/reward", "loss/cont", "loss/dyn", "loss/rep", "loss/actor", "loss/critic",
+    "train/kl", "train/actor_entropy", "train/return_scale", "train/grad_norm_wm", "train/grad_norm_actor",
+    "train/nonfinite_updates", "episode/return", "episode/length", "eval/return", "fps/env", "fps/train",
+}
+
+
+def tags(run_dir):
+    ea = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    return ea
+
+
+@pytest.fixture(scope="module")
+def vector_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "pendulum"
+    code = main(["train", "env=pendulum", "env.time_limit=50", "steps=300", f"run_dir={run}", *FAST])
+    assert code == 0
+    return run
+
+
+def test_train_vector_smoke(vector_run):
+    ea = tags(vector_run)
+    missing = EXPECTED_SCALARS - set(ea.Tags()["scalars"])
+    assert not missing, missing
+    assert "config/text_summary" in ea.Tags()["tensors"]
+    ckpt = (vector_run / "checkpoints" / "latest").read_text()
+    payload = torch.load(vector_run / "checkpoints" / ckpt / "agent.pt", weights_only=False)
+    assert payload["counters"]["env_steps"] >= 300 and payload["counters"]["updates"] > 0
+    assert (vector_run / "config.yaml").exists()
+
+
+def test_train_dmc_pixels_smoke(tmp_path):
+    run = tmp_path / "pix"
+    code = main(["train", "env=dmc/cartpole_swingup_pixels", "env.time_limit=20", "steps=120", "video_every=60",
+                 f"run_dir={run}", *FAST])
+    assert code == 0
+    ea = tags(run)
+    assert "report/open_loop" in ea.Tags()["images"]
+    assert {"loss/dec", "eval/return", "episode/return"} <= set(ea.Tags()["scalars"])
+    assert list((run / "videos").glob("open_loop-*.gif")) and list((run / "videos").glob("eval-*.gif"))
+    assert (run / "checkpoints" / "latest").exists()
+
+
+def test_eval_cli_writes_video(vector_run, capsys):
+    assert main(["eval", f"run_dir={vector_run}", "episodes=2"]) == 0
+    out = capsys.readouterr().out
+    assert "eval over 2 episodes" in out
+    assert list((vector_run / "videos").glob("eval-cli-*.gif"))
+
+
+def test_kill_and_resume_continues_with_replay(tmp_path):
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "agents.cli", "train", "env=pendulum", "env.time_limit=50", "steps=100000",
+            "checkpoint_every=1", f"run_dir={run}", *FAST]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = run / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if pointer.exists():
+            payload = torch.load(run / "checkpoints" / pointer.read_text() / "agent.pt", weights_only=False)
+            if payload["counters"]["updates"] > 0:
+                break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = run / "checkpoints" / pointer.read_text()
+    saved = torch.load(ckpt / "agent.pt", weights_only=False)["counters"]
+    rows = torch.load(ckpt / "replay" / "meta.pt")["rows"]
+    assert saved["updates"] > 0 and rows > 0
+    target = saved["env_steps"] + 64
+    assert main(["train", f"run_dir={run}", f"steps={target}", "progress=false"]) == 0
+    final = torch.load(run / "checkpoints" / pointer.read_text() / "agent.pt", weights_only=False)["counters"]
+    assert target <= final["env_steps"] < target + 16
+    assert final["updates"] > saved["updates"]
+    new_rows = torch.load(run / "checkpoints" / pointer.read_text() / "replay" / "meta.pt")["rows"]
+    assert new_rows >= rows + 64  # the old replay came back and grew
+
+
+def one_line_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longdream: error:") and "\n" not in err, err
+    return err
+
+
+def test_bad_env_id(capsys, tmp_path):
+    err = one_line_error(capsys, ["train", "env.id=NoSuchEnv-v0", f"run_dir={tmp_path}/a"])
+    assert "NoSuchEnv-v0" in err and "longdream envs" in err
+    err = one_line_error(capsys, ["train", "env.id=dmc:walker-fly", f"run_dir={tmp_path}/b"])
+    assert "walker-fly" in err
+
+
+def test_bad_config_key(capsys):
+    assert "'learning_rate'" in one_line_error(capsys, ["train", "learning_rate=3"])
+    assert "'agent.horizn'" in one_line_error(capsys, ["train", "agent.horizn=3"])
+    assert "pendulum" in one_line_error(capsys, ["train", "env=pendulm"])
+
+
+def test_resume_with_other_config_is_an_error(vector_run, capsys):
+    err = one_line_error(capsys, ["train", f"run_dir={vector_run}", "agent.horizon=5"])
+    assert "agent.horizon" in err
+
+
+def test_corrupt_checkpoint_is_an_error(vector_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "corrupt"
+    shutil.copytree(vector_run, run)
+    agent_pt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "agent.pt"
+    data = agent_pt.read_bytes()
+    agent_pt.write_bytes(data[: len(data) // 3])
+    err = one_line_error(capsys, ["train", f"run_dir={run}", "steps=400"])
+    assert "corrupt or truncated" in err
