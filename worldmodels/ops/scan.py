@@ -1,7 +1,21 @@
 """Linear-recurrence scan h_t = a_t * h_{t-1} + b_t over (B, T, D), and the returns built on it.
 
-`linear_scan` is the one API the backbones and the agent call. `linear_scan_ref` is a plain PyTorch
-loop with the same signature: it runs everywhere and is the test oracle.
+`linear_scan` is the one API the backbones and the agent call. Two paths sit behind it:
+
+- `linear_scan_triton`: Triton kernels. Each program owns BLOCK_D channels of one batch row and walks
+  time in tiles of BLOCK_T steps: a tile of (a, b) is loaded once, scanned in registers with
+  `tl.associative_scan` under the combine (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2), composed with
+  the carried state, stored, and the tile's last state becomes the carry. Every element is read and
+  written once (12 bytes per fp32 element forward). The backward is the same scan run the other way
+  over the shifted a (dL/dh_t = g_t + a_{t+1} dL/dh_{t+1}), then dL/da_t = g_t h_{t-1}, dL/db_t = g_t.
+  Used for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1 (tests only: slow).
+- `linear_scan_ref`: a plain PyTorch loop with the same signature, used everywhere else and the
+  test oracle.
+
+The switch: `backend="auto" | "triton" | "ref"` (or the env var LONGDREAM_SCAN_BACKEND); "auto"
+picks Triton for CUDA tensors when triton is installed. Forcing Triton where it cannot run is an
+error that says why. Limits: float64 runs on the reference path only; the interpreter cannot catch
+races or GPU rounding order, so the GPU tests (marked `gpu`) repeat the comparisons on CUDA.
 
 - dtypes: float32, bfloat16, float16 (carried in float32, returned in the input dtype), complex64.
 - `reset` (B, T) restarts the recurrence where it is 1, in the associative form a_t <- a_t * (1 - r_t)
@@ -13,8 +27,16 @@ Lambda-returns (DreamerV3 eq. 7) and GAE are one reverse scan each.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is optional: the reference path runs everywhere
+    triton = None
 
 
 def _prepare(a: Tensor, b: Tensor, h0: Tensor | None, reset: Tensor | None):
@@ -46,9 +68,173 @@ def linear_scan_ref(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Tenso
     return (out, h.to(out_dtype)) if return_last else out
 
 
+# ----------------------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _combine(a1, b1, a2, b2):
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _combine_complex(ar1, ai1, br1, bi1, ar2, ai2, br2, bi2):
+        # (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2) in complex arithmetic on (re, im) pairs
+        return (ar1 * ar2 - ai1 * ai2, ar1 * ai2 + ai1 * ar2,
+                ar2 * br1 - ai2 * bi1 + br2, ar2 * bi1 + ai2 * br1 + bi2)
+
+    @triton.jit
+    def _pick_row(x, row, BLOCK_T: tl.constexpr):
+        rows = tl.arange(0, BLOCK_T)[:, None]
+        return tl.sum(tl.where(rows == row, x, 0.0), axis=0)  # (BLOCK_D,)
+
+    @triton.jit
+    def _scan_kernel(A, X, H0, OUT, LAST, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        mask_d = offs_d < D
+        if HAS_H0:
+            h = tl.load(H0 + pid_b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        else:
+            h = tl.zeros([BLOCK_D], dtype=tl.float32)
+        base = pid_b.to(tl.int64) * T * D
+        n_tiles = tl.cdiv(T, BLOCK_T)
+        for i in range(n_tiles):
+            tile = n_tiles - 1 - i if REVERSE else i
+            offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+            mask = (offs_t[:, None] < T) & mask_d[None, :]
+            ptr = base + offs_t[:, None] * D + offs_d[None, :]  # (BLOCK_T, BLOCK_D)
+            # padding is the identity (a=1, b=0), so it neither moves nor breaks the carry
+            a = tl.load(A + ptr, mask=mask, other=1.0).to(tl.float32)
+            x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+            a_cum, x_cum = tl.associative_scan((a, x), axis=0, combine_fn=_combine, reverse=REVERSE)
+            hs = a_cum * h[None, :] + x_cum  # (BLOCK_T, BLOCK_D)
+            tl.store(OUT + ptr, hs.to(OUT.dtype.element_ty), mask=mask)
+            h = _pick_row(hs, 0 if REVERSE else BLOCK_T - 1, BLOCK_T)
+        tl.store(LAST + pid_b * D + offs_d, h.to(LAST.dtype.element_ty), mask=mask_d)
+
+    @triton.jit
+    def _scan_complex_kernel(A, X, H0, OUT, LAST, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # complex64 tensors viewed as float32 (..., D, 2): re at 2d, im at 2d + 1
+        pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        if HAS_H0:
+            hr = tl.load(H0 + pid_b * 2 * D + 2 * offs_d, mask=mask_d, other=0.0)
+            hi = tl.load(H0 + pid_b * 2 * D + 2 * offs_d + 1, mask=mask_d, other=0.0)
+        else:
+            hr = tl.zeros([BLOCK_D], dtype=tl.float32)
+            hi = tl.zeros([BLOCK_D], dtype=tl.float32)
+        base = pid_b.to(tl.int64) * T * 2 * D
+        n_tiles = tl.cdiv(T, BLOCK_T)
+        for i in range(n_tiles):
+            tile = n_tiles - 1 - i if REVERSE else i
+            offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+            mask = (offs_t[:, None] < T) & mask_d[None, :]
+            ptr = base + offs_t[:, None] * 2 * D + 2 * offs_d[None, :]
+            ar = tl.load(A + ptr, mask=mask, other=1.0)
+            ai = tl.load(A + ptr + 1, mask=mask, other=0.0)
+            xr = tl.load(X + ptr, mask=mask, other=0.0)
+            xi = tl.load(X + ptr + 1, mask=mask, other=0.0)
+            ar, ai, xr, xi = tl.associative_scan((ar, ai, xr, xi), axis=0, combine_fn=_combine_complex,
+                                                 reverse=REVERSE)
+            outr = ar * hr[None, :] - ai * hi[None, :] + xr
+            outi = ar * hi[None, :] + ai * hr[None, :] + xi
+            tl.store(OUT + ptr, outr, mask=mask)
+            tl.store(OUT + ptr + 1, outi, mask=mask)
+            row = 0 if REVERSE else BLOCK_T - 1
+            hr = _pick_row(outr, row, BLOCK_T)
+            hi = _pick_row(outi, row, BLOCK_T)
+        tl.store(LAST + pid_b * 2 * D + 2 * offs_d, hr, mask=mask_d)
+        tl.store(LAST + pid_b * 2 * D + 2 * offs_d + 1, hi, mask=mask_d)
+
+
+def _launch(a: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
+    """Run the kernel on contiguous (B, T, D) inputs of one dtype; returns (h, last)."""
+    B, T, D = x.shape
+    out = torch.empty_like(x)
+    last = torch.empty(B, D, dtype=x.dtype, device=x.device)
+    BLOCK_T = min(64, triton.next_power_of_2(max(T, 1)))
+    BLOCK_D = 32
+    grid = (B, triton.cdiv(D, BLOCK_D))
+    if x.is_complex():
+        view = lambda t: torch.view_as_real(t.resolve_conj())
+        kernel, args = _scan_complex_kernel, (view(a), view(x), view(h0) if h0 is not None else view(last),
+                                              view(out), view(last))
+    else:
+        kernel, args = _scan_kernel, (a, x, h0 if h0 is not None else last, out, last)
+    kernel[grid](*args, T, D, HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+    return out, last
+
+
+class _TritonScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, x, h0, reverse):
+        a, x = a.contiguous(), x.contiguous()
+        h0c = h0.contiguous().to(x.dtype) if h0 is not None else None
+        h, last = _launch(a.to(x.dtype) if not x.is_complex() else a.to(torch.complex64), x, h0c, reverse)
+        ctx.save_for_backward(a, h, h0c)
+        ctx.reverse, ctx.has_h0 = reverse, h0 is not None
+        return h, last
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_last):
+        a, h, h0 = ctx.saved_tensors
+        reverse = ctx.reverse
+        B, T, D = h.shape
+        g_out = grad_h.clone() if grad_h is not None else torch.zeros_like(h)
+        if grad_last is not None:
+            g_out[:, 0 if reverse else T - 1] += grad_last
+        conj = torch.conj if h.is_complex() else (lambda t: t)
+        zero = torch.zeros_like(a[:, :1])
+        # dL/dh_t collects from the step that reads h_t: t+1 forward, t-1 in reverse
+        a_next = torch.cat([a[:, 1:], zero], 1) if not reverse else torch.cat([zero, a[:, :-1]], 1)
+        a_next = conj(a_next).to(g_out.dtype).contiguous()
+        g, _ = _launch(a_next, g_out.contiguous(), None, not reverse)
+        start = h0 if h0 is not None else torch.zeros_like(h[:, 0])
+        h_prev = torch.cat([start[:, None], h[:, :-1]], 1) if not reverse else torch.cat([h[:, 1:], start[:, None]], 1)
+        grad_a = g * conj(h_prev)
+        grad_h0 = None
+        if ctx.has_h0:
+            edge = 0 if not reverse else T - 1
+            grad_h0 = conj(a[:, edge]) * g[:, edge]
+        return grad_a, g, grad_h0, None
+
+
+def linear_scan_triton(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Tensor | None = None,
+                       reverse: bool = False, return_last: bool = False):
+    """Triton path (CUDA, or the CPU interpreter); same contract as `linear_scan_ref`."""
+    _check_triton(b)
+    a, b = _prepare(a, b, h0, reset)
+    if b.is_complex() or a.is_complex():
+        a, b = a.to(torch.complex64), b.to(torch.complex64)
+        h0 = h0.to(torch.complex64) if h0 is not None else None
+    elif a.dtype != b.dtype:
+        a = a.to(b.dtype)
+    h, last = _TritonScan.apply(a, b, h0, reverse)
+    return (h, last) if return_last else h
+
+
+def _check_triton(x: Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("scan backend 'triton' needs the triton package (pip install triton); use backend='ref'")
+    if x.dtype == torch.float64:
+        raise RuntimeError("scan backend 'triton' does not take float64; use backend='ref' or float32")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("scan backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                           "import, for the CPU interpreter); use backend='ref' on the CPU")
+
+
 def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Tensor | None = None,
-                reverse: bool = False, return_last: bool = False):
+                reverse: bool = False, return_last: bool = False, backend: str | None = None):
     """h_t = a_t * h_{t-1} + b_t over (B, T, D); see the module docstring."""
+    backend = backend or os.environ.get("LONGDREAM_SCAN_BACKEND", "auto")
+    if backend == "auto":
+        backend = "triton" if (triton is not None and b.is_cuda and b.dtype != torch.float64) else "ref"
+    if backend == "triton":
+        return linear_scan_triton(a, b, h0, reset, reverse, return_last)
+    if backend != "ref":
+        raise ValueError(f"unknown scan backend '{backend}' (choose auto, triton or ref)")
     return linear_scan_ref(a, b, h0, reset, reverse, return_last)
 
 
