@@ -1,0 +1,185 @@
+"""linear_scan: Triton path against the reference, the reference against closed forms, and the
+returns built on it against plain recursions and TorchRL's estimators."""
+import os
+
+import pytest
+import torch
+
+from worldmodels.ops import scan
+from worldmodels.ops.scan import gae, lambda_return, linear_scan, linear_scan_ref
+
+triton_ok = scan.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+needs_triton = pytest.mark.skipif(not triton_ok, reason="triton not installed or not runnable here")
+
+
+def make(B, T, D, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cplx = dtype.is_complex
+    real = torch.float32 if cplx else torch.float64
+    rand = lambda *s: torch.rand(*s, generator=g, dtype=real)
+    randn = lambda *s: torch.randn(*s, generator=g, dtype=real)
+    a = rand(B, T, D) * 0.98
+    b, h0 = randn(B, T, D), randn(B, D)
+    if cplx:
+        a = torch.polar(a.float(), rand(B, T, D).float() * 6.28)
+        b, h0 = torch.complex(b.float(), randn(B, T, D).float()), torch.complex(h0.float(), randn(B, D).float())
+    reset = (rand(B, T) < 0.15).to(real if not cplx else torch.float32)
+    return [x.to(device) for x in (a, b, h0, reset)]
+
+
+def run(backend, a, b, h0, reset, reverse, dtype, weights):
+    a, b, h0 = (x.detach().to(dtype).requires_grad_() for x in (a, b, h0))
+    h, last = linear_scan(a, b, h0, reset, reverse, return_last=True, backend=backend)
+    w, wl = weights
+    loss = (h * w.to(h.dtype).conj()).real.sum() + (last * wl.to(h.dtype).conj()).real.sum()
+    return [h, last, *torch.autograd.grad(loss, (a, b, h0))]
+
+
+def compare(device, dtype, T, reverse, tol, B=2, D=19):
+    a, b, h0, reset = make(B, T, D, dtype, device)
+    oracle = torch.complex128 if dtype.is_complex else torch.float64
+    g = torch.Generator().manual_seed(5)
+    wdt = torch.float64 if not dtype.is_complex else torch.complex128
+    weights = (torch.randn(B, T, D, generator=g, dtype=wdt).to(device), torch.randn(B, D, generator=g, dtype=wdt).to(device))
+    fast = run("triton", a, b, h0, reset, reverse, dtype, weights)
+    ref = run("ref", a, b, h0, reset, reverse, oracle, weights)
+    for name, x, y in zip(["h", "last", "grad_a", "grad_b", "grad_h0"], fast, ref):
+        assert x.dtype == dtype, (name, x.dtype)
+        err = ((x.to(oracle) - y).abs().max() / y.abs().max().clamp(min=1e-6)).item()
+        assert err < tol, f"{name}: relative error {err:.2e} (dtype {dtype}, T {T}, reverse {reverse})"
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [1, 7, 64, 77])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_fp32_matches_float64_reference(T, reverse):
+    compare("cpu", torch.float32, T, reverse, 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_triton_half_precision(dtype, tol):
+    compare("cpu", dtype, 33, False, tol)
+    compare("cpu", dtype, 33, True, tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_complex(reverse):
+    compare("cpu", torch.complex64, 41, reverse, 1e-5)
+
+
+@needs_triton
+def test_triton_without_h0_or_reset_and_broadcast_a():
+    a, b, _, _ = make(2, 9, 4, torch.float32)
+    a = a[:1].float().expand(2, -1, -1)  # broadcast a over the batch
+    fast = linear_scan(a, b.float(), backend="triton")
+    torch.testing.assert_close(fast, linear_scan_ref(a, b.float()))
+
+
+def test_reference_closed_forms():
+    B, T, D = 2, 11, 3
+    b = torch.randn(B, T, D, dtype=torch.float64)
+    torch.testing.assert_close(linear_scan_ref(torch.ones_like(b), b), b.cumsum(1))  # a = 1: cumulative sum
+    torch.testing.assert_close(linear_scan_ref(torch.ones_like(b), b, reverse=True), b.flip(1).cumsum(1).flip(1))
+    c = 0.7  # constant a, constant b = 1: geometric sum
+    h = linear_scan_ref(torch.full_like(b, c), torch.ones_like(b))
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    torch.testing.assert_close(h[0, :, 0], (1 - c**t) / (1 - c))
+    h0 = torch.ones(B, D, dtype=torch.float64)  # h_t = c^t h0 with b = 0
+    h = linear_scan_ref(torch.full_like(b, c), torch.zeros_like(b), h0=h0)
+    torch.testing.assert_close(h[0, :, 0], c**t)
+
+
+def test_reset_restarts_the_recurrence():
+    b = torch.ones(1, 6, 1)
+    reset = torch.tensor([[0.0, 0, 1, 0, 0, 0]])
+    h = linear_scan_ref(torch.ones_like(b), b, h0=torch.full((1, 1), 10.0), reset=reset)
+    assert h[0, :, 0].tolist() == [11, 12, 1, 2, 3, 4]
+
+
+def test_forcing_triton_where_it_cannot_run_is_a_clear_error(monkeypatch):
+    x = torch.zeros(1, 3, 2)
+    monkeypatch.setattr(scan, "triton", None)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        linear_scan(x, x, backend="triton")
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        linear_scan(x, x, backend="fast")
+
+
+@needs_triton
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("the check is for CPU tensors")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        linear_scan(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), backend="triton")
+
+
+def plain_lambda_return(reward, value, cont, lam):
+    out, R = [], value[:, -1]
+    for t in reversed(range(reward.shape[1])):
+        R = reward[:, t] + cont[:, t] * ((1 - lam) * value[:, t + 1] + lam * R)
+        out.append(R)
+    return torch.stack(out[::-1], 1)
+
+
+def random_returns_inputs(B=5, T=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    reward = torch.randn(B, T, generator=g, dtype=torch.float64)
+    value = torch.randn(B, T + 1, generator=g, dtype=torch.float64)
+    terminal = torch.rand(B, T, generator=g) < 0.15
+    return reward, value, terminal
+
+
+def test_lambda_return_matches_recursion_and_torchrl():
+    from torchrl.objectives.value.functional import td_lambda_return_estimate
+
+    reward, value, terminal = random_returns_inputs()
+    gamma, lam = 0.97, 0.9
+    cont = gamma * (~terminal).double()
+    R = lambda_return(reward, value, cont, lam)
+    torch.testing.assert_close(R, plain_lambda_return(reward, value, cont, lam))
+    # TorchRL: time on dim -2, values of the next state, `terminated` cuts the bootstrap; the last
+    # step is marked done (not terminated) so its bootstrap is value_T, as in Dreamer's R_T = v_T.
+    done = terminal.clone()
+    done[:, -1] = True
+    tr = td_lambda_return_estimate(gamma, lam, value[:, 1:, None], reward[:, :, None],
+                                   done=done[:, :, None], terminated=terminal[:, :, None])
+    torch.testing.assert_close(R, tr[..., 0])
+
+
+def test_gae_matches_loop_and_torchrl():
+    from torchrl.objectives.value.functional import generalized_advantage_estimate
+
+    reward, value, terminal = random_returns_inputs(seed=1)
+    gamma, lam = 0.99, 0.95
+    cont = gamma * (~terminal).double()
+    adv = gae(reward, value, cont, lam)
+    expect, A = [], torch.zeros(reward.shape[0], dtype=torch.float64)
+    for t in reversed(range(reward.shape[1])):
+        A = reward[:, t] + cont[:, t] * value[:, t + 1] - value[:, t] + cont[:, t] * lam * A
+        expect.append(A)
+    torch.testing.assert_close(adv, torch.stack(expect[::-1], 1))
+    done = terminal.clone()
+    done[:, -1] = True
+    tr_adv, _ = generalized_advantage_estimate(gamma, lam, value[:, :-1, None], value[:, 1:, None], reward[:, :, None],
+                                               done=done[:, :, None], terminated=terminal[:, :, None])
+    torch.testing.assert_close(adv, tr_adv[..., 0].double(), rtol=1e-5, atol=1e-6)  # TorchRL computes in float32
+
+
+def test_lambda_return_gradient_flows_to_values():
+    reward, value, terminal = random_returns_inputs()
+    value.requires_grad_()
+    lambda_return(reward, value, 0.9 * (~terminal).double(), 0.95).sum().backward()
+    assert torch.isfinite(value.grad).all() and value.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.complex64, 1e-5)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_matches_reference(dtype, tol, reverse):
+    """On the GPU: what the interpreter cannot check (rounding order, real parallel execution)."""
+    compare("cuda", dtype, 1000, reverse, tol, B=4, D=256)
+    compare("cuda", dtype, 64, reverse, tol, B=64, D=512)
