@@ -1,0 +1,125 @@
+"""`longdream bench scan`: linear-scan and lambda-return throughput.
+
+Shapes (B, D, T) = (16, 1024, 1024), (4, 1024, 4096), (1, 256, 16384), (64, 512, 64) (tensors laid out
+(B, T, D)); lambda-returns at (batch x time) = (16384 x 16), (1024 x 333), (64 x 4096). Median time
+over CUDA events, effective bandwidth (12 bytes per fp32 element forward, 32 forward+backward; half
+that per element for bf16) and its ratio to the device's copy bandwidth measured in the same run.
+Comparators in the same run: the PyTorch loop (`linear_scan_ref`), accelerated-scan (optional `bench`
+extra; layout (B, C, T), power-of-two T) and TorchRL's `vec_td_lambda_return_estimate`.
+
+On a CPU it times the reference path at reduced shapes and says so: GPU figures need a GPU.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from bench.report import machine, markdown, parse, write
+
+SCAN_SHAPES = [(16, 1024, 1024), (4, 1024, 4096), (1, 256, 16384), (64, 512, 64)]
+RETURN_SHAPES = [(16384, 16), (1024, 333), (64, 4096)]
+DEFAULTS = {"device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": 50, "loop_repeats": 3, "out": ""}
+
+
+def timeit(fn, repeats: int, device: str) -> float:
+    """Median milliseconds of fn() (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, repeats: int) -> float:
+    """Bytes read + written per second by a large device-to-device copy (TB/s)."""
+    n = 1 << 28 if device == "cuda" else 1 << 24
+    x, y = torch.empty(n, device=device), torch.empty(n, device=device)
+    ms = timeit(lambda: y.copy_(x), repeats, device)
+    return 2 * 4 * n / (ms * 1e-3) / 1e12
+
+
+def main(argv: list[str]) -> dict:
+    from worldmodels.ops.scan import lambda_return, linear_scan, linear_scan_ref
+
+    a = parse(argv, DEFAULTS)
+    dev, reps = a["device"], a["repeats"]
+    gpu = dev == "cuda" and torch.cuda.is_available()
+    note = "" if gpu else "CPU: reference path only, reduced shapes; GPU figures still to be measured"
+    shapes = SCAN_SHAPES if gpu else [(2, 64, 256), (1, 64, 1024), (8, 128, 64)]
+    ret_shapes = RETURN_SHAPES if gpu else [(1024, 16), (256, 64)]
+    if not gpu:
+        reps = min(reps, 5)
+    copy_tbs = copy_bandwidth(dev, reps)
+    backend = "triton" if gpu else "ref"
+    try:
+        from accelerated_scan.warp import scan as accel_scan
+    except ImportError:
+        accel_scan = None
+
+    rows = []
+    for B, D, T in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.rand(B, T, D, device=dev, generator=g) * 0.99
+        y = torch.randn(B, T, D, device=dev, generator=g)
+        n = B * T * D
+        r = {"shape": (B, D, T)}
+        r["fwd_ms"] = timeit(lambda: linear_scan(x, y, backend=backend), reps, dev)
+        r["fwd_tbs"] = 12 * n / (r["fwd_ms"] * 1e-3) / 1e12
+        xb, yb = x.bfloat16(), y.bfloat16()
+        r["bf16_fwd_ms"] = timeit(lambda: linear_scan(xb, yb, backend=backend), reps, dev)
+        xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
+        gout = torch.randn_like(y)
+
+        def fwd_bwd():
+            torch.autograd.grad(linear_scan(xg, yg, backend=backend), (xg, yg), gout)
+
+        r["fwdbwd_ms"] = timeit(fwd_bwd, reps, dev)
+        r["fwdbwd_tbs"] = 32 * n / (r["fwdbwd_ms"] * 1e-3) / 1e12
+        if gpu and T <= 4096:
+            r["loop_ms"] = timeit(lambda: linear_scan_ref(x, y), a["loop_repeats"], dev)
+        if accel_scan is not None and gpu and (T & (T - 1)) == 0:
+            xc, yc = x.transpose(1, 2).contiguous(), y.transpose(1, 2).contiguous()  # (B, C, T)
+            r["accel_fwd_ms"] = timeit(lambda: accel_scan(xc, yc), reps, dev)
+        rows.append(r)
+
+    ret_rows = []
+    from torchrl.objectives.value.functional import vec_td_lambda_return_estimate
+
+    for N, T in ret_shapes:
+        g = torch.Generator(device=dev).manual_seed(1)
+        rew, val = torch.randn(N, T, device=dev, generator=g), torch.randn(N, T + 1, device=dev, generator=g)
+        cont = torch.full((N, T), 0.997, device=dev)
+        r = {"shape": (N, T)}
+        r["ours_ms"] = timeit(lambda: lambda_return(rew, val, cont, 0.95), reps, dev)
+        done = torch.zeros(N, T, 1, dtype=torch.bool, device=dev)
+        r["torchrl_ms"] = timeit(lambda: vec_td_lambda_return_estimate(
+            0.997, 0.95, val[:, 1:, None], rew[:, :, None], done=done, terminated=done), reps, dev)
+        ret_rows.append(r)
+
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+    table = f"Linear scan, {machine(dev)}; copy bandwidth {copy_tbs:.2f} TB/s (read + write); median of {reps}\n"
+    table += (note + "\n\n") if note else "\n"
+    table += markdown(
+        ["(B, D, T)", "fwd ms", "fwd TB/s", "% of copy", "bf16 fwd ms", "bf16 speed-up", "fwd+bwd ms", "fwd+bwd TB/s",
+         "PyTorch loop ms", "accelerated-scan fwd ms"],
+        [[r["shape"], fmt(r["fwd_ms"]), f"{r['fwd_tbs']:.3f}", f"{100 * r['fwd_tbs'] / copy_tbs:.0f}%",
+          fmt(r["bf16_fwd_ms"]), f"{r['fwd_ms'] / r['bf16_fwd_ms']:.2f}x", fmt(r["fwdbwd_ms"]),
+          f"{r['fwdbwd_tbs']:.3f}", fmt(r.get("loop_ms")), fmt(r.get("accel_fwd_ms"))] for r in rows])
+    table += "\n\nLambda-returns (batch x time)\n\n" + markdown(
+        ["(N, T)", "ours ms", "TorchRL vec_td_lambda_return_estimate ms", "speed-up"],
+        [[r["shape"], fmt(r["ours_ms"]), fmt(r["torchrl_ms"]), f"{r['torchrl_ms'] / r['ours_ms']:.2f}x"] for r in ret_rows])
+    data = {"machine": machine(dev), "note": note, "copy_tbs": copy_tbs, "backend": backend, "scan": rows, "returns": ret_rows}
+    write(f"scan_{'cuda' if gpu else 'cpu'}", data, table, a["out"] or None)
+    return data
