@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/longdream train env=pendulum size=xs steps=8000 run_dir=runs/demo
+	rm -rf runs/demo
+	$(VENV)/bin/longdream train preset=quickstart run_dir=runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
