@@ -84,19 +84,26 @@ class ReturnNorm(nn.Module):
         self.register_buffer("high", torch.zeros(()))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
-    def update(self, returns: Tensor) -> Tensor:
+    def propose(self, returns: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The scale after seeing `returns`, and the EMA state to `commit` once the step is taken
+        (a skipped, non-finite step must not move it)."""
         flat = returns.detach().flatten().float()
         low = torch.quantile(flat, self.cfg.retnorm_low)
         high = torch.quantile(flat, self.cfg.retnorm_high)
         d = self.cfg.retnorm_decay
-        if not self.initialised:
-            self.low.copy_(low)
-            self.high.copy_(high)
-            self.initialised.fill_(True)
-        else:
-            self.low.mul_(d).add_((1 - d) * low)
-            self.high.mul_(d).add_((1 - d) * high)
-        return torch.clamp(self.high - self.low, min=1.0)
+        if self.initialised:
+            low, high = d * self.low + (1 - d) * low, d * self.high + (1 - d) * high
+        return torch.clamp(high - low, min=1.0), (low, high)
+
+    def commit(self, state: tuple[Tensor, Tensor]) -> None:
+        self.low.copy_(state[0])
+        self.high.copy_(state[1])
+        self.initialised.fill_(True)
+
+    def update(self, returns: Tensor) -> Tensor:
+        scale, state = self.propose(returns)
+        self.commit(state)
+        return scale
 
 
 class Agent(nn.Module):
@@ -118,8 +125,9 @@ class Agent(nn.Module):
         }
 
 
-def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) -> tuple[dict, dict]:
-    """Actor and critic losses from imagined rollouts that start at `starts` (N, ...)."""
+def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) -> tuple[dict, dict, tuple]:
+    """Actor and critic losses from imagined rollouts that start at `starts` (N, ...), the metrics,
+    and the return normaliser's new state (committed by the caller once the step is taken)."""
     cfg, wm = agent.cfg, agent.wm
     with torch.no_grad():  # REINFORCE needs no gradient through the dynamics
         feat, action = wm.core.imagine(starts, agent.actor.sample, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
@@ -130,7 +138,7 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
         # w_t: probability that step t is still inside the episode, seen from the start state.
         alive = torch.cat([start_cont[:, None], cont[:, :-1]], 1)  # (N, H)
         weight = torch.cumprod(alive, 1)  # (N, H)
-        scale = agent.retnorm.update(ret)
+        scale, retnorm_state = agent.retnorm.propose(ret)
         adv = (ret - value[:, :-1]) / scale  # (N, H)
         slow = agent.slow_critic.mean(agent.slow_critic(feat[:, :-1]))  # (N, H)
 
@@ -146,7 +154,7 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
         "train/return_scale": scale, "train/imag_return": ret.mean(), "train/imag_reward": reward.mean(),
         "train/actor_entropy": ent.mean().detach(), "train/value": value.mean(),
     }
-    return {"actor": actor_loss, "critic": critic_loss}, metrics
+    return {"actor": actor_loss, "critic": critic_loss}, metrics, retnorm_state
 
 
 def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -157,7 +165,7 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict[str
         batch["obs"], batch["action"], batch["reward"], batch["is_first"], batch["is_terminal"])
     starts = {k: v.detach() for k, v in flatten_state(states).items()}  # (B*T, ...)
     start_cont = 1.0 - batch["is_terminal"].flatten().float()  # (B*T,)
-    ac_losses, ac_metrics = imagine_losses(agent, starts, start_cont)
+    ac_losses, ac_metrics, retnorm_state = imagine_losses(agent, starts, start_cont)
 
     losses = {"wm": total, **ac_losses}
     if not all(torch.isfinite(v) for v in losses.values()):
@@ -175,6 +183,7 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict[str
         return {"train/nonfinite": torch.ones(())}
     for opt in opts.values():
         opt.step()
+    agent.retnorm.commit(retnorm_state)
     with torch.no_grad():
         for slow, fast in zip(agent.slow_critic.parameters(), agent.critic.parameters()):
             slow.lerp_(fast, cfg.slow_critic_mix)
