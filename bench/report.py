@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def markdown(header: list[str], rows: list[list]) -> str:
 
 def run_comparator(script: str, args: list[str]) -> list[dict]:
     """Run an external timing script that prints `RESULT {json}` lines; return the parsed rows."""
-    proc = subprocess.run(["python", script, *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not rows:
         raise RuntimeError(f"comparator {script} gave no result: {proc.stderr.strip().splitlines()[-1:]}")

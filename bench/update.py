@@ -24,8 +24,9 @@ PRESETS = {
     "p025": ({"deter": 128, "hidden": 64, "stoch": 32, "classes": 4}, {"units": 64, "layers": 2}),
     "p064": ({"deter": 320, "hidden": 64, "stoch": 32, "classes": 4}, {"units": 64, "layers": 2}),
 }
+MATCHED = {("p064", "size1m"), ("s", "size12m")}  # (ours, TorchRL's) at about the same parameter count
 DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
-            "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m", "out": "", "threads": 0}
+            "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "", "threads": 0}
 
 
 def time_update(size: str, a: dict) -> dict:
@@ -90,8 +91,9 @@ def main(argv: list[str]) -> dict:
                            f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else params,
                            c["median_ms"], c.get("transitions_per_s", ""), ""])
         for r, tr in zip(rows, table_rows):
-            if r["size"] == "p064" and c["size"] == "size1m":
-                tr[4] = f"{c['median_ms'] / r['median_ms']:.2f}x faster than TorchRL size1m"
+            if (r["size"], c["size"]) in MATCHED:
+                ratio = c["median_ms"] / r["median_ms"]
+                tr[4] = f"{ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} than TorchRL {c['size']}"
     title = (f"One learner update, B{a['batch']} x T{a['seq']}, H15, 24-dim obs, 6-dim action, eager fp32, "
              f"{machine(a['device'])}; median of {a['repeats']}")
     table = title + "\n\n" + markdown(["system", "params", "median ms", "transitions/s", "ratio"], table_rows)
