@@ -130,3 +130,11 @@ def test_corrupt_checkpoint_is_an_error(vector_run, tmp_path, capsys):
     agent_pt.write_bytes(data[: len(data) // 3])
     err = one_line_error(capsys, ["train", f"run_dir={run}", "steps=400"])
     assert "corrupt or truncated" in err
+
+
+def test_train_with_two_env_processes(tmp_path):
+    run = tmp_path / "multi"
+    code = main(["train", "env=cartpole", "envs=2", "steps=200", f"run_dir={run}", *FAST])
+    assert code == 0
+    meta = torch.load(run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "replay" / "meta.pt")
+    assert meta["rows"] >= 200  # both processes' frames reached the replay
