@@ -12,10 +12,12 @@ from torch import Tensor, nn
 
 from worldmodels.nets import ConvDecoder, ConvEncoder, NetsConfig, TwoHot, VectorDecoder, VectorEncoder, mlp
 from worldmodels.rssm import RSSM, RSSMConfig
+from worldmodels.s5wm import S5WM, S5WMConfig
 
 # The one place a backbone is picked by name: {name: (core class, its config dataclass)}.
 BACKBONES = {
     "rssm": (RSSM, RSSMConfig),
+    "s5wm": (S5WM, S5WMConfig),
 }
 
 

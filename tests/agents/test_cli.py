@@ -12,6 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents.cli import main
+from worldmodels.model import BACKBONES
 
 FAST = ["size=xs", "prefill=100", "train_ratio=16", "batch_size=4", "seq_len=8", "log_every=50",
         "eval_episodes=1", "eval_every=0", "progress=false", "collect_every=8"]
@@ -138,3 +139,10 @@ def test_train_with_two_env_processes(tmp_path):
     assert code == 0
     meta = torch.load(run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "replay" / "meta.pt")
     assert meta["rows"] >= 200  # both processes' frames reached the replay
+
+
+@pytest.mark.parametrize("backbone", sorted(set(BACKBONES) - {"rssm"}))
+def test_train_smoke_every_backbone(tmp_path, backbone):
+    run = tmp_path / backbone
+    assert main(["train", "env=cartpole", f"world_model={backbone}", "steps=150", f"run_dir={run}", *FAST]) == 0
+    assert "loss/dyn" in tags(run).Tags()["scalars"]
