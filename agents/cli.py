@@ -2,7 +2,7 @@
 
     longdream train [key=value ...]          train (an existing run_dir resumes)
     longdream eval run_dir=<path> episodes=<n>   evaluate a saved agent and write a video
-    longdream bench <name> [key=value ...]   benchmarks: update, learning, scan
+    longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel
     longdream envs                           list environment ids
 
 Errors a user can fix (bad keys, unknown envs, corrupt checkpoints) print one line and exit 2.
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
-BENCHES = ("update", "learning", "scan")
+BENCHES = ("update", "learning", "scan", "worldmodel")
 
 
 def _key(override: str) -> str:
