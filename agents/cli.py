@@ -86,7 +86,7 @@ def cmd_eval(args: list[str]) -> int:
     opts = dict(a.split("=", 1) for a in args if "=" in a)
     unknown = sorted(set(opts) - {"run_dir", "episodes", "device"})
     if unknown or "run_dir" not in opts:
-        raise ConfigError(f"usage: longdream eval run_dir=<path> [episodes=<n>] [device=cpu|cuda]"
+        raise ConfigError("usage: longdream eval run_dir=<path> [episodes=<n>] [device=cpu|cuda]"
                           + (f" (unknown key '{unknown[0]}')" if unknown else ""))
     run_dir = Path(opts["run_dir"])
     if not (run_dir / "overrides.json").exists():

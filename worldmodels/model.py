@@ -4,7 +4,7 @@ KL balancing with free bits, L = pred + dyn * max(free, KL[sg(q)||p]) + rep * ma
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,4 @@
 """End-to-end: the real CLI on tiny settings (xs size, a few hundred steps)."""
-import json
-import os
 import signal
 import subprocess
 import sys
