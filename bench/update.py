@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -97,6 +98,7 @@ def main(argv: list[str]) -> dict:
     title = (f"One learner update, B{a['batch']} x T{a['seq']}, H15, 24-dim obs, 6-dim action, eager fp32, "
              f"{machine(a['device'])}; median of {a['repeats']}")
     table = title + "\n\n" + markdown(["system", "params", "median ms", "transitions/s", "ratio"], table_rows)
-    data = {"machine": machine(a["device"]), "args": a, "longdream": rows, "comparator": comp}
+    args = {**a, "comparator": Path(a["comparator"]).name}  # the script, not where it lay
+    data = {"machine": machine(a["device"]), "args": args, "longdream": rows, "comparator": comp}
     write(f"update_{a['device'].split(':')[0]}", data, table, a["out"] or None)
     return data
