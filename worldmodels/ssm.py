@@ -1,0 +1,111 @@
+"""What S4WM and S5WM share: a stack of diagonal linear state-space blocks as the sequence core.
+
+    u_t = MLP([z_{t-1}, a_{t-1}])                     input token
+    h_t = blocks(u_t)                                 each block carries a complex diagonal state
+    p(z_t | h_t) prior,  q(z_t | x_t) posterior from the observation alone
+    feat_t = [h_t, z_t, s_t]                          s_t: the last block's SSM state, projected
+
+Every block's recurrence is linear, x_t = a * x_{t-1} + b(u_t), so the training path is one
+`linear_scan` over T per state-space layer, with the state reset at `is_first`
+(a_t <- a_t (1 - is_first_t)); acting and imagination call the same code with T = 1 and carry the
+state, so both modes agree. Nothing is T x T: memory is linear in T.
+
+The actor and critic read feat, which includes the SSM state s_t as R2I does: h_t is a function of
+the inputs seen through the state, s_t is the state itself. The complex states travel as real
+(re, im) pairs so that TorchRL collectors can carry them.
+
+A backbone file defines its block (a module with `state_shape`, the complex state per layer, and
+`forward(u (B, T, H), x0 (B, *state_shape), reset (B, T)) -> (u, xs (B, T, *state_shape))`) and a
+config; `SSMCore` does the rest.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from worldmodels.base import Policy, State
+from worldmodels.nets import categorical_kl, mlp, sample_onehot, unimix_probs
+
+
+def complex_dtype(x: Tensor) -> torch.dtype:
+    return torch.complex128 if x.dtype == torch.float64 else torch.complex64
+
+
+def init_log_dt(n: int, dt_min: float, dt_max: float) -> Tensor:
+    """Log step sizes spread log-uniformly over [dt_min, dt_max] (S4D / S5 initialisation)."""
+    return torch.empty(n).uniform_(math.log(dt_min), math.log(dt_max))
+
+
+class SSMCore(nn.Module):
+    def __init__(self, cfg, blocks: list[nn.Module], embed_dim: int, action_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        S, K, H = cfg.stoch, cfg.classes, cfg.d_model
+        self.inp = mlp(S * K + action_dim, cfg.hidden, 1, H)
+        self.blocks = nn.ModuleList(blocks)
+        self.prior_net = mlp(H, cfg.hidden, 1, S * K)
+        self.post_net = mlp(embed_dim, cfg.hidden, 1, S * K)
+        self.layer_state = tuple(self.blocks[0].state_shape)
+        state_dim = 2 * math.prod(self.layer_state)
+        # the last block's state, projected to H and normalised, joins the features (R2I)
+        self.state_feat = nn.Sequential(nn.Linear(state_dim, H), nn.LayerNorm(H)) if cfg.feat_state else None
+        self.feat_size = H + S * K + (H if cfg.feat_state else 0)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.cfg
+        return {"ssm": (len(self.blocks), *self.layer_state, 2), "stoch": (c.stoch, c.classes), "h": (c.d_model,)}
+
+    def initial(self, batch_size: int) -> State:
+        p = next(self.parameters())
+        return {k: torch.zeros(batch_size, *s, device=p.device, dtype=p.dtype) for k, s in self.state_shapes().items()}
+
+    def _logits(self, net: nn.Module, x: Tensor) -> Tensor:
+        return net(x).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)
+
+    def _core(self, state: State, z_prev: Tensor, action: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
+        """Sequence model over (B, T): h (B, T, H) and SSM states (B, T, L, *layer_state, 2)."""
+        u = self.inp(torch.cat([z_prev.flatten(-2), action], -1))  # (B, T, H)
+        real = torch.float64 if u.dtype == torch.float64 else torch.float32
+        ssm = torch.view_as_complex(state["ssm"].to(real).contiguous())  # (B, L, *layer_state)
+        states = []
+        for i, block in enumerate(self.blocks):
+            u, xs = block(u, ssm[:, i], reset)
+            states.append(torch.view_as_real(xs).to(u.dtype))
+        return u, torch.stack(states, 2)
+
+    def observe(self, state, embed, action, is_first, noise=None):
+        first = is_first.to(embed.dtype)  # (B, T)
+        post = self._logits(self.post_net, embed)  # (B, T, S, K)
+        probs = unimix_probs(post, self.cfg.unimix)
+        z = sample_onehot(probs, None if noise is None else noise["stoch"])  # (B, T, S, K)
+        # the token at t reads z_{t-1} and a_{t-1}; both are zero where an episode starts
+        z_prev = torch.cat([state["stoch"][:, None], z[:, :-1]], 1) * (1 - first)[..., None, None]
+        h, ssm = self._core(state, z_prev, action * (1 - first)[..., None], first)
+        prior = self._logits(self.prior_net, h)
+        post_lp, prior_lp = probs.log(), unimix_probs(prior, self.cfg.unimix).log()
+        losses = {"dyn": categorical_kl(post_lp.detach(), prior_lp), "rep": categorical_kl(post_lp, prior_lp.detach())}
+        states = {"ssm": ssm, "stoch": z, "h": h}
+        return states, self.feat(states), losses
+
+    def feat(self, state: State) -> Tensor:
+        parts = [state["h"], state["stoch"].flatten(-2)]
+        if self.state_feat is not None:
+            n = len(self.layer_state)
+            last = state["ssm"].select(-n - 2, -1)  # the last block's state (..., *layer_state, 2)
+            parts.append(self.state_feat(last.flatten(-n - 1)))
+        return torch.cat(parts, -1)
+
+    def imagine(self, state: State, policy: Policy, horizon: int):
+        feats = [self.feat(state)]
+        actions = [policy(feats[0])]
+        N = feats[0].shape[0]
+        no_reset = torch.zeros(N, 1, device=feats[0].device, dtype=feats[0].dtype)
+        for _ in range(horizon):
+            h, ssm = self._core(state, state["stoch"][:, None], actions[-1][:, None], no_reset)
+            prior = self._logits(self.prior_net, h[:, 0])
+            state = {"ssm": ssm[:, 0], "stoch": sample_onehot(unimix_probs(prior, self.cfg.unimix)), "h": h[:, 0]}
+            feats.append(self.feat(state))
+            actions.append(policy(feats[-1]))
+        return torch.stack(feats, 1), torch.stack(actions, 1)
