@@ -12,12 +12,16 @@ from torch import Tensor, nn
 
 from worldmodels.nets import ConvDecoder, ConvEncoder, NetsConfig, TwoHot, VectorDecoder, VectorEncoder, mlp
 from worldmodels.rssm import RSSM, RSSMConfig
+from worldmodels.s4wm import S4WM, S4WMConfig
 from worldmodels.s5wm import S5WM, S5WMConfig
+from worldmodels.transformer import TSSM, TransformerConfig
 
 # The one place a backbone is picked by name: {name: (core class, its config dataclass)}.
 BACKBONES = {
     "rssm": (RSSM, RSSMConfig),
+    "s4wm": (S4WM, S4WMConfig),
     "s5wm": (S5WM, S5WMConfig),
+    "transformer": (TSSM, TransformerConfig),
 }
 
 

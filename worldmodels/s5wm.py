@@ -92,6 +92,10 @@ class S5Block(nn.Module):
         self.out = nn.Linear(H, H)
         self.mlp = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H))
         self.state_shape = self.ssm.state_shape
+        self.H, self.P = H, P
+
+    def state_readout(self) -> nn.Module:
+        return nn.Sequential(nn.Flatten(-2), nn.Linear(2 * self.P, self.H))
 
     def forward(self, u: Tensor, x0: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
         y, xs = self.ssm(self.norm1(u), x0, reset)

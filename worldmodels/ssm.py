@@ -14,8 +14,9 @@ The actor and critic read feat, which includes the SSM state s_t as R2I does: h_
 the inputs seen through the state, s_t is the state itself. The complex states travel as real
 (re, im) pairs so that TorchRL collectors can carry them.
 
-A backbone file defines its block (a module with `state_shape`, the complex state per layer, and
-`forward(u (B, T, H), x0 (B, *state_shape), reset (B, T)) -> (u, xs (B, T, *state_shape))`) and a
+A backbone file defines its block (a module with `state_shape`, the complex state per layer,
+`forward(u (B, T, H), x0 (B, *state_shape), reset (B, T)) -> (u, xs (B, T, *state_shape))` and
+`state_readout()`, a module from its state as real pairs (..., *state_shape, 2) to (..., H)) and a
 config; `SSMCore` does the rest.
 """
 from __future__ import annotations
@@ -48,9 +49,8 @@ class SSMCore(nn.Module):
         self.prior_net = mlp(H, cfg.hidden, 1, S * K)
         self.post_net = mlp(embed_dim, cfg.hidden, 1, S * K)
         self.layer_state = tuple(self.blocks[0].state_shape)
-        state_dim = 2 * math.prod(self.layer_state)
-        # the last block's state, projected to H and normalised, joins the features (R2I)
-        self.state_feat = nn.Sequential(nn.Linear(state_dim, H), nn.LayerNorm(H)) if cfg.feat_state else None
+        # the last block's state, read out to H features and normalised, joins the features (R2I)
+        self.state_feat = nn.Sequential(self.blocks[-1].state_readout(), nn.LayerNorm(H)) if cfg.feat_state else None
         self.feat_size = H + S * K + (H if cfg.feat_state else 0)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -92,9 +92,8 @@ class SSMCore(nn.Module):
     def feat(self, state: State) -> Tensor:
         parts = [state["h"], state["stoch"].flatten(-2)]
         if self.state_feat is not None:
-            n = len(self.layer_state)
-            last = state["ssm"].select(-n - 2, -1)  # the last block's state (..., *layer_state, 2)
-            parts.append(self.state_feat(last.flatten(-n - 1)))
+            last = state["ssm"].select(-len(self.layer_state) - 2, -1)  # (..., *layer_state, 2)
+            parts.append(self.state_feat(last))
         return torch.cat(parts, -1)
 
     def imagine(self, state: State, policy: Policy, horizon: int):

@@ -1,0 +1,131 @@
+"""S4WM (Deng, Park, Ahn, "Facing Off World Model Backbones", NeurIPS 2023): the RSSM's GRU replaced
+by a stack of S4 blocks.
+
+    u_t = MLP([z_{t-1}, a_{t-1}])                     input token (H channels)
+    block: u <- u + Linear(GELU(S4(LN(u))))           twice, then u <- u + MLP(LN(u))
+    S4 (per channel h, N complex states, SISO):
+        x_t^h = Lambda_bar^h * x_{t-1}^h + B_bar^h u_t^h
+        y_t^h = 2 Re(C^h . x_t^h) + D^h u_t^h
+    p(z_t | h_t) prior,  q(z_t | x_t) posterior from the observation alone
+    feat_t = [h_t, z_t, s_t]                          s_t: last block's state, projected
+
+Diagonal state with the S4D-Lin initialisation (Gu et al. 2022, the diagonal HiPPO approximation):
+Lambda_n = -1/2 + i pi n, one step size per channel, B = 1, C random. The parameterisation
+Lambda = -exp(log_re) + i im keeps Re(Lambda) < 0, so |Lambda_bar| = exp(Re(Lambda) dt) < 1 whatever
+the weights become; zero-order hold gives Lambda_bar = exp(Lambda dt), B_bar = (Lambda_bar - 1) / Lambda B.
+The S4 convolution kernel is not used: training runs the recurrence with `linear_scan` over
+(B, T, H * N) per layer, which handles resets at `is_first` and needs no T x T or FFT buffers.
+Where S5 mixes channels through its state (MIMO, P states shared by all H channels), S4 keeps H
+independent SISO systems of N states each and mixes channels in the Linear after each layer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from worldmodels.ops.scan import linear_scan
+from worldmodels.ssm import SSMCore, complex_dtype, init_log_dt
+
+# Parameter counts are close to the RSSM and S5WM of the same size (see `longdream bench worldmodel`).
+SIZES = {
+    "xs": {"d_model": 64, "d_state": 16, "layers": 1, "hidden": 64, "stoch": 8, "classes": 8},
+    "s": {"d_model": 512, "d_state": 32, "layers": 2, "hidden": 512, "stoch": 32, "classes": 32},
+    "m": {"d_model": 768, "d_state": 32, "layers": 3, "hidden": 768, "stoch": 32, "classes": 32},
+}
+
+
+@dataclass(frozen=True)
+class S4WMConfig:
+    size: str = "xs"
+    d_model: int | None = None  # channels of the S4 blocks (H)
+    d_state: int | None = None  # complex states per channel (N)
+    layers: int | None = None  # S4 blocks (each holds two S4 layers)
+    hidden: int | None = None  # width of the input, prior and posterior MLPs
+    stoch: int | None = None
+    classes: int | None = None
+    unimix: float = 0.01
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    feat_state: bool = True  # actor, critic and heads also read the last block's SSM state (R2I)
+
+    def __post_init__(self):
+        for key, value in SIZES[self.size].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+
+
+class S4Layer(nn.Module):
+    """H independent diagonal SISO SSMs over (B, T, H), complex state (B, H, N)."""
+
+    def __init__(self, H: int, N: int, dt_min: float, dt_max: float):
+        super().__init__()
+        self.state_shape = (H, N)
+        # S4D-Lin: Lambda_n = -1/2 + i pi n, the same spectrum for every channel, its own step size
+        self.log_lambda_re = nn.Parameter(torch.full((H, N), math.log(0.5)))
+        self.lambda_im = nn.Parameter(math.pi * torch.arange(N, dtype=torch.float32).expand(H, N).clone())
+        self.log_dt = nn.Parameter(init_log_dt(H, dt_min, dt_max))
+        self.C = nn.Parameter(torch.randn(H, N, 2) * math.sqrt(0.5))  # complex, variance 1
+        self.D = nn.Parameter(torch.randn(H))
+
+    def discrete(self) -> tuple[Tensor, Tensor]:
+        lam = torch.complex(-self.log_lambda_re.exp(), self.lambda_im)  # (H, N)
+        lam_bar = torch.exp(lam * self.log_dt.exp()[:, None])
+        return lam_bar, (lam_bar - 1) / lam  # B = 1
+
+    def forward(self, u: Tensor, x0: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, H = u.shape
+        N = self.state_shape[1]
+        cdt = complex_dtype(u)
+        lam_bar, B_bar = (p.to(cdt) for p in self.discrete())
+        bu = u.to(cdt)[..., None] * B_bar  # (B, T, H, N)
+        a = lam_bar.reshape(1, 1, H * N).expand(B, T, -1)
+        xs = linear_scan(a, bu.reshape(B, T, H * N), h0=x0.to(cdt).reshape(B, H * N), reset=reset)
+        xs = xs.reshape(B, T, H, N)
+        y = 2 * (xs * torch.view_as_complex(self.C).to(cdt)).sum(-1).real + self.D * u  # (B, T, H)
+        return y.to(u.dtype), xs
+
+
+class ChannelReadout(nn.Module):
+    """A second per-channel readout of the last S4 layer's state: (..., 2, H, N, 2) -> (..., H). A dense
+    projection of all H * N states would be larger than the rest of the model."""
+
+    def __init__(self, H: int, N: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(H, N, 2) / math.sqrt(2 * N))
+
+    def forward(self, state: Tensor) -> Tensor:
+        return (state[..., -1, :, :, :] * self.weight).sum((-2, -1))
+
+
+class S4Block(nn.Module):
+    """LN -> S4 -> GELU -> Linear (+ residual), twice, then LN -> MLP (+ residual). The block's state
+    holds both S4 layers: (2, H, N)."""
+
+    def __init__(self, cfg: S4WMConfig):
+        super().__init__()
+        H, N = cfg.d_model, cfg.d_state
+        self.norms = nn.ModuleList(nn.LayerNorm(H) for _ in range(2))
+        self.ssms = nn.ModuleList(S4Layer(H, N, cfg.dt_min, cfg.dt_max) for _ in range(2))
+        self.outs = nn.ModuleList(nn.Linear(H, H) for _ in range(2))
+        self.norm_mlp = nn.LayerNorm(H)
+        self.mlp = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H))
+        self.state_shape = (2, H, N)
+
+    def state_readout(self) -> nn.Module:
+        return ChannelReadout(*self.state_shape[1:])
+
+    def forward(self, u: Tensor, x0: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
+        states = []
+        for i in range(2):
+            y, xs = self.ssms[i](self.norms[i](u), x0[:, i], reset)
+            u = u + self.outs[i](nn.functional.gelu(y))
+            states.append(xs)
+        return u + self.mlp(self.norm_mlp(u)), torch.stack(states, 2)  # (B, T, 2, H, N)
+
+
+class S4WM(SSMCore):
+    def __init__(self, cfg: S4WMConfig, embed_dim: int, action_dim: int):
+        super().__init__(cfg, [S4Block(cfg) for _ in range(cfg.layers)], embed_dim, action_dim)

@@ -1,0 +1,211 @@
+"""TSSM: a Transformer state-space model after TransDreamer (Chen et al. 2022).
+
+    q(z_t | x_t)                                       posterior from the observation alone
+    u_t = MLP([z_{t-1}, a_{t-1}])                      one token per step
+    h_t = Transformer(u_{t-W+1..t})                    causal, pre-LN, rotary positions, window W
+    p(z_t | h_t)                                       prior
+    feat_t = [h_t, z_t]
+
+Training attends in parallel with a causal, windowed mask that also stops attention across
+`is_first` (torch scaled_dot_product_attention). Acting and imagination keep a KV cache of the last
+W tokens per layer, so a new step costs one token against W keys instead of re-running the window.
+
+The cache is part of the state: "k", "v" (L, W, D), slot j holding the token at position
+pos - W + j (oldest first), and "pos" (1,), the number of tokens since the episode started. A slot
+is valid when its position is >= 0, so a zeroed state (an episode start, or TorchRL's primer) is an
+empty cache. Keys are stored already rotated by their position; rotary embeddings make attention
+depend only on the offset between positions, so positions past the training length are fine.
+
+Unlike the state-space cores, the training path holds T x (W + T) attention scores per head, and
+the states it returns (for imagination from every step) hold a window of keys per step: memory grows
+with W * T. That is the price of attention; the state-space backbones do not pay it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worldmodels.base import Policy, State
+from worldmodels.nets import categorical_kl, mlp, sample_onehot, unimix_probs
+
+SIZES = {
+    "xs": {"d_model": 64, "heads": 2, "layers": 2, "window": 64, "hidden": 64, "stoch": 8, "classes": 8},
+    "s": {"d_model": 512, "heads": 8, "layers": 4, "window": 256, "hidden": 512, "stoch": 32, "classes": 32},
+    "m": {"d_model": 768, "heads": 12, "layers": 6, "window": 256, "hidden": 768, "stoch": 32, "classes": 32},
+}
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    size: str = "xs"
+    d_model: int | None = None  # token width (D)
+    heads: int | None = None
+    layers: int | None = None
+    window: int | None = None  # tokens a step attends to, itself included (W); the KV cache length
+    hidden: int | None = None  # width of the input, prior and posterior MLPs
+    stoch: int | None = None
+    classes: int | None = None
+    unimix: float = 0.01
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        for key, value in SIZES[self.size].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.d_model % self.heads or (self.d_model // self.heads) % 2:
+            raise ValueError(f"transformer d_model ({self.d_model}) must split into `heads` ({self.heads}) "
+                             "heads of even width")
+        if self.window < 1:
+            raise ValueError(f"transformer window must be >= 1, got {self.window}")
+
+
+def rotate(x: Tensor, pos: Tensor, base: float) -> Tensor:
+    """Rotary position embedding of x (B, heads, T, dh) at positions pos (B, T)."""
+    half = x.shape[-1] // 2
+    freq = base ** (-torch.arange(half, device=x.device, dtype=x.dtype) / half)  # (dh/2,)
+    angle = pos.to(x.dtype)[:, None, :, None] * freq  # (B, 1, T, dh/2)
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+class Layer(nn.Module):
+    def __init__(self, D: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.proj = nn.Linear(D, D)
+        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
+
+    def split(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, heads, T, dh)
+        B, T, D = x.shape
+        return x.reshape(B, T, self.heads, D // self.heads).transpose(1, 2)
+
+    def forward(self, x: Tensor, pos: Tensor, cache_k: Tensor, cache_v: Tensor, mask: Tensor, base: float):
+        """x (B, T, D) attends to the cache (B, W, D) and to itself under mask (B, T, W + T). Returns the
+        new x and this layer's rotated keys and values for the T tokens, (B, T, D) each."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
+        q, k, v = self.split(q), self.split(k), self.split(v)
+        q, k = rotate(q, pos, base), rotate(k, pos, base)
+        keys = torch.cat([self.split(cache_k), k], 2)
+        values = torch.cat([self.split(cache_v), v], 2)
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+        x = x + self.proj(att.transpose(1, 2).reshape(B, T, D))
+        x = x + self.mlp(self.norm2(x))
+        merge = lambda t: t.transpose(1, 2).reshape(B, T, D)  # noqa: E731
+        return x, merge(k), merge(v)
+
+
+class TSSM(nn.Module):
+    def __init__(self, cfg: TransformerConfig, embed_dim: int, action_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        S, K, D = cfg.stoch, cfg.classes, cfg.d_model
+        self.feat_size = D + S * K
+        self.inp = mlp(S * K + action_dim, cfg.hidden, 1, D)
+        self.layers = nn.ModuleList(Layer(D, cfg.heads) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(D)
+        self.prior_net = mlp(D, cfg.hidden, 1, S * K)
+        self.post_net = mlp(embed_dim, cfg.hidden, 1, S * K)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.cfg
+        return {"k": (c.layers, c.window, c.d_model), "v": (c.layers, c.window, c.d_model), "pos": (1,),
+                "stoch": (c.stoch, c.classes), "h": (c.d_model,)}
+
+    def initial(self, batch_size: int) -> State:
+        p = next(self.parameters())
+        return {k: torch.zeros(batch_size, *s, device=p.device, dtype=p.dtype) for k, s in self.state_shapes().items()}
+
+    def _logits(self, net: nn.Module, x: Tensor) -> Tensor:
+        return net(x).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)
+
+    def _core(self, state: State, z_prev: Tensor, action: Tensor, first: Tensor) -> tuple[Tensor, State]:
+        """Tokens for (B, T) steps after `state`: h (B, T, D) and the cache after every step."""
+        B, T = first.shape
+        W, dev = self.cfg.window, first.device
+        x = self.inp(torch.cat([z_prev.flatten(-2), action], -1))  # (B, T, D)
+        t = torch.arange(T, device=dev)
+        # last episode start at or before t within this chunk (-1: none), and each token's position
+        last_reset = torch.where(first > 0, t, -1).cummax(1).values  # (B, T)
+        p0 = state["pos"][:, 0].round().long()  # (B,)
+        pos = torch.where(last_reset >= 0, t - last_reset, p0[:, None] + t)  # (B, T)
+        # cache slot j holds position p0 - W + j: visible to token t while no reset came in between,
+        # the slot is filled, and it lies within the window (p_t - slot < W  <=>  j > t)
+        j = torch.arange(W, device=dev)
+        see_cache = ((last_reset < 0)[:, :, None] & (p0[:, None, None] - W + j >= 0)
+                     & (j[None, None, :] > t[None, :, None]))  # (B, T, W)
+        see_seq = ((t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < W))[None] \
+            & (t[None, None, :] >= last_reset[:, :, None])  # (B, T, T)
+        mask = torch.cat([see_cache, see_seq], -1)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, pos, state["k"][:, i], state["v"][:, i], mask, self.cfg.rope_base)
+            ks.append(k)
+            vs.append(v)
+        # the cache after step t is the last W tokens up to t: a sliding window over [cache, new]
+        window = lambda old, new: torch.cat([old, torch.stack(new, 1)], 2).unfold(2, W, 1)[:, :, 1:] \
+            .permute(0, 2, 1, 4, 3)  # noqa: E731  (B, L, W + T, D) -> (B, T, L, W, D)
+        cache = {"k": window(state["k"], ks), "v": window(state["v"], vs), "pos": (pos + 1).to(x.dtype)[..., None]}
+        return self.norm(x), cache
+
+    def observe(self, state, embed, action, is_first, noise=None):
+        first = is_first.to(embed.dtype)  # (B, T)
+        probs = unimix_probs(self._logits(self.post_net, embed), self.cfg.unimix)
+        z = sample_onehot(probs, None if noise is None else noise["stoch"])  # (B, T, S, K)
+        z_prev = torch.cat([state["stoch"][:, None], z[:, :-1]], 1) * (1 - first)[..., None, None]
+        h, cache = self._core(state, z_prev, action * (1 - first)[..., None], first)
+        prior = self._logits(self.prior_net, h)
+        post_lp, prior_lp = probs.log(), unimix_probs(prior, self.cfg.unimix).log()
+        losses = {"dyn": categorical_kl(post_lp.detach(), prior_lp), "rep": categorical_kl(post_lp, prior_lp.detach())}
+        states = {**cache, "stoch": z, "h": h}
+        return states, self.feat(states), losses
+
+    def feat(self, state: State) -> Tensor:
+        return torch.cat([state["h"], state["stoch"].flatten(-2)], -1)
+
+    def _step(self, state: State, action: Tensor) -> State:
+        """One imagined step from the prior, through the KV cache."""
+        no_reset = torch.zeros(action.shape[0], 1, device=action.device, dtype=action.dtype)
+        h, cache = self._core(state, state["stoch"][:, None], action[:, None], no_reset)
+        prior = self._logits(self.prior_net, h[:, 0])
+        z = sample_onehot(unimix_probs(prior, self.cfg.unimix))
+        return {**{k: v[:, 0] for k, v in cache.items()}, "stoch": z, "h": h[:, 0]}
+
+    def imagine(self, state: State, policy: Policy, horizon: int):
+        feats = [self.feat(state)]
+        actions = [policy(feats[0])]
+        for _ in range(horizon):
+            state = self._step(state, actions[-1])
+            feats.append(self.feat(state))
+            actions.append(policy(feats[-1]))
+        return torch.stack(feats, 1), torch.stack(actions, 1)
+
+    def imagine_recompute(self, tokens: tuple[Tensor, Tensor], start: Tensor, policy: Policy, horizon: int):
+        """Imagination without the cache, its comparator: every step re-runs the Transformer over the
+        last W tokens. `tokens` are the context's inputs (z_{t-1}, a_{t-1}), (N, C, S, K) and (N, C, A),
+        the first an episode start; `start` is the latent z at the context's last step (N, S, K). With
+        one layer, or a window longer than context + horizon, this equals `imagine` from the state that
+        `observe` left after the same context (same random stream)."""
+        z_prev, a_prev = tokens
+        N, W = z_prev.shape[0], self.cfg.window
+        feats, actions, z = [], [], start
+        for i in range(horizon + 1):
+            zw, aw = z_prev[:, -W:], a_prev[:, -W:]
+            # positions restart at the window's first token: rotary attention sees only offsets
+            first = torch.zeros(N, zw.shape[1], device=zw.device, dtype=aw.dtype)
+            first[:, 0] = 1
+            h, _ = self._core(self.initial(N), zw, aw, first)
+            if i:
+                z = sample_onehot(unimix_probs(self._logits(self.prior_net, h[:, -1]), self.cfg.unimix))
+            feats.append(torch.cat([h[:, -1], z.flatten(-2)], -1))
+            actions.append(policy(feats[-1]))
+            z_prev = torch.cat([z_prev, z[:, None]], 1)
+            a_prev = torch.cat([a_prev, actions[-1][:, None]], 1)
+        return torch.stack(feats, 1), torch.stack(actions, 1)
