@@ -9,6 +9,15 @@ REINFORCE signal:
     L_critic = -sum_t w_t [ log p_v(sg(R_t) | s_t) + log p_v(sg(v_slow(s_t)) | s_t) ]
 
 w_t is the imagined probability of still being in the episode (cumulative continuation).
+
+For continuous actions the actor can instead follow the gradient of the return through the learned
+dynamics (`actor_grad: dynamics`, DreamerV1/V2 and the first DreamerV3 release):
+
+    L_actor  = -sum_t w_t [ R_t / max(1, S) + eta H[pi(.|s_t)] ]
+
+with reparameterised actions and straight-through latents, so every imagined step passes the
+derivative of the return to the action that caused it. `auto` (the default) takes dynamics for
+continuous actions and REINFORCE for discrete ones.
 """
 from __future__ import annotations
 
@@ -44,6 +53,11 @@ class AgentConfig:
     critic_lr: float = 3e-5
     wm_clip: float = 1000.0  # gradient-norm clip
     ac_clip: float = 100.0
+    actor_grad: str = "auto"  # auto | reinforce | dynamics (continuous actions only)
+
+    def __post_init__(self):
+        if self.actor_grad not in ("auto", "reinforce", "dynamics"):
+            raise ValueError(f"agent.actor_grad must be auto, reinforce or dynamics, got '{self.actor_grad}'")
 
 
 class Actor(nn.Module):
@@ -66,6 +80,12 @@ class Actor(nn.Module):
     def sample(self, feat: Tensor) -> Tensor:
         action = self.dist(feat).sample()
         return action if self.discrete else action.clamp(-1, 1)
+
+    def rsample(self, feat: Tensor) -> Tensor:
+        """A reparameterised sample in [-1, 1] (continuous): clamped, with the gradient passed straight
+        through the clamp so that samples past the bounds still learn."""
+        action = self.dist(feat).rsample()
+        return action + (action.clamp(-1, 1) - action).detach()
 
     def mode(self, feat: Tensor) -> Tensor:
         d = self.dist(feat)
@@ -125,34 +145,53 @@ class Agent(nn.Module):
         }
 
 
+def actor_grad_mode(agent: Agent) -> str:
+    mode = agent.cfg.actor_grad
+    if mode == "auto":
+        return "reinforce" if agent.wm.spec.discrete else "dynamics"
+    if mode == "dynamics" and agent.wm.spec.discrete:
+        raise ValueError("agent.actor_grad=dynamics needs continuous actions; use reinforce or auto")
+    return mode
+
+
 def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) -> tuple[dict, dict, tuple]:
     """Actor and critic losses from imagined rollouts that start at `starts` (N, ...), the metrics,
-    and the return normaliser's new state (committed by the caller once the step is taken)."""
+    and the return normaliser's new state (committed by the caller once the step is taken). With
+    dynamics gradients the losses reach into the world model and critic; the caller must apply each
+    loss to its own module's parameters only."""
     cfg, wm = agent.cfg, agent.wm
-    with torch.no_grad():  # REINFORCE needs no gradient through the dynamics
-        feat, action = wm.core.imagine(starts, agent.actor.sample, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
+    dynamics = actor_grad_mode(agent) == "dynamics"
+    with torch.set_grad_enabled(dynamics):  # REINFORCE needs no gradient through the dynamics
+        policy = agent.actor.rsample if dynamics else agent.actor.sample
+        feat, action = wm.core.imagine(starts, policy, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
         reward = wm.reward.mean(wm.reward(feat[:, 1:]))  # (N, H) reward on arrival at step t+1
         cont = torch.sigmoid(wm.cont(feat[:, 1:]).squeeze(-1))  # (N, H)
         value = agent.critic.mean(agent.critic(feat))  # (N, H+1)
         ret = lambda_return(reward, value, cfg.gamma * cont, cfg.lam)  # (N, H)
+    with torch.no_grad():
         # w_t: probability that step t is still inside the episode, seen from the start state.
         alive = torch.cat([start_cont[:, None], cont[:, :-1]], 1)  # (N, H)
         weight = torch.cumprod(alive, 1)  # (N, H)
         scale, retnorm_state = agent.retnorm.propose(ret)
         adv = (ret - value[:, :-1]) / scale  # (N, H)
-        slow = agent.slow_critic.mean(agent.slow_critic(feat[:, :-1]))  # (N, H)
+        slow = agent.slow_critic.mean(agent.slow_critic(feat[:, :-1].detach()))  # (N, H)
 
-    dist = agent.actor.dist(feat[:, :-1])
-    logp = dist.log_prob(action[:, :-1])  # (N, H)
+    dist = agent.actor.dist(feat[:, :-1].detach())
     ent = dist.entropy()  # (N, H)
-    actor_loss = -(weight * (adv * logp + cfg.entropy * ent)).mean()
+    if dynamics:
+        actor_loss = -(weight * (ret / scale + cfg.entropy * ent)).mean()
+    else:
+        logp = dist.log_prob(action[:, :-1])  # (N, H)
+        actor_loss = -(weight * (adv * logp + cfg.entropy * ent)).mean()
 
-    logits = agent.critic(feat[:, :-1])  # (N, H, K)
-    critic_loss = (weight * (agent.critic.loss(logits, ret) + cfg.slow_critic_reg * agent.critic.loss(logits, slow))).mean()
+    logits = agent.critic(feat[:, :-1].detach())  # (N, H, K)
+    target = ret.detach()
+    critic_loss = (weight * (agent.critic.loss(logits, target) + cfg.slow_critic_reg * agent.critic.loss(logits, slow))).mean()
 
     metrics = {
-        "train/return_scale": scale, "train/imag_return": ret.mean(), "train/imag_reward": reward.mean(),
-        "train/actor_entropy": ent.mean().detach(), "train/value": value.mean(),
+        "train/return_scale": scale, "train/imag_return": target.mean(), "train/imag_reward": reward.detach().mean(),
+        "train/actor_entropy": ent.mean().detach(), "train/value": value.detach().mean(),
+        "train/advantage": adv.abs().mean(),
     }
     return {"actor": actor_loss, "critic": critic_loss}, metrics, retnorm_state
 
@@ -173,9 +212,9 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict[str
 
     for opt in opts.values():
         opt.zero_grad(set_to_none=True)
-    for v in losses.values():  # the three losses touch disjoint parameters
-        v.backward()
     clips = {"wm": (agent.wm, cfg.wm_clip), "actor": (agent.actor, cfg.ac_clip), "critic": (agent.critic, cfg.ac_clip)}
+    for name, v in losses.items():  # each loss trains its own module only (dynamics gradients reach further)
+        v.backward(inputs=list(clips[name][0].parameters()))
     norms = {name: nn.utils.clip_grad_norm_(mod.parameters(), clip) for name, (mod, clip) in clips.items()}
     if not all(torch.isfinite(n) for n in norms.values()):
         for opt in opts.values():

@@ -1,10 +1,12 @@
 """`longdream bench worldmodel`: per backbone, the world-model train step (encoder, core over the
 sequence, heads, KL, backward, optimiser step) against sequence length L at a fixed number of tokens
 per batch (R2I's method: B = tokens / L), and imagination throughput (imagined latent steps per
-second) against the horizon. Peak memory on CUDA.
+second) against the horizon. Peak memory on CUDA. For the Transformer, imagination through its KV
+cache beside re-running the window every step (horizons up to `recompute_max`).
 
     longdream bench worldmodel [backbones=rssm,s5wm] [lengths=64,256,1024,4096] [tokens=4096]
                                [horizons=16,64,256,1024] [starts=256] [size=xs] [device=cpu]
+                               [window=256] [recompute_max=256]
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 from bench.report import machine, markdown, parse, write
 
 DEFAULTS = {"backbones": "", "lengths": "64,256,1024,4096", "tokens": 4096, "horizons": "16,64,256,1024",
-            "starts": 256, "size": "xs", "device": "cpu", "repeats": 3, "out": ""}
+            "starts": 256, "size": "xs", "device": "cpu", "repeats": 3, "window": 256, "recompute_max": 256, "out": ""}
 
 
 def _sync(dev):
@@ -46,7 +48,8 @@ def main(argv: list[str]) -> dict:
     train_rows, imag_rows = [], []
     for name in names:
         torch.manual_seed(0)
-        wm = WorldModel(name, BACKBONES[name][1](size=a["size"]), NetsConfig(name=a["size"]),
+        extra = {"window": a["window"]} if name == "transformer" else {}
+        wm = WorldModel(name, BACKBONES[name][1](size=a["size"], **extra), NetsConfig(name=a["size"]),
                         ObsSpec(pixels=False, obs_dim=24, action_dim=6)).to(dev)
         opt = torch.optim.Adam(wm.parameters(), 1e-4)
         for L in [int(x) for x in a["lengths"].split(",")]:
@@ -67,14 +70,28 @@ def main(argv: list[str]) -> dict:
             train_rows.append({"backbone": name, "L": L, "B": B, "ms": s * 1e3, "us_per_token": s * 1e6 / (B * L), "peak_mib": mem})
             print(f"[worldmodel] {name} L={L} B={B}: {s * 1e3:.1f} ms", flush=True)
         N = a["starts"]
-        start = {k: v[:, -1] for k, v in wm.core.observe(wm.core.initial(N), wm.encoder(torch.randn(N, 4, 24, device=dev)),
-                                                         torch.zeros(N, 4, 6, device=dev), torch.ones(N, 4, device=dev))[0].items()}
+        with torch.no_grad():  # start states with a full context (a window's worth for the Transformer)
+            C = a["window"] if name == "transformer" else 4
+            first = torch.zeros(N, C, device=dev)
+            first[:, 0] = 1
+            action = torch.rand(N, C, 6, device=dev) * 2 - 1
+            states = wm.core.observe(wm.core.initial(N), wm.encoder(torch.randn(N, C, 24, device=dev)), action, first)[0]
+        start = {k: v[:, -1] for k, v in states.items()}
         policy = lambda f: torch.tanh(f[:, :6])
         for H in [int(x) for x in a["horizons"].split(",")]:
             with torch.no_grad():
                 s = _timed(lambda: wm.core.imagine(start, policy, H), a["repeats"], dev)
-            imag_rows.append({"backbone": name, "horizon": H, "starts": N, "steps_per_s": N * H / s})
+            imag_rows.append({"backbone": name, "method": "recurrent" if name != "transformer" else "kv cache",
+                              "horizon": H, "starts": N, "steps_per_s": N * H / s})
             print(f"[worldmodel] {name} imagine H={H}: {N * H / s:.0f} steps/s", flush=True)
+            if name == "transformer" and H <= a["recompute_max"]:
+                z = states["stoch"]
+                tokens = (torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], 1), action)
+                with torch.no_grad():
+                    s = _timed(lambda: wm.core.imagine_recompute(tokens, z[:, -1], policy, H), 1, dev)
+                imag_rows.append({"backbone": name, "method": "recompute window", "horizon": H, "starts": N,
+                                  "steps_per_s": N * H / s})
+                print(f"[worldmodel] {name} imagine H={H} recomputing the window: {N * H / s:.0f} steps/s", flush=True)
 
     fmt = lambda v: "-" if v is None else f"{v:.1f}"
     table = (f"World-model train step at {a['tokens']} tokens per batch (B = tokens / L), size {a['size']}, "
@@ -82,8 +99,10 @@ def main(argv: list[str]) -> dict:
     table += markdown(["backbone", "L", "B", "ms / step", "us / token", "peak MiB"],
                       [[r["backbone"], r["L"], r["B"], fmt(r["ms"]), f"{r['us_per_token']:.2f}", fmt(r["peak_mib"])]
                        for r in train_rows])
-    table += f"\n\nImagination from {a['starts']} start states\n\n" + markdown(
-        ["backbone", "horizon", "imagined steps / s"], [[r["backbone"], r["horizon"], f"{r['steps_per_s']:.0f}"] for r in imag_rows])
+    table += (f"\n\nImagination from {a['starts']} start states (Transformer window {a['window']}, started "
+              "from a full window of context)\n\n") + markdown(
+        ["backbone", "method", "horizon", "imagined steps / s"],
+        [[r["backbone"], r["method"], r["horizon"], f"{r['steps_per_s']:.0f}"] for r in imag_rows])
     data = {"machine": machine(a["device"]), "args": a, "train": train_rows, "imagine": imag_rows}
     folder = write(f"worldmodel_{dev.type}", data, table, a["out"] or None)
     try:  # plot: time per token against L

@@ -22,7 +22,6 @@ with W * T. That is the price of attention; the state-space backbones do not pay
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

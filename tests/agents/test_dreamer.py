@@ -50,3 +50,57 @@ def test_return_normaliser_uses_percentile_range():
     torch.testing.assert_close(scale, torch.tensor(89.1))
     small = type(agent.retnorm)(agent.cfg)
     torch.testing.assert_close(small.update(torch.zeros(10)), torch.tensor(1.0))  # never below 1
+
+
+def test_each_loss_trains_only_its_own_module():
+    """With dynamics gradients the actor loss reaches through the world model and critic; those must
+    still get exactly the gradients of their own losses."""
+    import agents.dreamer as dreamer
+
+    for grad in ("dynamics", "reinforce"):
+        agent, opts = make()
+        agent.cfg = AgentConfig(actor_grad=grad)
+        b = batch()
+        captured = {}
+        real_step = torch.optim.Adam.step
+
+        def spy(self, *args, **kwargs):
+            captured[id(self)] = [p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+            return real_step(self, *args, **kwargs)
+
+        torch.manual_seed(3)
+        state = {k: v.clone() for k, v in agent.state_dict().items()}
+        torch.optim.Adam.step = spy
+        try:
+            update(agent, opts, b)
+        finally:
+            torch.optim.Adam.step = real_step
+        # the world model's gradient alone, recomputed from the same weights and batch
+        agent.load_state_dict(state)
+        agent.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        total = agent.wm.loss(b["obs"], b["action"], b["reward"], b["is_first"], b["is_terminal"])[0]
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(agent.wm.parameters(), agent.cfg.wm_clip)
+        expect = [p.grad for p in agent.wm.parameters() if p.grad is not None]
+        got = captured[id(opts["wm"])]
+        assert len(got) == len(expect)
+        for g, e in zip(got, expect):
+            torch.testing.assert_close(g, e)
+        actor_grads = captured[id(opts["actor"])]
+        assert actor_grads and any(g.abs().sum() > 0 for g in actor_grads), grad
+        assert dreamer.actor_grad_mode(agent) == grad
+
+
+def test_actor_grad_config():
+    import pytest
+
+    from agents.dreamer import actor_grad_mode
+
+    with pytest.raises(ValueError, match="actor_grad"):
+        AgentConfig(actor_grad="backprop")
+    agent, _ = make(discrete=True)
+    assert actor_grad_mode(agent) == "reinforce"
+    agent.cfg = AgentConfig(actor_grad="dynamics")
+    with pytest.raises(ValueError, match="continuous"):
+        actor_grad_mode(agent)
