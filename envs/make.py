@@ -42,6 +42,18 @@ class EnvConfig:
             raise EnvError(f"env.time_limit must be >= 1, got {self.time_limit}")
 
 
+def _renders_extra_frames(gymnasium, cfg: EnvConfig) -> bool:
+    """Whether eval videos need rendered frames beside the observations: not for image observations
+    (they are the video), and not for envs that cannot render rgb_array frames (e.g. BSuite)."""
+    env = gymnasium.make(cfg.id, **cfg.kwargs)
+    try:
+        space = env.observation_space
+        image = space.dtype == "uint8" and len(space.shape) == 3
+        return not image and "rgb_array" in env.metadata.get("render_modes", [])
+    finally:
+        env.close()
+
+
 def _gym_env(cfg: EnvConfig, seed: int, render: bool) -> EnvBase:
     import gymnasium
 
@@ -51,6 +63,8 @@ def _gym_env(cfg: EnvConfig, seed: int, render: bool) -> EnvBase:
     if cfg.id not in gymnasium.envs.registry:
         raise EnvError(f"unknown gymnasium id '{cfg.id}'; list valid ones with `longdream envs`")
     kwargs = dict(cfg.kwargs)
+    if render and not _renders_extra_frames(gymnasium, cfg):
+        render = False
     if render:  # rendered frames under "pixels" beside the state, for eval videos only
         kwargs.update(from_pixels=True, pixels_only=False)
     env = GymEnv(cfg.id, frame_skip=cfg.action_repeat, **kwargs)
