@@ -2,6 +2,7 @@
 
     longdream train [key=value ...]          train (an existing run_dir resumes)
     longdream eval run_dir=<path> episodes=<n>   evaluate a saved agent and write a video
+    longdream probe [key=value ...]          memory-probe protocol: task=<name> world_model=<name>, or suite=memory|smoke
     longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel
     longdream envs                           list environment ids
 
@@ -116,6 +117,13 @@ def cmd_bench(args: list[str]) -> int:
     return 0
 
 
+def cmd_probe(args: list[str]) -> int:
+    from agents.probe import main as probe_main
+
+    probe_main(args)
+    return 0
+
+
 def cmd_envs(args: list[str]) -> int:
     from envs.make import list_envs
 
@@ -123,7 +131,7 @@ def cmd_envs(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "envs": cmd_envs}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "bench": cmd_bench, "envs": cmd_envs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,67 @@
+"""The memory-probe protocol: data generation and caching, metrics, and the CLI's smoke suite."""
+import json
+
+import pytest
+import torch
+
+from agents.cli import main
+from agents.probe import TaskConfig, _pixel_mse, dataset, generate
+from worldmodels.model import BACKBONES
+
+TASK = TaskConfig(name="distracting_memory", id="longdream/DistractingMemory-v0", kwargs={"length": 6},
+                  context=None, query=None, train_episodes=3, test_episodes=2)
+
+
+def test_generate_rows_and_determinism():
+    a = generate(TASK, 3, seed=0, length=10)
+    b = generate(TASK, 3, seed=0, length=10)
+    assert a["obs"].shape == (3, 10, 3, 64, 64) and a["obs"].dtype == torch.uint8
+    assert torch.equal(a["obs"], b["obs"]) and torch.equal(a["action"], b["action"])
+    assert (a["is_first"][:, 0] == 1).all() and (a["is_first"][:, 1:] == 0).all()
+    assert (a["action"][:, 0] == 0).all() and (a["action"][:, 1:].sum(-1) == 1).all()  # one-hot, none at start
+    assert not torch.equal(a["obs"], generate(TASK, 3, seed=50, length=10)["obs"])
+
+
+def test_dataset_is_cached(tmp_path):
+    first = dataset(TASK, "train", 10, tmp_path, progress=False)
+    again = dataset(TASK, "train", 10, tmp_path, progress=False)
+    test = dataset(TASK, "test", 10, tmp_path, progress=False)
+    assert torch.equal(first["obs"], again["obs"])
+    assert len(list(tmp_path.iterdir())) == 2  # train and test, each written once
+    assert not torch.equal(first["obs"][:2], test["obs"])  # held-out seeds
+
+
+def test_pixel_mse_units():
+    obs = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8)
+    perfect = obs.float() / 255 - 0.5
+    assert torch.allclose(_pixel_mse(perfect, obs), torch.zeros(2, 3), atol=1e-9)
+    black = torch.full_like(perfect, -0.5)
+    torch.testing.assert_close(_pixel_mse(black, obs), (obs.float() / 255).pow(2).sum((-1, -2, -3)))
+
+
+def test_smoke_suite_writes_table_plots_and_videos(tmp_path):
+    assert main(["probe", "suite=smoke", f"out={tmp_path}", "progress=false"]) == 0
+    report = (tmp_path / "report_smoke.md").read_text()
+    for name in BACKBONES:
+        assert f"| {name} |" in report
+    assert "Generation MSE" in report and "Reward-prediction accuracy" in report
+    plots = sorted(tmp_path.glob("gen_mse_*_smoke.png"))
+    assert len(plots) == 4
+    runs = json.loads((tmp_path / "report_smoke.json").read_text())["runs"]
+    assert len(runs) == 4 * len(BACKBONES)
+    for r in runs:
+        assert len(r["gen_mse_per_step"]) == r["query"] and r["gen_mse"] >= 0
+        assert 0 <= r["reward_acc_imagine"] <= 1
+        assert (tmp_path / r["video"]).exists() or __import__("pathlib").Path(r["video"]).exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["suite=nope"], "unknown suite"),
+    (["backbones=rssm"], "backbones= is for suites"),
+    (["task=nope"], "no config 'task/nope'"),
+    (["task.kwargs.length=0", "updates=0"], "length"),
+])
+def test_probe_errors_are_one_line(tmp_path, capsys, args, needle):
+    assert main(["probe", f"out={tmp_path}", "progress=false", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err, err
