@@ -200,7 +200,8 @@ def train(cfg: Config) -> dict:
 
     save_checkpoint()
     video = run_dir / "videos" / f"eval-{counters['env_steps']}"
-    results["eval_return_after"] = float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 20_000, video=video)))
+    results["eval_returns_after"] = evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 20_000, video=video)
+    results["eval_return_after"] = float(np.mean(results["eval_returns_after"]))
     writer.add_scalar("eval/return", results["eval_return_after"], counters["env_steps"])
     if agent.wm.spec.pixels and replay.ready():
         write_open_loop(agent, replay, writer, counters["env_steps"], device)

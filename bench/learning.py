@@ -2,7 +2,11 @@
 the mean eval return over 10 episodes, with wall time and machine. Target: >= -300 after 20K env
 steps (DreamerV3-class agents get there).
 
-    longdream bench learning [backbones=rssm] [steps=20000] [seeds=0] [device=cpu] [extra="k=v k=v"]
+    longdream bench learning [backbones=rssm,s5wm] [steps=20000] [seeds=0] [device=cpu]
+                             [preset=pendulum_cpu] [extra="k=v k=v"]
+
+The default preset (configs/preset/pendulum_cpu.yaml) sizes the updates for a CPU; `preset=none`
+gives the DreamerV3 defaults of configs/train.yaml (B16 x T64, train ratio 512).
 """
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ import numpy as np
 
 from bench.report import machine, markdown, parse, write
 
-DEFAULTS = {"backbones": "rssm", "steps": 20000, "seeds": "0", "device": "cpu", "env": "pendulum",
-            "episodes": 10, "extra": "", "out": "", "keep": False}
+DEFAULTS = {"backbones": "", "steps": 20000, "seeds": "0", "device": "cpu", "env": "pendulum",
+            "preset": "pendulum_cpu", "episodes": 10, "extra": "", "out": "", "keep": False}
 TARGET = -300.0
 
 
@@ -23,14 +27,16 @@ def main(argv: list[str]) -> dict:
     from agents.cli import load_config
     from agents.train import build_agent, evaluate, train
 
+    from worldmodels.model import BACKBONES
+
     a = parse(argv, DEFAULTS)
     rows = []
-    for backbone in a["backbones"].split(","):
+    for backbone in a["backbones"].split(",") if a["backbones"] else list(BACKBONES):
         for seed in [int(s) for s in a["seeds"].split(",")]:
             run = Path("runs") / "bench" / f"learning-{a['env']}-{backbone}-seed{seed}"
             shutil.rmtree(run, ignore_errors=True)
-            overrides = [f"env={a['env']}", f"world_model={backbone}", f"steps={a['steps']}", f"seed={seed}",
-                         f"device={a['device']}", f"run_dir={run}", *a["extra"].split()]
+            overrides = [f"preset={a['preset']}", f"env={a['env']}", f"world_model={backbone}", f"steps={a['steps']}", f"seed={seed}",
+                         f"device={a['device']}", f"run_dir={run}", "progress=false", *a["extra"].split()]
             cfg, _ = load_config(overrides)
             tic = time.time()
             res = train(cfg)
