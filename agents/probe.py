@@ -67,6 +67,7 @@ class ProbeConfig:
     sweep_lengths: list
     sweep_steps: int
     sweep_episodes: int
+    sweep_extra: list
 
 
 def build(raw) -> tuple[ProbeConfig, TaskConfig, str, object, NetsConfig, LossConfig]:
@@ -204,7 +205,7 @@ def train_offline(wm: WorldModel, data: TensorDict, probe: ProbeConfig, writer, 
         torch.nn.utils.clip_grad_norm_(wm.parameters(), 1000.0)
         opt.step()
         for k, v in {"total": total, **terms}.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
         if (u + 1) % probe.log_every == 0 or u + 1 == probe.updates:
             n = probe.log_every if (u + 1) % probe.log_every == 0 else (u + 1) % probe.log_every
             for k, v in sums.items():
@@ -458,7 +459,8 @@ def run_memory_sweep(overrides: list[str], backbones: list[str] | None = None) -
             cfg, _ = load_config([
                 "env=bsuite_memory_len", f"env.kwargs.memory_length={L}", f"world_model={b}", f"size={raw.size.name}",
                 f"steps={probe.sweep_steps}", f"seed={probe.seed}", f"device={probe.device}", f"run_dir={run}",
-                f"seq_len={seq}", f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}"])
+                f"seq_len={seq}", f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}",
+                *[str(o) for o in probe.sweep_extra]])
             res = train(cfg)
             success = float(np.mean(np.asarray(res["eval_returns_after"]) > 0))
             rows.append({"backbone": b, "memory_length": int(L), "success": success, "env_steps": res["env_steps"],

@@ -7,19 +7,24 @@ steps (DreamerV3-class agents get there).
 
 The default preset (configs/preset/pendulum_cpu.yaml) sizes the updates for a CPU; `preset=none`
 gives the DreamerV3 defaults of configs/train.yaml (B16 x T64, train ratio 512).
+
+Results accumulate: a run replaces the row of the same (env, backbone, seed, steps, preset) in the
+existing results file and keeps the others (`merge=false` starts afresh), so seeds measured on
+different days add up. Each row records its own machine and date; the summary averages over seeds.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.report import machine, markdown, parse, write
+from bench.report import RESULTS, machine, markdown, parse, write
 
 DEFAULTS = {"backbones": "", "steps": 20000, "seeds": "0", "device": "cpu", "env": "pendulum",
-            "preset": "pendulum_cpu", "episodes": 10, "extra": "", "out": "", "keep": False}
+            "preset": "pendulum_cpu", "episodes": 10, "extra": "", "out": "", "keep": False, "merge": True}
 TARGET = -300.0
 
 
@@ -51,16 +56,52 @@ def main(argv: list[str]) -> dict:
             rows.append({"backbone": backbone, "seed": seed, "env_steps": res["env_steps"], "updates": res["updates"],
                          "eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns)),
                          "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1),
-                         "overrides": overrides})
+                         "env": a["env"], "steps": a["steps"], "preset": a["preset"], "extra": a["extra"],
+                         "machine": machine(a["device"]), "date": time.strftime("%Y-%m-%d"), "overrides": overrides})
             if not a["keep"]:
                 shutil.rmtree(run, ignore_errors=True)
-    table = (f"{a['env']}, {a['steps']} env steps, mean eval return over {a['episodes']} episodes "
-             f"(target >= {TARGET:.0f}), {machine(a['device'])}\n\n")
-    table += markdown(["backbone", "seed", "eval return", "before", "updates", "wall time", "target met"],
-                      [[r["backbone"], r["seed"], f"{r['eval_return_mean']:.1f} +- {r['eval_return_std']:.1f}",
-                        f"{r['eval_return_before']:.1f}" if r["eval_return_before"] is not None else "",
-                        r["updates"], f"{r['wall_s'] / 60:.1f} min", "yes" if r["eval_return_mean"] >= TARGET else "no"]
-                       for r in rows])
-    data = {"machine": machine(a["device"]), "args": a, "target": TARGET, "runs": rows}
-    write(f"learning_{a['env']}", data, table, a["out"] or None)
+    if a["merge"]:
+        rows = merge(Path(a["out"]) if a["out"] else RESULTS, f"learning_{a['env']}", rows)
+    data = {"args": a, "target": TARGET, "runs": rows}
+    write(f"learning_{a['env']}", data, report(rows, a["episodes"]), a["out"] or None)
     return data
+
+
+def _key(row: dict) -> tuple:
+    return row["env"], row["backbone"], row["seed"], row["steps"], row["preset"], row["extra"]
+
+
+def merge(folder: Path, name: str, rows: list[dict]) -> list[dict]:
+    """Earlier rows of the results file, less those this run measured again, then this run's rows."""
+    path = folder / f"{name}.json"
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    args = old.get("args", {})
+    for r in old.get("runs", []):  # rows written before rows carried their own settings, machine and date
+        for k in ("env", "steps", "preset", "extra"):
+            r.setdefault(k, args.get(k, ""))
+        r.setdefault("machine", old.get("machine", "")), r.setdefault("date", old.get("date", ""))
+    fresh = {_key(r) for r in rows}
+    return [r for r in old.get("runs", []) if _key(r) not in fresh] + rows
+
+
+def report(rows: list[dict], episodes: int) -> str:
+    rows = sorted(rows, key=lambda r: (r["backbone"], r["seed"]))
+    envs = sorted({r["env"] for r in rows})
+    text = (f"{', '.join(envs)}, mean eval return over {episodes} episodes after each run's env steps "
+            f"(target >= {TARGET:.0f})\n\n")
+    text += markdown(["backbone", "seed", "env steps", "eval return", "before", "updates", "wall time", "target met",
+                      "machine", "date"],
+                     [[r["backbone"], r["seed"], r["env_steps"], f"{r['eval_return_mean']:.1f} +- {r['eval_return_std']:.1f}",
+                       f"{r['eval_return_before']:.1f}" if r["eval_return_before"] is not None else "",
+                       r["updates"], f"{r['wall_s'] / 60:.1f} min", "yes" if r["eval_return_mean"] >= TARGET else "no",
+                       r.get("machine", ""), r.get("date", "")] for r in rows])
+    summary = []
+    for b in dict.fromkeys(r["backbone"] for r in rows):
+        means = [r["eval_return_mean"] for r in rows if r["backbone"] == b]
+        summary.append([b, len(means), f"{np.mean(means):.1f}", f"{min(means):.1f}", f"{max(means):.1f}",
+                        f"{sum(m >= TARGET for m in means)}/{len(means)}"])
+    text += "\n\nPer backbone, over seeds:\n\n" + markdown(
+        ["backbone", "seeds", "mean eval return", "worst seed", "best seed", "seeds meeting target"], summary)
+    return text

@@ -65,3 +65,28 @@ def test_probe_errors_are_one_line(tmp_path, capsys, args, needle):
     assert main(["probe", f"out={tmp_path}", "progress=false", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err, err
+
+
+def test_bsuite_memory_sweep_reports_success_per_length(tmp_path):
+    pytest.importorskip("bsuite")
+    extra = "['prefill=64','batch_size=2','train_ratio=16','collect_every=8','log_every=64','checkpoint_every=100000']"
+    assert main(["probe", "suite=bsuite_memory", "backbones=rssm,s5wm", "sweep_lengths=[1,3]", "sweep_steps=96",
+                 "sweep_episodes=4", f"sweep_extra={extra}", f"out={tmp_path}", "progress=false"]) == 0
+    runs = json.loads((tmp_path / "bsuite_memory" / "report.json").read_text())["runs"]
+    assert [(r["backbone"], r["memory_length"]) for r in runs] == [("rssm", 1), ("rssm", 3), ("s5wm", 1), ("s5wm", 3)]
+    for r in runs:
+        assert 0.0 <= r["success"] <= 1.0 and r["env_steps"] >= 96
+        assert (tmp_path / "bsuite_memory" / f"{r['backbone']}-len{r['memory_length']}-seed0" / "tb").is_dir()
+    report = (tmp_path / "bsuite_memory" / "report.md").read_text()
+    assert "| rssm |" in report and "| s5wm |" in report and (tmp_path / "bsuite_memory" / "success.png").exists()
+
+
+def test_memory_maze_probe_reads_walls_and_objects_from_frozen_states(tmp_path):
+    pytest.importorskip("memory_maze")
+    args = ["probe", "task=memory_maze", "world_model=rssm", "task.context=6", "task.query=3", "task.train_episodes=3",
+            "task.test_episodes=2", "updates=2", "batch_size=2", "eval_batch=2", "videos=1", f"out={tmp_path}",
+            "progress=false"]
+    assert main(args) == 0
+    metrics = json.loads(next(tmp_path.glob("memory_maze*/rssm-*/metrics.json")).read_text())
+    assert 0.0 <= metrics["probe_maze_layout_acc"] <= 1.0
+    assert metrics["probe_targets_pos_mse"] >= 0.0 and len(metrics["gen_mse_per_step"]) == 3
