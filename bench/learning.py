@@ -14,6 +14,7 @@ different days add up. Each row records its own machine and date; the summary av
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -38,7 +39,9 @@ def main(argv: list[str]) -> dict:
     rows = []
     for backbone in a["backbones"].split(",") if a["backbones"] else list(BACKBONES):
         for seed in [int(s) for s in a["seeds"].split(",")]:
-            run = Path("runs") / "bench" / f"learning-{a['env']}-{backbone}-seed{seed}"
+            # runs with other settings get their own directory, so that they can run side by side
+            tag = "-" + hashlib.sha1(f"{a['preset']} {a['extra']}".encode()).hexdigest()[:6] if a["extra"] else ""
+            run = Path(a["out"] or "runs/bench") / f"learning-{a['env']}-{backbone}-seed{seed}{tag}"
             shutil.rmtree(run, ignore_errors=True)
             overrides = [f"preset={a['preset']}", f"env={a['env']}", f"world_model={backbone}", f"steps={a['steps']}", f"seed={seed}",
                          f"device={a['device']}", f"run_dir={run}", "progress=false", *a["extra"].split()]
@@ -87,21 +90,21 @@ def merge(folder: Path, name: str, rows: list[dict]) -> list[dict]:
 
 
 def report(rows: list[dict], episodes: int) -> str:
-    rows = sorted(rows, key=lambda r: (r["backbone"], r["seed"]))
+    rows = sorted(rows, key=lambda r: (r["backbone"], r["extra"], r["seed"]))
     envs = sorted({r["env"] for r in rows})
     text = (f"{', '.join(envs)}, mean eval return over {episodes} episodes after each run's env steps "
             f"(target >= {TARGET:.0f})\n\n")
-    text += markdown(["backbone", "seed", "env steps", "eval return", "before", "updates", "wall time", "target met",
-                      "machine", "date"],
-                     [[r["backbone"], r["seed"], r["env_steps"], f"{r['eval_return_mean']:.1f} +- {r['eval_return_std']:.1f}",
+    text += markdown(["backbone", "overrides", "seed", "env steps", "eval return", "before", "updates", "wall time",
+                      "target met", "machine", "date"],
+                     [[r["backbone"], r["extra"] or "-", r["seed"], r["env_steps"], f"{r['eval_return_mean']:.1f} +- {r['eval_return_std']:.1f}",
                        f"{r['eval_return_before']:.1f}" if r["eval_return_before"] is not None else "",
                        r["updates"], f"{r['wall_s'] / 60:.1f} min", "yes" if r["eval_return_mean"] >= TARGET else "no",
                        r.get("machine", ""), r.get("date", "")] for r in rows])
     summary = []
-    for b in dict.fromkeys(r["backbone"] for r in rows):
-        means = [r["eval_return_mean"] for r in rows if r["backbone"] == b]
-        summary.append([b, len(means), f"{np.mean(means):.1f}", f"{min(means):.1f}", f"{max(means):.1f}",
+    for b, extra in dict.fromkeys((r["backbone"], r["extra"]) for r in rows):
+        means = [r["eval_return_mean"] for r in rows if (r["backbone"], r["extra"]) == (b, extra)]
+        summary.append([b, extra or "-", len(means), f"{np.mean(means):.1f}", f"{min(means):.1f}", f"{max(means):.1f}",
                         f"{sum(m >= TARGET for m in means)}/{len(means)}"])
-    text += "\n\nPer backbone, over seeds:\n\n" + markdown(
-        ["backbone", "seeds", "mean eval return", "worst seed", "best seed", "seeds meeting target"], summary)
+    text += "\n\nPer backbone and overrides, over seeds:\n\n" + markdown(
+        ["backbone", "overrides", "seeds", "mean eval return", "worst seed", "best seed", "seeds meeting target"], summary)
     return text
