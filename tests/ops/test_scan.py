@@ -35,13 +35,13 @@ def run(backend, a, b, h0, reset, reverse, dtype, weights):
     return [h, last, *torch.autograd.grad(loss, (a, b, h0))]
 
 
-def compare(device, dtype, T, reverse, tol, B=2, D=19):
+def compare(device, dtype, T, reverse, tol, B=2, D=19, backend="triton"):
     a, b, h0, reset = make(B, T, D, dtype, device)
     oracle = torch.complex128 if dtype.is_complex else torch.float64
     g = torch.Generator().manual_seed(5)
     wdt = torch.float64 if not dtype.is_complex else torch.complex128
     weights = (torch.randn(B, T, D, generator=g, dtype=wdt).to(device), torch.randn(B, D, generator=g, dtype=wdt).to(device))
-    fast = run("triton", a, b, h0, reset, reverse, dtype, weights)
+    fast = run(backend, a, b, h0, reset, reverse, dtype, weights)
     ref = run("ref", a, b, h0, reset, reverse, oracle, weights)
     for name, x, y in zip(["h", "last", "grad_a", "grad_b", "grad_h0"], fast, ref):
         assert x.dtype == dtype, (name, x.dtype)
@@ -75,6 +75,30 @@ def test_triton_without_h0_or_reset_and_broadcast_a():
     a = a[:1].float().expand(2, -1, -1)  # broadcast a over the batch
     fast = linear_scan(a, b.float(), backend="triton")
     torch.testing.assert_close(fast, linear_scan_ref(a, b.float()))
+
+
+@pytest.mark.parametrize("T", [1, 7, 16, 17, 64, 300])  # one chunk, partial chunks, two levels of chunks
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_chunked_matches_float64_reference(T, reverse, dtype):
+    compare("cpu", dtype, T, reverse, 1e-5, backend="chunked")
+
+
+def test_chunked_takes_zero_decay_and_float64():
+    a, b, h0, reset = make(3, 50, 4, torch.float64)
+    a[:, 10] = 0.0  # a_t = 0 wipes the state, as a reset does
+    for rev in (False, True):
+        torch.testing.assert_close(scan.linear_scan_chunked(a, b, h0, reset, rev, chunk=4),
+                                   linear_scan_ref(a, b, h0, reset, rev))
+
+
+def test_auto_picks_the_chunked_scan_for_long_cpu_sequences(monkeypatch):
+    calls = []
+    monkeypatch.setattr(scan, "linear_scan_chunked", lambda *x, **k: calls.append("chunked"))
+    monkeypatch.setattr(scan, "linear_scan_ref", lambda *x, **k: calls.append("ref"))
+    linear_scan(torch.ones(1, scan.CHUNKED_MIN_T, 2), torch.ones(1, scan.CHUNKED_MIN_T, 2))
+    linear_scan(torch.ones(1, 1, 2), torch.ones(1, 1, 2))
+    assert calls == ["chunked", "ref"]
 
 
 def test_reference_closed_forms():

@@ -50,10 +50,11 @@ def test_shapes(name):
     assert torch.allclose(feats[:, 0], feat[:, -1])
 
 
-def test_sequence_equals_steps(name):
+@pytest.mark.parametrize("T", [T, 40])  # 40: long enough that the SSMs train on the chunked scan on a CPU
+def test_sequence_equals_steps(name, T):
     """One observe over T equals T observes of one step, with the same latent samples."""
     core = make_core(name)
-    embed, action, is_first = inputs(T, first_at=(4,))
+    embed, action, is_first = inputs(T, first_at=(4, T - 7))
     noise = fixed_noise(core, T)
     _, feat, _ = core.observe(core.initial(B), embed, action, is_first, noise=noise)
     state, steps = core.initial(B), []
@@ -63,6 +64,25 @@ def test_sequence_equals_steps(name):
         state = index_state(s, -1)
         steps.append(f[:, 0])
     torch.testing.assert_close(feat, torch.stack(steps, 1), rtol=1e-5, atol=1e-8)
+
+
+def test_sequence_equals_steps_fp32(name):
+    """The same in float32, the training precision: the parallel path (chunked scan, attention) and the
+    recurrent one agree to 1e-5 relative to the features' scale."""
+    T = 40
+    core = make_core(name).float()
+    embed, action, is_first = (x.float() for x in inputs(T, first_at=(4, T - 7)))
+    noise = {k: v.float() for k, v in fixed_noise(core, T).items()}
+    with torch.no_grad():
+        _, feat, _ = core.observe(core.initial(B), embed, action, is_first, noise=noise)
+        state, steps = core.initial(B), []
+        for t in range(T):
+            s, f, _ = core.observe(state, embed[:, t:t + 1], action[:, t:t + 1], is_first[:, t:t + 1],
+                                   noise={k: v[:, t:t + 1] for k, v in noise.items()})
+            state = index_state(s, -1)
+            steps.append(f[:, 0])
+    err = ((feat - torch.stack(steps, 1)).abs().max() / feat.abs().max()).item()
+    assert err < 1e-5, f"{name}: parallel vs recurrent relative error {err:.1e}"
 
 
 def test_reset_at_is_first(name):

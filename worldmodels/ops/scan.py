@@ -1,6 +1,6 @@
 """Linear-recurrence scan h_t = a_t * h_{t-1} + b_t over (B, T, D), and the returns built on it.
 
-`linear_scan` is the one API the backbones and the agent call. Two paths sit behind it:
+`linear_scan` is the one API the backbones and the agent call. Three paths sit behind it:
 
 - `linear_scan_triton`: Triton kernels. Each program owns BLOCK_D channels of one batch row and walks
   time in tiles of BLOCK_T steps: a tile of (a, b) is loaded once, scanned in registers with
@@ -9,13 +9,17 @@
   written once (12 bytes per fp32 element forward). The backward is the same scan run the other way
   over the shifted a (dL/dh_t = g_t + a_{t+1} dL/dh_{t+1}), then dL/da_t = g_t h_{t-1}, dL/db_t = g_t.
   Used for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1 (tests only: slow).
-- `linear_scan_ref`: a plain PyTorch loop with the same signature, used everywhere else and the
-  test oracle.
+- `linear_scan_chunked`: the same combine in plain PyTorch, blocked: doubling steps inside chunks of
+  16 steps, then a scan over the chunk ends. log2(16) + T/16 tensor-level steps instead of T, so on a
+  CPU it is what runs for sequences of 32 steps and more (autograd differentiates it).
+- `linear_scan_ref`: a plain PyTorch loop with the same signature, the test oracle, and the path for
+  short sequences off CUDA (acting and imagination run T = 1).
 
-The switch: `backend="auto" | "triton" | "ref"` (or the env var LONGDREAM_SCAN_BACKEND); "auto"
-picks Triton for CUDA tensors when triton is installed. Forcing Triton where it cannot run is an
-error that says why. Limits: float64 runs on the reference path only; the interpreter cannot catch
-races or GPU rounding order, so the GPU tests (marked `gpu`) repeat the comparisons on CUDA.
+The switch: `backend="auto" | "triton" | "chunked" | "ref"` (or the env var LONGDREAM_SCAN_BACKEND);
+"auto" picks Triton for CUDA tensors when triton is installed, else chunked for T >= 32, else the
+loop. Forcing Triton where it cannot run is an error that says why. Limits: Triton takes no float64
+(the PyTorch paths carry it in double); the interpreter cannot catch races or GPU rounding order, so
+the GPU tests (marked `gpu`) repeat the comparisons on CUDA.
 
 - dtypes: float32, bfloat16, float16 (carried in float32, returned in the input dtype), complex64.
 - `reset` (B, T) restarts the recurrence where it is 1, in the associative form a_t <- a_t * (1 - r_t)
@@ -50,16 +54,20 @@ def _prepare(a: Tensor, b: Tensor, h0: Tensor | None, reset: Tensor | None):
     return a, b
 
 
+def _carry_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    """float32 or complex64; double precision stays double (the test oracle)."""
+    cplx = a.is_complex() or b.is_complex()
+    if a.dtype in (torch.float64, torch.complex128) or b.dtype in (torch.float64, torch.complex128):
+        return torch.complex128 if cplx else torch.float64
+    return torch.complex64 if cplx else torch.float32
+
+
 def linear_scan_ref(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Tensor | None = None,
                     reverse: bool = False, return_last: bool = False):
     """Reference: a loop over time, carried in float32 (or complex64)."""
     a, b = _prepare(a, b, h0, reset)
     out_dtype = b.dtype
-    wide = (torch.float64, torch.complex128)  # double precision stays double (the test oracle)
-    if a.dtype in wide or b.dtype in wide:
-        carry = torch.complex128 if (a.is_complex() or b.is_complex()) else torch.float64
-    else:
-        carry = torch.complex64 if (a.is_complex() or b.is_complex()) else torch.float32
+    carry = _carry_dtype(a, b)
     a, b = a.to(carry), b.to(carry)
     B, T, D = b.shape
     h = torch.zeros(B, D, dtype=b.dtype, device=b.device) if h0 is None else h0.to(b.dtype)
@@ -70,6 +78,50 @@ def linear_scan_ref(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Tenso
         hs[t] = h
     out = torch.stack(hs, 1).to(out_dtype)  # (B, T, D)
     return (out, h.to(out_dtype)) if return_last else out
+
+
+def linear_scan_chunked(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Tensor | None = None,
+                        reverse: bool = False, return_last: bool = False, chunk: int = 16):
+    """A blocked parallel scan in plain PyTorch, the fast path where Triton does not run (the CPU).
+
+    Time is cut into chunks of `chunk` steps. Within every chunk at once, log2(chunk) doubling steps
+    (Hillis-Steele) compose the affine maps h -> a_t h + b_t, so that (A_t, H_t) = (a_t ... a_0,
+    the state at t from a zero state at the chunk's start); the states at the chunk ends then run
+    through the same scan one level up (T / chunk steps), and every step adds A_t times the state
+    its chunk started from. Only products and sums: no division, so a_t = 0 (resets) is fine. The
+    result equals `linear_scan_ref` up to the order of floating-point additions, with log2(chunk) +
+    T / chunk Python-level steps instead of T, which is what costs on a CPU. Same contract.
+    """
+    a, b = _prepare(a, b, h0, reset)
+    out_dtype = b.dtype
+    carry = _carry_dtype(a, b)
+    a, b = a.to(carry), b.to(carry)
+    if reverse:
+        a, b = a.flip(1), b.flip(1)
+    B, T, D = b.shape
+    C = max(1, min(chunk, T))
+    n = -(-T // C)
+    if n * C != T:  # pad the end with identity maps (a = 1, b = 0): earlier steps do not see them
+        pad = n * C - T
+        a = torch.cat([a, a.new_ones(B, pad, D)], 1)
+        b = torch.cat([b, b.new_zeros(B, pad, D)], 1)
+    A, H = a.reshape(B, n, C, D), b.reshape(B, n, C, D)
+    k = 1
+    while k < C:  # after this: A_t = prod of a over the chunk up to t, H_t = the state from zero
+        H = torch.cat([H[:, :, :k], H[:, :, k:] + A[:, :, k:] * H[:, :, :-k]], 2)
+        A = torch.cat([A[:, :, :k], A[:, :, k:] * A[:, :, :-k]], 2)
+        k *= 2
+    start = torch.zeros(B, D, dtype=carry, device=b.device) if h0 is None else h0.to(carry)
+    if n > 1:  # the state each chunk starts from: the scan over the chunks' end maps, one level up
+        ends = linear_scan_chunked(A[:, :-1, -1], H[:, :-1, -1], h0=start, chunk=chunk)  # (B, n-1, D)
+        start = torch.cat([start[:, None], ends], 1)  # (B, n, D)
+    else:
+        start = start[:, None]
+    h = (H + A * start[:, :, None]).reshape(B, n * C, D)[:, :T]
+    if reverse:
+        h = h.flip(1)
+    h = h.to(out_dtype)
+    return (h, h[:, 0 if reverse else -1]) if return_last else h
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -229,16 +281,24 @@ def _check_triton(x: Tensor) -> None:
                            "import, for the CPU interpreter); use backend='ref' on the CPU")
 
 
+CHUNKED_MIN_T = 32  # "auto" off CUDA: sequences at least this long take the chunked scan
+
+
 def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Tensor | None = None,
                 reverse: bool = False, return_last: bool = False, backend: str | None = None):
     """h_t = a_t * h_{t-1} + b_t over (B, T, D); see the module docstring."""
     backend = backend or os.environ.get("LONGDREAM_SCAN_BACKEND", "auto")
     if backend == "auto":
-        backend = "triton" if (triton is not None and b.is_cuda and b.dtype != torch.float64) else "ref"
+        if triton is not None and b.is_cuda and b.dtype != torch.float64:
+            backend = "triton"
+        else:  # the loop is cheaper for a few steps (acting, imagination); see bench/results/scan_cpu.md
+            backend = "chunked" if b.shape[1] >= CHUNKED_MIN_T else "ref"
     if backend == "triton":
         return linear_scan_triton(a, b, h0, reset, reverse, return_last)
+    if backend == "chunked":
+        return linear_scan_chunked(a, b, h0, reset, reverse, return_last)
     if backend != "ref":
-        raise ValueError(f"unknown scan backend '{backend}' (choose auto, triton or ref)")
+        raise ValueError(f"unknown scan backend '{backend}' (choose auto, triton, chunked or ref)")
     return linear_scan_ref(a, b, h0, reset, reverse, return_last)
 
 
