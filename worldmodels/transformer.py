@@ -85,20 +85,39 @@ class Layer(nn.Module):
         B, T, D = x.shape
         return x.reshape(B, T, self.heads, D // self.heads).transpose(1, 2)
 
+    def _qkv(self, x: Tensor, pos: Tensor, base: float) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
+        q, k, v = self.split(q), self.split(k), self.split(v)
+        return rotate(q, pos, base), rotate(k, pos, base), v
+
+    def _out(self, x: Tensor, att: Tensor) -> Tensor:  # att (B, heads, T, dh)
+        B, T, D = x.shape
+        x = x + self.proj(att.transpose(1, 2).reshape(B, T, D))
+        return x + self.mlp(self.norm2(x))
+
     def forward(self, x: Tensor, pos: Tensor, cache_k: Tensor, cache_v: Tensor, mask: Tensor, base: float):
         """x (B, T, D) attends to the cache (B, W, D) and to itself under mask (B, T, W + T). Returns the
         new x and this layer's rotated keys and values for the T tokens, (B, T, D) each."""
         B, T, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
-        q, k, v = self.split(q), self.split(k), self.split(v)
-        q, k = rotate(q, pos, base), rotate(k, pos, base)
+        q, k, v = self._qkv(x, pos, base)
         keys = torch.cat([self.split(cache_k), k], 2)
         values = torch.cat([self.split(cache_v), v], 2)
         att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
-        x = x + self.proj(att.transpose(1, 2).reshape(B, T, D))
-        x = x + self.mlp(self.norm2(x))
         merge = lambda t: t.transpose(1, 2).reshape(B, T, D)  # noqa: E731
-        return x, merge(k), merge(v)
+        return self._out(x, att), merge(k), merge(v)
+
+    def step(self, x: Tensor, pos: Tensor, cache_k: Tensor, cache_v: Tensor, new_k: list[Tensor],
+             new_v: list[Tensor], mask: Tensor, base: float) -> tuple[Tensor, Tensor, Tensor]:
+        """One token x (B, 1, D) at pos (B, 1) attends to a fixed cache (B, heads, W, dh), to earlier
+        tokens' keys and values (lists of (B, heads, 1, dh)) and to itself, under mask (B, W + n + 1).
+        The softmax runs over the scores of both parts, so the cache is read, never copied. Returns
+        the new x and the token's rotated key and value, (B, heads, 1, dh)."""
+        q, k, v = self._qkv(x, pos, base)
+        keys, values = torch.cat([*new_k, k], 2), torch.cat([*new_v, v], 2)  # (B, heads, n + 1, dh)
+        scores = torch.cat([q @ cache_k.transpose(-1, -2), q @ keys.transpose(-1, -2)], -1) * q.shape[-1] ** -0.5
+        p = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)  # (B, heads, 1, W + n + 1)
+        W = cache_k.shape[2]
+        return self._out(x, p[..., :W] @ cache_v + p[..., W:] @ values), k, v
 
 
 class TSSM(nn.Module):
@@ -170,19 +189,52 @@ class TSSM(nn.Module):
         return torch.cat([state["h"], state["stoch"].flatten(-2)], -1)
 
     def _step(self, state: State, action: Tensor) -> State:
-        """One imagined step from the prior, through the KV cache."""
+        """One imagined step from the prior, sliding the whole KV cache (the acting path, T = 1)."""
         no_reset = torch.zeros(action.shape[0], 1, device=action.device, dtype=action.dtype)
         h, cache = self._core(state, state["stoch"][:, None], action[:, None], no_reset)
         prior = self._logits(self.prior_net, h[:, 0])
         z = sample_onehot(unimix_probs(prior, self.cfg.unimix))
         return {**{k: v[:, 0] for k, v in cache.items()}, "stoch": z, "h": h[:, 0]}
 
-    def imagine(self, state: State, policy: Policy, horizon: int):
+    def imagine_sliding(self, state: State, policy: Policy, horizon: int):
+        """Imagination by `_step`: the obviously correct twin of `imagine` (tests compare them)."""
         feats = [self.feat(state)]
         actions = [policy(feats[0])]
         for _ in range(horizon):
             state = self._step(state, actions[-1])
             feats.append(self.feat(state))
+            actions.append(policy(feats[-1]))
+        return torch.stack(feats, 1), torch.stack(actions, 1)
+
+    def imagine(self, state: State, policy: Policy, horizon: int):
+        """The start's KV cache stays as it is; each imagined token attends to it and to the tokens
+        imagined so far, within the window. Sliding the cache would copy all W slots per step and,
+        with gradients through the dynamics, scatter them back in the backward pass; here only the
+        imagined keys (at most `horizon` per layer) carry gradients."""
+        N, W, dev = state["stoch"].shape[0], self.cfg.window, state["stoch"].device
+        p0 = state["pos"][:, 0].round().long()  # (N,) position of the first imagined token
+        j = torch.arange(W, device=dev)
+        filled = p0[:, None] - W + j >= 0  # (N, W) cache slots that hold a token
+        cache = [(layer.split(state["k"][:, i]).contiguous(), layer.split(state["v"][:, i]).contiguous())
+                 for i, layer in enumerate(self.layers)]  # (N, heads, W, dh), read by every step
+        new_k: list[list[Tensor]] = [[] for _ in self.layers]
+        new_v: list[list[Tensor]] = [[] for _ in self.layers]
+        feats = [self.feat(state)]
+        actions = [policy(feats[0])]
+        z = state["stoch"]
+        for i in range(horizon):
+            x = self.inp(torch.cat([z.flatten(-2), actions[-1]], -1))[:, None]  # (N, 1, D)
+            # token i sees cache slot j while p0 - W + j > p0 + i - W (j > i), and imagined token m
+            # while i - m < W; the mask covers [cache, imagined tokens 0..i-1, itself]
+            m = torch.arange(i, device=dev)
+            mask = torch.cat([filled & (j > i), (i - m < W).expand(N, i), torch.ones(N, 1, dtype=torch.bool, device=dev)], 1)
+            for layer, (ck, cv), ks, vs in zip(self.layers, cache, new_k, new_v):
+                x, k, v = layer.step(x, (p0 + i)[:, None], ck, cv, ks, vs, mask, self.cfg.rope_base)
+                ks.append(k)
+                vs.append(v)
+            h = self.norm(x)[:, 0]
+            z = sample_onehot(unimix_probs(self._logits(self.prior_net, h), self.cfg.unimix))
+            feats.append(torch.cat([h, z.flatten(-2)], -1))
             actions.append(policy(feats[-1]))
         return torch.stack(feats, 1), torch.stack(actions, 1)
 

@@ -70,6 +70,27 @@ def test_kv_cache_equals_recompute(layers, window):
     torch.testing.assert_close(cached[:, 0], feat[:, -1])
 
 
+@pytest.mark.parametrize("window,horizon", [(4, 9), (64, 7)])
+def test_imagine_equals_sliding_cache(window, horizon):
+    """Imagination against the fixed start cache equals stepping the sliding cache, also when the
+    horizon outruns the window (imagined tokens must then drop out of it), and passes the same
+    gradients to the actions."""
+    core = make(2, window)
+    embed, action, is_first, noise = data(6)
+    states, _, _ = core.observe(core.initial(B), embed, action, is_first, noise=noise)
+    start = index_state(states, -1)
+    weight = torch.randn(core.feat_size, A, dtype=torch.float64, requires_grad=True)
+    policy = lambda f: torch.tanh(f @ weight)  # noqa: E731
+    out = []
+    for imagine in (core.imagine, core.imagine_sliding):
+        torch.manual_seed(5)
+        feat, act = imagine(start, policy, horizon)
+        grad, = torch.autograd.grad(feat.sum(), weight)
+        out.append((feat, act, grad))
+    for x, y in zip(*out):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="heads"):
         TransformerConfig(d_model=64, heads=3)
