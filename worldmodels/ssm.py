@@ -64,16 +64,25 @@ class SSMCore(nn.Module):
     def _logits(self, net: nn.Module, x: Tensor) -> Tensor:
         return net(x).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)
 
+    def _blocks(self, x0: list[Tensor], z_prev: Tensor, action: Tensor, reset: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Sequence model over (B, T) from complex states x0 (one (B, *layer_state) per block): h (B, T, H)
+        and each block's states (B, T, *layer_state)."""
+        u = self.inp(torch.cat([z_prev.flatten(-2), action], -1))  # (B, T, H)
+        states = []
+        for block, x in zip(self.blocks, x0):
+            u, xs = block(u, x, reset)
+            states.append(xs)
+        return u, states
+
+    def _complex(self, ssm: Tensor) -> list[Tensor]:
+        """The state's "ssm" entry (B, L, *layer_state, 2) as one complex tensor per block."""
+        real = torch.float64 if ssm.dtype == torch.float64 else torch.float32
+        return list(torch.view_as_complex(ssm.to(real).contiguous()).unbind(1))
+
     def _core(self, state: State, z_prev: Tensor, action: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
         """Sequence model over (B, T): h (B, T, H) and SSM states (B, T, L, *layer_state, 2)."""
-        u = self.inp(torch.cat([z_prev.flatten(-2), action], -1))  # (B, T, H)
-        real = torch.float64 if u.dtype == torch.float64 else torch.float32
-        ssm = torch.view_as_complex(state["ssm"].to(real).contiguous())  # (B, L, *layer_state)
-        states = []
-        for i, block in enumerate(self.blocks):
-            u, xs = block(u, ssm[:, i], reset)
-            states.append(torch.view_as_real(xs).to(u.dtype))
-        return u, torch.stack(states, 2)
+        u, states = self._blocks(self._complex(state["ssm"]), z_prev, action, reset)
+        return u, torch.stack([torch.view_as_real(xs).to(u.dtype) for xs in states], 2)
 
     def observe(self, state, embed, action, is_first, noise=None):
         first = is_first.to(embed.dtype)  # (B, T)
@@ -90,21 +99,28 @@ class SSMCore(nn.Module):
         return states, self.feat(states), losses
 
     def feat(self, state: State) -> Tensor:
-        parts = [state["h"], state["stoch"].flatten(-2)]
+        last = state["ssm"].select(-len(self.layer_state) - 2, -1) if self.state_feat is not None else None
+        return self._feat(state["h"], state["stoch"], last)
+
+    def _feat(self, h: Tensor, z: Tensor, last: Tensor | None) -> Tensor:
+        """[h, z, LN(readout(last))] where last is the last block's state as real pairs (..., *layer_state, 2)."""
+        parts = [h, z.flatten(-2)]
         if self.state_feat is not None:
-            last = state["ssm"].select(-len(self.layer_state) - 2, -1)  # (..., *layer_state, 2)
             parts.append(self.state_feat(last))
         return torch.cat(parts, -1)
 
     def imagine(self, state: State, policy: Policy, horizon: int):
+        """The blocks' states travel as a list of complex tensors between steps (stacking them into the
+        contract's (N, L, ..., 2) layout at every step would copy them, and scatter gradients back)."""
         feats = [self.feat(state)]
         actions = [policy(feats[0])]
         N = feats[0].shape[0]
         no_reset = torch.zeros(N, 1, device=feats[0].device, dtype=feats[0].dtype)
+        x, z = self._complex(state["ssm"]), state["stoch"]
         for _ in range(horizon):
-            h, ssm = self._core(state, state["stoch"][:, None], actions[-1][:, None], no_reset)
-            prior = self._logits(self.prior_net, h[:, 0])
-            state = {"ssm": ssm[:, 0], "stoch": sample_onehot(unimix_probs(prior, self.cfg.unimix)), "h": h[:, 0]}
-            feats.append(self.feat(state))
+            h, xs = self._blocks(x, z[:, None], actions[-1][:, None], no_reset)
+            x, h = [s[:, 0] for s in xs], h[:, 0]
+            z = sample_onehot(unimix_probs(self._logits(self.prior_net, h), self.cfg.unimix))
+            feats.append(self._feat(h, z, torch.view_as_real(x[-1]).to(h.dtype)))
             actions.append(policy(feats[-1]))
         return torch.stack(feats, 1), torch.stack(actions, 1)

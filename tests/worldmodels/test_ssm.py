@@ -1,0 +1,45 @@
+"""The state-space cores' imagination (per-block complex states carried as a list) against stepping
+the contract's stacked state through `_core` one token at a time."""
+import pytest
+import torch
+
+from worldmodels.base import index_state
+from worldmodels.model import BACKBONES
+from worldmodels.nets import sample_onehot, unimix_probs
+
+B, T, E, A, H = 3, 6, 16, 2, 5
+
+
+def stepped_imagine(core, state, policy, horizon):
+    feats, actions = [core.feat(state)], []
+    actions.append(policy(feats[0]))
+    no_reset = torch.zeros(B, 1, dtype=torch.float64)
+    for _ in range(horizon):
+        h, ssm = core._core(state, state["stoch"][:, None], actions[-1][:, None], no_reset)
+        prior = core._logits(core.prior_net, h[:, 0])
+        state = {"ssm": ssm[:, 0], "stoch": sample_onehot(unimix_probs(prior, core.cfg.unimix)), "h": h[:, 0]}
+        feats.append(core.feat(state))
+        actions.append(policy(feats[-1]))
+    return torch.stack(feats, 1), torch.stack(actions, 1)
+
+
+@pytest.mark.parametrize("name", ["s4wm", "s5wm"])
+def test_imagine_equals_stepping_the_stacked_state(name):
+    torch.manual_seed(0)
+    core_cls, cfg_cls = BACKBONES[name]
+    core = core_cls(cfg_cls(size="xs"), E, A).double()
+    g = torch.Generator().manual_seed(1)
+    embed, action = torch.randn(B, T, E, generator=g, dtype=torch.float64), torch.randn(B, T, A, generator=g, dtype=torch.float64)
+    is_first = torch.zeros(B, T, dtype=torch.float64)
+    is_first[:, 0] = 1
+    states, _, _ = core.observe(core.initial(B), embed, action, is_first)
+    start = index_state(states, -1)
+    weight = torch.randn(core.feat_size, A, dtype=torch.float64, requires_grad=True)
+    policy = lambda f: torch.tanh(f @ weight)  # noqa: E731
+    out = []
+    for imagine in (core.imagine, lambda *x: stepped_imagine(core, *x)):
+        torch.manual_seed(7)
+        feat, act = imagine(start, policy, H)
+        out.append((feat, act, *torch.autograd.grad(feat.sum(), weight)))
+    for x, y in zip(*out):
+        torch.testing.assert_close(x, y)
