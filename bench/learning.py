@@ -8,9 +8,11 @@ steps (DreamerV3-class agents get there).
 The default preset (configs/preset/pendulum_cpu.yaml) sizes the updates for a CPU; `preset=none`
 gives the DreamerV3 defaults of configs/train.yaml (B16 x T64, train ratio 512).
 
-Results accumulate: a run replaces the row of the same (env, backbone, seed, steps, preset) in the
-existing results file and keeps the others (`merge=false` starts afresh), so seeds measured on
-different days add up. Each row records its own machine and date; the summary averages over seeds.
+Results accumulate: a run replaces the row of the same (env, backbone, seed, steps, preset, extra)
+in the existing results file and keeps the others (`merge=false` starts afresh), so seeds measured
+on different days add up. Each row records its own machine, date, eval episodes and torch threads;
+the summary averages over seeds. `merge_from=a.json,b.json` trains nothing: it folds results files
+written elsewhere with `out=` (runs made side by side) into this one.
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.report import RESULTS, machine, markdown, parse, write
 
 DEFAULTS = {"backbones": "", "steps": 20000, "seeds": "0", "device": "cpu", "env": "pendulum",
-            "preset": "pendulum_cpu", "episodes": 10, "extra": "", "out": "", "keep": False, "merge": True}
+            "preset": "pendulum_cpu", "episodes": 10, "extra": "", "out": "", "keep": False, "merge": True,
+            "merge_from": ""}
 TARGET = -300.0
 
 
@@ -36,6 +40,12 @@ def main(argv: list[str]) -> dict:
     from worldmodels.model import BACKBONES
 
     a = parse(argv, DEFAULTS)
+    if a["merge_from"]:  # no training: fold results files written elsewhere (out=...) into this one
+        rows = [r for path in a["merge_from"].split(",") for r in _rows(json.loads(Path(path).read_text()))]
+        rows = merge(Path(a["out"]) if a["out"] else RESULTS, f"learning_{a['env']}", rows)
+        data = {"args": a, "target": TARGET, "runs": rows}
+        write(f"learning_{a['env']}", data, report(rows, a["episodes"]), a["out"] or None)
+        return data
     rows = []
     for backbone in a["backbones"].split(",") if a["backbones"] else list(BACKBONES):
         for seed in [int(s) for s in a["seeds"].split(",")]:
@@ -58,7 +68,8 @@ def main(argv: list[str]) -> dict:
                 returns = evaluate(cfg, policy, shapes, a["episodes"], seed + 40_000)
             rows.append({"backbone": backbone, "seed": seed, "env_steps": res["env_steps"], "updates": res["updates"],
                          "eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns)),
-                         "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1),
+                         "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1), "episodes": len(returns),
+                         "threads": torch.get_num_threads(),
                          "env": a["env"], "steps": a["steps"], "preset": a["preset"], "extra": a["extra"],
                          "machine": machine(a["device"]), "date": time.strftime("%Y-%m-%d"), "overrides": overrides})
             if not a["keep"]:
@@ -79,26 +90,32 @@ def merge(folder: Path, name: str, rows: list[dict]) -> list[dict]:
     path = folder / f"{name}.json"
     if not path.exists():
         return rows
-    old = json.loads(path.read_text())
-    args = old.get("args", {})
-    for r in old.get("runs", []):  # rows written before rows carried their own settings, machine and date
+    fresh = {_key(r) for r in rows}
+    return [r for r in _rows(json.loads(path.read_text())) if _key(r) not in fresh] + rows
+
+
+def _rows(data: dict) -> list[dict]:
+    """A results file's rows, those written before rows carried their own settings filled from its args."""
+    args = data.get("args", {})
+    for r in data.get("runs", []):
         for k in ("env", "steps", "preset", "extra"):
             r.setdefault(k, args.get(k, ""))
-        r.setdefault("machine", old.get("machine", "")), r.setdefault("date", old.get("date", ""))
-    fresh = {_key(r) for r in rows}
-    return [r for r in old.get("runs", []) if _key(r) not in fresh] + rows
+        r.setdefault("machine", data.get("machine", "")), r.setdefault("date", data.get("date", ""))
+        r.setdefault("episodes", args.get("episodes", 10))
+    return data.get("runs", [])
 
 
 def report(rows: list[dict], episodes: int) -> str:
     rows = sorted(rows, key=lambda r: (r["backbone"], r["extra"], r["seed"]))
     envs = sorted({r["env"] for r in rows})
-    text = (f"{', '.join(envs)}, mean eval return over {episodes} episodes after each run's env steps "
+    text = (f"{', '.join(envs)}, mean eval return over each row's eval episodes after its env steps "
             f"(target >= {TARGET:.0f})\n\n")
-    text += markdown(["backbone", "overrides", "seed", "env steps", "eval return", "before", "updates", "wall time",
-                      "target met", "machine", "date"],
+    text += markdown(["backbone", "overrides", "seed", "env steps", "eval return", "episodes", "before", "updates",
+                      "wall time", "threads", "target met", "machine", "date"],
                      [[r["backbone"], r["extra"] or "-", r["seed"], r["env_steps"], f"{r['eval_return_mean']:.1f} +- {r['eval_return_std']:.1f}",
+                       r.get("episodes", episodes),
                        f"{r['eval_return_before']:.1f}" if r["eval_return_before"] is not None else "",
-                       r["updates"], f"{r['wall_s'] / 60:.1f} min", "yes" if r["eval_return_mean"] >= TARGET else "no",
+                       r["updates"], f"{r['wall_s'] / 60:.1f} min", r.get("threads", "-"), "yes" if r["eval_return_mean"] >= TARGET else "no",
                        r.get("machine", ""), r.get("date", "")] for r in rows])
     summary = []
     for b, extra in dict.fromkeys((r["backbone"], r["extra"]) for r in rows):
