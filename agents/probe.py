@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -500,6 +501,10 @@ def run_memory_sweep(overrides: list[str], backbones: list[str] | None = None) -
     return {"report": str(report), "runs": rows}
 
 
+def _acc(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3f}"
+
+
 def write_report(suite: str, results: list[dict], out: Path) -> dict:
     tasks = list(dict.fromkeys(task_label(m) for m in results))
     backbones = list(dict.fromkeys(m["backbone"] for m in results))
@@ -517,8 +522,10 @@ def write_report(suite: str, results: list[dict], out: Path) -> dict:
             + ", ".join(f"{task_label(m)} {m['context']}/{m['query']}" for m in results[::len(backbones)]) + ".", "",
             table("Generation MSE (imagined steps; sum over pixels in [0, 1]; lower is better)", lambda m: f"{m['gen_mse']:.1f}"),
             "", table("Reconstruction MSE (observed steps)", lambda m: f"{m['recon_mse']:.1f}"),
-            "", table("Reward-prediction accuracy at reward events, imagination", lambda m: f"{m['reward_acc_imagine']:.3f}"),
-            "", table("Reward-prediction accuracy at reward events, observation", lambda m: f"{m['reward_acc_observe']:.3f}"),
+            "", table("Reward-prediction accuracy at reward events, imagination ('-': no reward event in the imagined steps)",
+                      lambda m: _acc(m["reward_acc_imagine"])),
+            "", table("Reward-prediction accuracy at reward events, observation ('-': no reward event in the context)",
+                      lambda m: _acc(m["reward_acc_observe"])),
             ""]
     for key in sorted({k for m in results for k in m if k.startswith("probe_")}):
         what = "accuracy" if key.endswith("_acc") else "MSE"

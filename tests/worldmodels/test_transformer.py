@@ -17,7 +17,8 @@ def data(T, first_at=()):
     g = torch.Generator().manual_seed(3)
     is_first = torch.zeros(B, T, dtype=torch.float64)
     is_first[:, [0, *first_at]] = 1
-    noise = {"stoch": torch.rand(B, T, 8, 8, generator=g, dtype=torch.float64)}
+    cfg = TransformerConfig(size="xs")
+    noise = {"stoch": torch.rand(B, T, cfg.stoch, cfg.classes, generator=g, dtype=torch.float64)}
     return torch.randn(B, T, E, generator=g, dtype=torch.float64), torch.randn(B, T, A, generator=g, dtype=torch.float64), is_first, noise
 
 
