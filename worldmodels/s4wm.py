@@ -27,14 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from worldmodels.ops.scan import linear_scan
+from worldmodels.nets import XS_LATENT
 from worldmodels.ssm import SSMCore, complex_dtype, init_log_dt
 
-# Parameter counts are close to the RSSM and S5WM of the same size (see `longdream bench worldmodel`).
+# Parameter counts are close to the RSSM and S5WM of the same size at s and m (see `longdream bench worldmodel`).
 SIZES = {
-    # xs carries 32 latents of 16 classes (the RSSM's xs: 8 x 8): without a deterministic recurrent path,
-    # the sampled latent is what carries the Markov state from token to token (Pendulum, 20K steps on the
-    # CPU preset: 8 x 8 gave -490 (TSSM) and -880 (S5WM) where 32 x 16 gave -123 and -356; see README)
-    "xs": {"d_model": 64, "d_state": 16, "layers": 1, "hidden": 64, "stoch": 32, "classes": 16},
+    "xs": {"d_model": 64, "d_state": 16, "layers": 1, "hidden": 64, **XS_LATENT},
     "s": {"d_model": 512, "d_state": 32, "layers": 2, "hidden": 512, "stoch": 32, "classes": 32},
     "m": {"d_model": 768, "d_state": 32, "layers": 3, "hidden": 768, "stoch": 32, "classes": 32},
 }

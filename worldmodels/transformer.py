@@ -29,13 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State
-from worldmodels.nets import categorical_kl, mlp, sample_onehot, unimix_probs
+from worldmodels.nets import XS_LATENT, categorical_kl, mlp, sample_onehot, unimix_probs
 
 SIZES = {
-    # xs carries 32 latents of 16 classes (the RSSM's xs: 8 x 8): without a deterministic recurrent path,
-    # the sampled latent is what carries the Markov state from token to token (Pendulum, 20K steps on the
-    # CPU preset: 8 x 8 gave -490 (TSSM) and -880 (S5WM) where 32 x 16 gave -123 and -356; see README)
-    "xs": {"d_model": 64, "heads": 2, "layers": 2, "window": 64, "hidden": 64, "stoch": 32, "classes": 16},
+    "xs": {"d_model": 64, "heads": 2, "layers": 2, "window": 64, "hidden": 64, **XS_LATENT},
     "s": {"d_model": 512, "heads": 8, "layers": 4, "window": 256, "hidden": 512, "stoch": 32, "classes": 32},
     "m": {"d_model": 768, "heads": 12, "layers": 6, "window": 256, "hidden": 768, "stoch": 32, "classes": 32},
 }
