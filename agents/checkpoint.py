@@ -2,9 +2,12 @@
 place, and only then named by the `latest` pointer (itself replaced atomically). A killed run
 resumes from the last complete checkpoint.
 
-    run_dir/checkpoints/ckpt-<env_step>/agent.pt    weights, optimisers, counters, RNG state
-    run_dir/checkpoints/ckpt-<env_step>/replay/     the replay buffer
-    run_dir/checkpoints/latest                      name of the newest complete checkpoint
+    run_dir/checkpoints/ckpt-<env_step>/agent.pt      weights, optimisers, counters, RNG state
+    run_dir/checkpoints/ckpt-<env_step>/replay.json   what reopens the replay storage (agents/replay.py)
+    run_dir/checkpoints/latest                        name of the newest complete checkpoint
+
+The replay's rows are not copied: they live in run_dir/replay/ already, and a checkpoint flushes
+them and records their extent.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from agents.runlock import os_error
 
 
 class CheckpointError(RuntimeError):
@@ -38,19 +43,23 @@ def set_rng_state(state: dict) -> None:
 
 def save(run_dir: Path, step: int, payload: dict, replay) -> Path:
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:09d}"
     tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(payload, tmp / "agent.pt")
-    replay.save(tmp / "replay")
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, root / "latest")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        torch.save(payload, tmp / "agent.pt")
+        replay.save(tmp)
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(name)
+        os.replace(pointer, root / "latest")
+    except OSError as err:  # a full disk or a read-only run_dir: the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(Path(run_dir), err) from None
     for old in root.glob("ckpt-*"):  # keep only the newest complete checkpoint
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -67,14 +76,14 @@ def latest(run_dir: Path) -> Path | None:
     return path
 
 
-def load(path: Path, replay=None) -> dict:
+def load(path: Path, replay=None) -> tuple[dict, dict | None]:
+    """The checkpoint's payload and, with `replay`, what reopening the replay restored."""
     try:
         payload = torch.load(path / "agent.pt", map_location="cpu", weights_only=False)
-        if replay is not None:
-            replay.load(path / "replay")
     except Exception as e:  # torch raises several types for truncated or garbage files
         raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated ({type(e).__name__}); "
                               f"delete it or start a new run_dir") from None
     if not isinstance(payload, dict) or "agent" not in payload:
         raise CheckpointError(f"checkpoint '{path}' is not a longdream checkpoint; delete it or start a new run_dir")
-    return payload
+    restored = replay.load(path) if replay is not None else None
+    return payload, restored

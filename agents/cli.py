@@ -58,11 +58,16 @@ def load_config(overrides: list[str]):
 def cmd_train(args: list[str]) -> int:
     from agents.train import train
 
+    from agents.runlock import os_error
+
     cfg, overrides = load_config(args)
     run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "overrides.json").exists():
-        (run_dir / "overrides.json").write_text(json.dumps([o for o in overrides if _key(o) != "run_dir"]))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "overrides.json").exists():
+            (run_dir / "overrides.json").write_text(json.dumps([o for o in overrides if _key(o) != "run_dir"]))
+    except OSError as err:
+        raise os_error(run_dir, err) from None
     res = train(cfg)
     before = res.get("eval_return_before")
     print(f"\ntrained {res['env_steps']} env steps, {res['updates']} updates in {res['wall_s']:.0f} s")
@@ -97,7 +102,7 @@ def cmd_eval(args: list[str]) -> int:
     if ckpt is None:
         raise checkpoint.CheckpointError(f"no checkpoint in '{run_dir}'; train first")
     agent, policy, shapes = build_agent(cfg, cfg.train.device)
-    agent.load_state_dict(checkpoint.load(ckpt)["agent"])
+    agent.load_state_dict(checkpoint.load(ckpt)[0]["agent"])
     episodes = int(opts.get("episodes", 10))
     video = run_dir / "videos" / f"eval-cli-{ckpt.name}"
     torch.manual_seed(cfg.train.seed)
@@ -144,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torchrl").setLevel(logging.WARNING)
     from agents.checkpoint import CheckpointError
     from agents.config import ConfigError
+    from agents.replay import ReplayError
+    from agents.runlock import RunDirError
     from envs.make import EnvError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, EnvError, CheckpointError) as e:
+    except (ConfigError, EnvError, CheckpointError, ReplayError, RunDirError) as e:
         print(f"longdream: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

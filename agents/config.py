@@ -40,7 +40,9 @@ class TrainConfig:
     train_ratio: float  # replayed steps (B x T per update) per agent step
     batch_size: int  # B
     seq_len: int  # T
-    replay_capacity: int  # rows kept in the replay buffer
+    replay_capacity: int  # rows kept in the replay buffer (split evenly over the envs)
+    replay_context: bool  # windows start from the model state stored with their first row (DreamerV3)
+    replay_context_every: int  # store the state every k rows and burn in between (0: by the state's size)
     collect_every: int  # agent steps per env between learner phases
     eval_every: int  # env steps between evaluations (0: only at the start and end)
     eval_episodes: int
@@ -101,8 +103,8 @@ def build(cfg: DictConfig) -> Config:
     train = _build(TrainConfig, OmegaConf.create(top), "")
     if train.steps < 0 or train.batch_size < 1 or train.seq_len < 2 or train.envs < 1:
         raise ConfigError("steps must be >= 0, batch_size >= 1, seq_len >= 2 and envs >= 1")
-    if train.envs > 1 and train.collect_every < train.seq_len:
-        raise ConfigError(f"with envs > 1 each env's batch must hold a whole sequence: set collect_every >= seq_len ({train.seq_len})")
+    if train.replay_context_every < 0 or train.replay_context_every > train.seq_len:
+        raise ConfigError(f"replay_context_every must be between 0 (chosen by the state's size) and seq_len ({train.seq_len})")
     wm = OmegaConf.to_container(cfg.world_model, resolve=True)
     name = wm.pop("name")
     if name not in BACKBONES:

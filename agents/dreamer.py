@@ -196,19 +196,23 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
     return {"actor": actor_loss, "critic": critic_loss}, metrics, retnorm_state
 
 
-def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) -> tuple[dict[str, Tensor], dict | None]:
     """One learner step: world model, then actor and critic in imagination, then the slow critic.
-    A non-finite loss skips the whole step so it never reaches the weights."""
+    A batch with replay context ("start", and "burn" where states are stored every k rows) starts each
+    window from the state stored before it. Returns the metrics and the posterior states (B, T, ...),
+    for the replay to refresh; a non-finite loss skips the whole step (states None) so it never
+    reaches the weights."""
     cfg = agent.cfg
+    start = agent.wm.context_state(batch["start"], batch.get("burn")) if "start" in batch else None
     total, terms, states, feat, wm_metrics = agent.wm.loss(
-        batch["obs"], batch["action"], batch["reward"], batch["is_first"], batch["is_terminal"])
+        batch["obs"], batch["action"], batch["reward"], batch["is_first"], batch["is_terminal"], start=start)
     starts = {k: v.detach() for k, v in flatten_state(states).items()}  # (B*T, ...)
     start_cont = 1.0 - batch["is_terminal"].flatten().float()  # (B*T,)
     ac_losses, ac_metrics, retnorm_state = imagine_losses(agent, starts, start_cont)
 
     losses = {"wm": total, **ac_losses}
     if not all(torch.isfinite(v) for v in losses.values()):
-        return {"train/nonfinite": torch.ones(())}
+        return {"train/nonfinite": torch.ones(())}, None
 
     for opt in opts.values():
         opt.zero_grad(set_to_none=True)
@@ -219,7 +223,7 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict[str
     if not all(torch.isfinite(n) for n in norms.values()):
         for opt in opts.values():
             opt.zero_grad(set_to_none=True)
-        return {"train/nonfinite": torch.ones(())}
+        return {"train/nonfinite": torch.ones(())}, None
     for opt in opts.values():
         opt.step()
     agent.retnorm.commit(retnorm_state)
@@ -233,4 +237,4 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict[str
     metrics.update({f"train/{k}": v for k, v in wm_metrics.items()})
     metrics.update(ac_metrics)
     metrics["train/nonfinite"] = torch.zeros(())
-    return metrics
+    return metrics, {k: v.detach() for k, v in states.items()}

@@ -22,6 +22,7 @@ from agents.config import Config, ConfigError, config_mismatch
 from agents.dreamer import Agent, update
 from agents.policy import EVAL, EXPLORE, RANDOM, DreamerPolicy
 from agents.replay import Replay
+from agents.runlock import RunLock, os_error
 from agents.video import add_gif, open_loop_grid, save_video
 from envs.make import make_env, obs_spec
 from torchrl.data import Unbounded
@@ -73,15 +74,27 @@ def evaluate(cfg: Config, policy: DreamerPolicy, shapes: dict, episodes: int, se
 def train(cfg: Config) -> dict:
     t = cfg.train
     run_dir = Path(t.run_dir)
-    device = t.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
 
+    lock = RunLock(run_dir).acquire()  # one process per run_dir; released however this one ends
+    try:
+        return _train(cfg, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config, lock: RunLock) -> dict:
+    t = cfg.train
+    run_dir, device = Path(t.run_dir), t.device
+    if lock.previous is not None:
+        tqdm.write(f"run_dir {run_dir}: took over the lock of process {lock.previous}, which is no longer running")
     agent, policy, shapes = build_agent(cfg, device)
     opts = agent.optimizers()
-    replay = Replay(t.replay_capacity, t.batch_size, t.seq_len, run_dir / "replay", policy.obs_key, t.envs)
+    replay = Replay(t.replay_capacity, t.batch_size, t.seq_len, run_dir / "replay", policy.obs_key, t.envs,
+                    state_shapes=agent.wm.core.state_shapes(), context=t.replay_context, every=t.replay_context_every)
     counters = {"env_steps": 0, "agent_steps": 0, "updates": 0, "updates_due": 0.0, "episodes": 0,
                 "nonfinite": 0, "last_log": 0, "last_eval": 0, "last_video": 0}
 
@@ -92,15 +105,23 @@ def train(cfg: Config) -> dict:
         if diff:
             raise ConfigError(f"config does not match the checkpoint in {run_dir} (differs: {', '.join(diff[:5])}); "
                               f"resume with the same settings or use a new run_dir")
-        payload = checkpoint.load(ckpt, replay)
+        payload, restored = checkpoint.load(ckpt, replay)
         agent.load_state_dict(payload["agent"])
         for k, opt in opts.items():
             opt.load_state_dict(payload["opts"][k])
         counters.update(payload["counters"])
         checkpoint.set_rng_state(payload["rng"])
+        states = ("no stored states (replay_context=false)" if not restored["context"] else
+                  "the stored state of every row" if restored["every"] == 1 else f"stored states every {restored['every']} rows")
+        dropped = f", {restored['dropped']:,} rows overwritten after the checkpoint dropped" if restored["dropped"] else ""
+        tqdm.write(f"resuming {run_dir} from {ckpt.name} at env step {counters['env_steps']:,}: "
+                   f"{restored['rows']:,} replay rows and {states} restored{dropped}")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg.raw, run_dir / "config.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg.raw, run_dir / "config.yaml")
+        except OSError as err:
+            raise os_error(run_dir, err) from None
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -157,7 +178,10 @@ def train(cfg: Config) -> dict:
                 counters["updates_due"] += n * t.train_ratio / tokens
                 tic = time.time()
                 while counters["updates_due"] >= 1:
-                    m = update(agent, opts, replay.sample(device))
+                    batch = replay.sample(device)
+                    m, states = update(agent, opts, batch)
+                    if states is not None:
+                        replay.refresh(batch, states)  # the stored states follow the model
                     counters["updates"] += 1
                     counters["updates_due"] -= 1
                     counters["nonfinite"] += int(m["train/nonfinite"])
@@ -217,7 +241,10 @@ def write_open_loop(agent: Agent, replay: Replay, writer, step: int, device: str
     """Observe `context` replayed frames, imagine the rest from the true actions; log truth | model | error."""
     batch = replay.sample(device)
     obs, action, is_first = batch["obs"][:n], batch["action"][:n], batch["is_first"][:n]
-    pred = agent.wm.open_loop(obs, action, is_first, context)  # (n, T, 3, 64, 64) uint8
+    start = None
+    if "start" in batch:
+        start = {k: v[:n] for k, v in agent.wm.context_state(batch["start"], batch["burn"]).items()}
+    pred = agent.wm.open_loop(obs, action, is_first, context, start=start)  # (n, T, 3, 64, 64) uint8
     frames = open_loop_grid(obs, pred)
     add_gif(writer, "report/open_loop", frames, step)
     save_video(Path(writer.log_dir).parent / "videos" / f"open_loop-{step}", frames, fps=10)

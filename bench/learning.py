@@ -16,6 +16,7 @@ written elsewhere with `out=` (runs made side by side) into this one.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -60,16 +61,21 @@ def main(argv: list[str]) -> dict:
             res = train(cfg)
             wall = time.time() - tic
             returns = [res["eval_return_after"]]
-            if a["episodes"] > 1:  # the loop's final eval uses eval_episodes; report exactly `episodes`
-                from agents import checkpoint
+            from agents import checkpoint
 
-                agent, policy, shapes = build_agent(cfg, cfg.train.device)
-                agent.load_state_dict(checkpoint.load(checkpoint.latest(run))["agent"])
+            agent, policy, shapes = build_agent(cfg, cfg.train.device)
+            if a["episodes"] > 1:  # the loop's final eval uses eval_episodes; report exactly `episodes`
+                agent.load_state_dict(checkpoint.load(checkpoint.latest(run))[0]["agent"])
                 returns = evaluate(cfg, policy, shapes, a["episodes"], seed + 40_000)
+            params = {"world_model": sum(p.numel() for p in agent.wm.parameters()),
+                      "actor": sum(p.numel() for p in agent.actor.parameters()),
+                      "critic": sum(p.numel() for p in agent.critic.parameters())}
             rows.append({"backbone": backbone, "seed": seed, "env_steps": res["env_steps"], "updates": res["updates"],
                          "eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns)),
                          "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1), "episodes": len(returns),
-                         "threads": torch.get_num_threads(),
+                         "threads": torch.get_num_threads(), "params": params, "dims": dataclasses.asdict(cfg.core),
+                         "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
+                         "replay_context": cfg.train.replay_context,
                          "env": a["env"], "steps": a["steps"], "preset": a["preset"], "extra": a["extra"],
                          "machine": machine(a["device"]), "date": time.strftime("%Y-%m-%d"), "overrides": overrides})
             if not a["keep"]:
@@ -82,7 +88,7 @@ def main(argv: list[str]) -> dict:
 
 
 def _key(row: dict) -> tuple:
-    return row["env"], row["backbone"], row["seed"], row["steps"], row["preset"], row["extra"]
+    return row["env"], row["backbone"], row["seed"], row["steps"], row["preset"], row["extra"], row["replay_context"]
 
 
 def merge(folder: Path, name: str, rows: list[dict]) -> list[dict]:
@@ -102,26 +108,28 @@ def _rows(data: dict) -> list[dict]:
             r.setdefault(k, args.get(k, ""))
         r.setdefault("machine", data.get("machine", "")), r.setdefault("date", data.get("date", ""))
         r.setdefault("episodes", args.get("episodes", 10))
+        r.setdefault("replay_context", False)  # rows measured before windows started from stored states
     return data.get("runs", [])
 
 
 def report(rows: list[dict], episodes: int) -> str:
-    rows = sorted(rows, key=lambda r: (r["backbone"], r["extra"], r["seed"]))
+    rows = sorted(rows, key=lambda r: (r["backbone"], r["replay_context"], r["extra"], r["seed"]))
     envs = sorted({r["env"] for r in rows})
     text = (f"{', '.join(envs)}, mean eval return over each row's eval episodes after its env steps "
             f"(target >= {TARGET:.0f})\n\n")
-    text += markdown(["backbone", "overrides", "seed", "env steps", "eval return", "episodes", "before", "updates",
-                      "wall time", "threads", "target met", "machine", "date"],
-                     [[r["backbone"], r["extra"] or "-", r["seed"], r["env_steps"], f"{r['eval_return_mean']:.1f} +- {r['eval_return_std']:.1f}",
+    text += markdown(["backbone", "replay context", "overrides", "seed", "env steps", "eval return", "episodes", "before", "updates",
+                      "wall time", "threads", "target met", "params (wm/actor/critic)", "machine", "date"],
+                     [[r["backbone"], "yes" if r["replay_context"] else "no", r["extra"] or "-", r["seed"], r["env_steps"], f"{r['eval_return_mean']:.1f} +- {r['eval_return_std']:.1f}",
                        r.get("episodes", episodes),
                        f"{r['eval_return_before']:.1f}" if r["eval_return_before"] is not None else "",
                        r["updates"], f"{r['wall_s'] / 60:.1f} min", r.get("threads", "-"), "yes" if r["eval_return_mean"] >= TARGET else "no",
+                       "/".join(f"{v / 1e6:.2f}M" for v in r["params"].values()) if "params" in r else "-",
                        r.get("machine", ""), r.get("date", "")] for r in rows])
     summary = []
-    for b, extra in dict.fromkeys((r["backbone"], r["extra"]) for r in rows):
-        means = [r["eval_return_mean"] for r in rows if (r["backbone"], r["extra"]) == (b, extra)]
-        summary.append([b, extra or "-", len(means), f"{np.mean(means):.1f}", f"{min(means):.1f}", f"{max(means):.1f}",
-                        f"{sum(m >= TARGET for m in means)}/{len(means)}"])
-    text += "\n\nPer backbone and overrides, over seeds:\n\n" + markdown(
-        ["backbone", "overrides", "seeds", "mean eval return", "worst seed", "best seed", "seeds meeting target"], summary)
+    for b, ctx, extra in dict.fromkeys((r["backbone"], r["replay_context"], r["extra"]) for r in rows):
+        means = [r["eval_return_mean"] for r in rows if (r["backbone"], r["replay_context"], r["extra"]) == (b, ctx, extra)]
+        summary.append([b, "yes" if ctx else "no", extra or "-", len(means), f"{np.mean(means):.1f}", f"{min(means):.1f}",
+                        f"{max(means):.1f}", f"{sum(m >= TARGET for m in means)}/{len(means)}"])
+    text += "\n\nPer backbone, replay context and overrides, over seeds:\n\n" + markdown(
+        ["backbone", "replay context", "overrides", "seeds", "mean eval return", "worst seed", "best seed", "seeds meeting target"], summary)
     return text

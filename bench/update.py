@@ -59,7 +59,7 @@ def time_update(size: str, a: dict) -> dict:
     for _ in range(a["repeats"]):
         sync()
         t = time.perf_counter()
-        m = update(agent, opts, batch)
+        m, _ = update(agent, opts, batch)
         sync()
         times.append((time.perf_counter() - t) * 1e3)
     assert m["train/nonfinite"] == 0, "non-finite loss in the benchmark batch"

@@ -37,7 +37,8 @@ class Backbone(Protocol):
                 noise: State | None = None) -> tuple[State, Tensor, dict[str, Tensor]]:
         """Posterior pass over (B, T): returns states (B, T, ...), features (B, T, F) and per-step
         losses {"dyn": (B, T), "rep": (B, T)} plus any metrics. T > 1 is the training path, T = 1 the
-        acting path; both must agree. `noise` fixes the latent samples (tests)."""
+        acting path; both must agree. `noise` fixes the latent samples: {"stoch": uniforms (B, T, S, K)}
+        for tests, or class indices (B, T, S), the samples themselves (a replay burn-in)."""
 
     def imagine(self, state: State, policy: Policy, horizon: int) -> tuple[Tensor, Tensor]:
         """Prior rollout from `state` (N, ...): features (N, H+1, F) with the start at index 0, and

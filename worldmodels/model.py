@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worldmodels.base import State
 from worldmodels.nets import ConvDecoder, ConvEncoder, NetsConfig, TwoHot, VectorDecoder, VectorEncoder, mlp
 from worldmodels.rssm import RSSM, RSSMConfig
 from worldmodels.s4wm import S4WM, S4WMConfig
@@ -63,12 +64,14 @@ class WorldModel(nn.Module):
         self.reward = TwoHot(feat, nets.units, nets.layers, nets.bins)
         self.cont = mlp(feat, nets.units, nets.layers, 1)
 
-    def loss(self, obs: Tensor, action: Tensor, reward: Tensor, is_first: Tensor, is_terminal: Tensor):
-        """One world-model pass over a batch of sequences (B, T). Returns the weighted total, the
-        per-term means, the posterior states (B, T, ...) and features (B, T, F)."""
+    def loss(self, obs: Tensor, action: Tensor, reward: Tensor, is_first: Tensor, is_terminal: Tensor,
+             start: State | None = None):
+        """One world-model pass over a batch of sequences (B, T) from `start`, the state before each
+        sequence (default: the initial state). Returns the weighted total, the per-term means, the
+        posterior states (B, T, ...) and features (B, T, F)."""
         B, T = is_first.shape
         embed = self.encoder(obs)  # (B, T, E)
-        states, feat, kl = self.core.observe(self.core.initial(B), embed, action, is_first)
+        states, feat, kl = self.core.observe(self.core.initial(B) if start is None else start, embed, action, is_first)
         terms = {
             "dec": self.decoder.loss(self.decoder(feat), obs),  # (B, T)
             "reward": self.reward.loss(self.reward(feat), reward),  # (B, T)
@@ -83,12 +86,32 @@ class WorldModel(nn.Module):
         return total, means, states, feat, metrics
 
     @torch.no_grad()
-    def open_loop(self, obs: Tensor, action: Tensor, is_first: Tensor, context: int) -> Tensor:
-        """Observe `context` frames, then imagine the rest from the true actions; returns the
-        decoded prediction (B, T, ...) in observation units (uint8 for pixels)."""
+    def context_state(self, anchor: State, burn: dict[str, Tensor] | None) -> State:
+        """The state before each replayed window (B, ...): the stored state of its anchor row, observed
+        forward over the `burn["length"]` rows between anchor and window with the latents stored with
+        them (burn: obs, action, is_first (B, P, ...), z (B, P, S) class indices, length (B,) <= P)."""
+        if burn is None:
+            return anchor
+        states, _, _ = self.core.observe(anchor, self.encoder(burn["obs"]), burn["action"], burn["is_first"],
+                                         noise={"stoch": burn["z"]})
+        n = burn["length"]  # (B,)
+        rows = torch.arange(n.shape[0], device=n.device)
+        last = (n - 1).clamp(min=0)
+        out = {}
+        for k, v in anchor.items():
+            burned = states[k][rows, last]  # (B, ...) the state after the last burn-in row
+            out[k] = torch.where((n > 0).reshape(-1, *[1] * (v.dim() - 1)), burned, v)
+        return out
+
+    @torch.no_grad()
+    def open_loop(self, obs: Tensor, action: Tensor, is_first: Tensor, context: int, start: State | None = None) -> Tensor:
+        """Observe `context` frames from `start` (default: the initial state), then imagine the rest
+        from the true actions; returns the decoded prediction (B, T, ...) in observation units (uint8
+        for pixels)."""
         B, T = is_first.shape
         embed = self.encoder(obs[:, :context])
-        states, feat, _ = self.core.observe(self.core.initial(B), embed, action[:, :context], is_first[:, :context])
+        state = self.core.initial(B) if start is None else start
+        states, feat, _ = self.core.observe(state, embed, action[:, :context], is_first[:, :context])
         last = {k: v[:, -1] for k, v in states.items()}
         future = action[:, context:]  # (B, T-C, A) the actions that lead into the imagined frames
         step = iter(range(future.shape[1]))

@@ -102,9 +102,13 @@ def unimix_probs(logits: Tensor, unimix: float) -> Tensor:
 
 
 def sample_onehot(probs: Tensor, noise: Tensor | None = None) -> Tensor:
-    """One-hot sample with straight-through gradients. `noise` (uniform, same shape) makes it fixed."""
+    """One-hot sample with straight-through gradients. `noise` fixes it: uniforms of the same shape
+    (Gumbel-max), or integer class indices of shape probs.shape[:-1], the sample itself (a replayed latent)."""
     if noise is None:
         idx = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+    elif not noise.is_floating_point():
+        assert noise.shape == probs.shape[:-1], (noise.shape, probs.shape)
+        idx = noise.long()
     else:  # Gumbel-max with given uniforms, for deterministic tests
         idx = (probs.log() - torch.log(-torch.log(noise.clamp(1e-9, 1 - 1e-9)))).argmax(-1)
     onehot = F.one_hot(idx, probs.shape[-1]).to(probs.dtype)

@@ -10,6 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents.cli import main
+from agents.replay import Replay
 from worldmodels.model import BACKBONES
 
 FAST = ["size=xs", "prefill=100", "train_ratio=16", "batch_size=4", "seq_len=8", "log_every=50",
@@ -66,7 +67,7 @@ def test_eval_cli_writes_video(vector_run, capsys):
     assert list((vector_run / "videos").glob("eval-cli-*.gif"))
 
 
-def test_kill_and_resume_continues_with_replay(tmp_path):
+def test_kill_and_resume_continues_with_replay(tmp_path, capsys):
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "agents.cli", "train", "env=pendulum", "env.time_limit=50", "steps=100000",
             "checkpoint_every=1", f"run_dir={run}", *FAST]
@@ -83,15 +84,19 @@ def test_kill_and_resume_continues_with_replay(tmp_path):
     proc.wait()
     ckpt = run / "checkpoints" / pointer.read_text()
     saved = torch.load(ckpt / "agent.pt", weights_only=False)["counters"]
-    rows = torch.load(ckpt / "replay" / "meta.pt")["rows"]
-    assert saved["updates"] > 0 and rows > 0
+    meta = Replay.read_meta(ckpt)
+    assert saved["updates"] > 0 and meta["hi"][0] > 0
     target = saved["env_steps"] + 64
     assert main(["train", f"run_dir={run}", f"steps={target}", "progress=false"]) == 0
+    assert f"at env step {saved['env_steps']:,}: {meta['hi'][0]:,} replay rows" in capsys.readouterr().out
     final = torch.load(run / "checkpoints" / pointer.read_text() / "agent.pt", weights_only=False)["counters"]
     assert target <= final["env_steps"] < target + 16
     assert final["updates"] > saved["updates"]
-    new_rows = torch.load(run / "checkpoints" / pointer.read_text() / "replay" / "meta.pt")["rows"]
-    assert new_rows >= rows + 64  # the old replay came back and grew
+    new = Replay.read_meta(run / "checkpoints" / pointer.read_text())
+    assert new["hi"][0] >= meta["hi"][0] + 32  # the old replay stream came back and grew (64 env steps, repeat 1)
+    # every row the checkpoint recorded is still there, unchanged
+    rp = Replay.open(run / "replay", run / "checkpoints" / pointer.read_text())
+    assert rp.verify() == [] and rp.lo[0] == 0
 
 
 def one_line_error(capsys, argv):
@@ -135,8 +140,8 @@ def test_train_with_two_env_processes(tmp_path):
     run = tmp_path / "multi"
     code = main(["train", "env=cartpole", "envs=2", "steps=200", f"run_dir={run}", *FAST])
     assert code == 0
-    meta = torch.load(run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "replay" / "meta.pt")
-    assert meta["rows"] >= 200  # both processes' frames reached the replay
+    meta = Replay.read_meta(run / "checkpoints" / (run / "checkpoints" / "latest").read_text())
+    assert len(meta["hi"]) == 2 and min(meta["hi"]) >= 100  # both processes' frames reached their streams
 
 
 @pytest.mark.parametrize("backbone", sorted(set(BACKBONES) - {"rssm"}))

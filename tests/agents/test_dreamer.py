@@ -23,7 +23,7 @@ def test_update_changes_every_part_and_tracks_slow_critic():
     for discrete in (False, True):
         agent, opts = make(discrete)
         before = {k: v.clone() for k, v in agent.state_dict().items()}
-        m = update(agent, opts, batch())
+        m, _ = update(agent, opts, batch())
         assert m["train/nonfinite"] == 0
         for part in ("wm.encoder", "wm.core", "wm.decoder", "actor", "critic", "slow_critic"):
             changed = any(not torch.equal(v, before[k]) for k, v in agent.state_dict().items() if k.startswith(part + "."))
@@ -35,7 +35,7 @@ def test_nonfinite_loss_never_reaches_the_weights():
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     b = batch()
     b["reward"][0, 3] = float("nan")
-    m = update(agent, opts, b)
+    m, _ = update(agent, opts, b)
     assert m["train/nonfinite"] == 1
     for k, v in agent.state_dict().items():
         assert torch.equal(v, before[k]), k
