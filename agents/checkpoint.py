@@ -60,7 +60,7 @@ def save(run_dir: Path, step: int, payload: dict, replay) -> Path:
     except OSError as err:  # a full disk or a read-only run_dir: the previous checkpoint is untouched
         shutil.rmtree(tmp, ignore_errors=True)
         raise os_error(Path(run_dir), err) from None
-    for old in root.glob("ckpt-*"):  # keep only the newest complete checkpoint
+    for old in [*root.glob("ckpt-*"), *root.glob(".ckpt-*.tmp")]:  # the newest complete checkpoint only
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
-BENCHES = ("update", "learning", "scan", "worldmodel")
+BENCHES = ("update", "learning", "scan", "worldmodel", "stress", "checkpoint")
 
 
 def _key(override: str) -> str:
