@@ -23,7 +23,7 @@ import torch
 
 from bench.report import machine, markdown, parse, write
 
-DEFAULTS = {"kills": 20, "seed": 0, "capacity": 600, "out": "", "run_dir": "runs/bench/stress"}
+DEFAULTS = {"kills": 20, "seed": 0, "capacity": 200, "out": "", "run_dir": "runs/bench/stress"}
 TRAIN = ["env=pendulum", "env.time_limit=50", "size=xs", "prefill=100", "train_ratio=16", "batch_size=4", "seq_len=8",
          "log_every=50", "eval_episodes=1", "eval_every=0", "progress=false", "collect_every=8", "steps=10000000",
          "checkpoint_every=0.5"]
@@ -41,7 +41,7 @@ def _state(run: Path) -> dict | None:
     rp = Replay.open(run / "replay", ckpt)  # as the resume will reopen it, without writing anything
     checked = [s for s in rp.segments if s[1] >= rp.lo[s[0]]]
     return {"checkpoint": ckpt.name, "env_steps": counters["env_steps"], "updates": counters["updates"],
-            "rows": len(rp), "segments_checked": len(checked), "rows_checked": sum(s[2] - s[1] for s in checked),
+            "rows": len(rp), "oldest_row": rp.lo[0], "newest_row": rp.hi[0] - 1, "segments_checked": len(checked), "rows_checked": sum(s[2] - s[1] for s in checked),
             "damaged": rp.verify()}
 
 
@@ -99,15 +99,18 @@ def main(argv: list[str]) -> dict:
     resumed = [r for r in rows if "resumed_ok" in r]
     summary = {"kills": len(rows), "during_checkpoint": sum(r["during_checkpoint"] for r in rows),
                "resumes_ok": sum(r["resumed_ok"] for r in resumed), "resumes": len(resumed),
+               "wrapped": any(r.get("oldest_row", 0) > 0 for r in rows),
                "machine": machine(), "date": time.strftime("%Y-%m-%d"), "capacity": a["capacity"], "seed": a["seed"],
                "settings": TRAIN}
     table = (f"{summary['resumes_ok']}/{summary['resumes']} resumes continued from the last checkpoint with its replay intact "
              f"({summary['kills']} SIGKILLs, {summary['during_checkpoint']} inside a checkpoint write; replay capacity "
-             f"{a['capacity']} rows, wrapped; {summary['machine']}, {summary['date']})\n\n")
+             f"{a['capacity']} rows, {'wrapped' if summary['wrapped'] else 'never wrapped'}; {summary['machine']}, "
+             f"{summary['date']})\n\n")
     table += markdown(["kill", "inside checkpoint write", "resumed from", "env step", "updates", "replay rows",
-                       "rows checked by digest", "damaged", "resume ok"],
+                       "logical rows held", "rows checked by digest", "damaged", "resume ok"],
                       [[r["kill"], "yes" if r["during_checkpoint"] else "no", r["checkpoint"], r.get("env_steps"),
-                        r.get("updates"), r.get("rows"), r.get("rows_checked"), r.get("damaged") or "-",
+                        r.get("updates"), r.get("rows"), f"{r.get('oldest_row')}-{r.get('newest_row')}",
+                        r.get("rows_checked"), r.get("damaged") or "-",
                         "yes" if r.get("resumed_ok") else "no"] for r in rows])
     data = {"summary": summary, "kills": rows}
     write("stress_resume", data, table, a["out"] or None)

@@ -27,7 +27,8 @@ PRESETS = {
 }
 MATCHED = {("p064", "size1m"), ("s", "size12m")}  # (ours, TorchRL's) at about the same parameter count
 DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
-            "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "", "threads": 0}
+            "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "", "threads": 0,
+            "context": False}
 
 
 def time_update(size: str, a: dict) -> dict:
@@ -52,6 +53,18 @@ def time_update(size: str, a: dict) -> dict:
     batch = {"obs": torch.randn(B, T, 24, generator=g), "action": torch.rand(B, T, 6, generator=g) * 2 - 1,
              "reward": torch.rand(B, T, generator=g), "is_first": is_first, "is_terminal": torch.zeros(B, T)}
     batch = {k: v.to(dev) for k, v in batch.items()}
+    if a["context"]:  # windows start from stored states; large states burn in from the anchor before them
+        from agents.replay import context_every
+
+        k = context_every(wm.core.state_shapes(), T)
+        batch["start"] = {n: v.to(dev) for n, v in wm.core.initial(B).items()}
+        batch["burn"] = None
+        if k > 1:
+            S, K = wm.core.state_shapes()["stoch"]
+            P = k - 1  # the longest burn-in a batch can need
+            batch["burn"] = {"obs": batch["obs"][:, :P], "action": batch["action"][:, :P], "is_first": torch.zeros(B, P, device=dev),
+                             "z": torch.randint(K, (B, P, S), generator=g).to(dev),
+                             "length": torch.randint(k, (B,), generator=g).to(dev)}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(a["warmup"]):
         update(agent, opts, batch)
