@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Shared widths per size preset. Backbone-specific dims live beside each backbone.
-# The latent of the Transformer and state-space backbones at size xs: 32 categoricals of 16 classes,
-# where the RSSM's xs has 8 x 8. Their prior sees the past only through a linear recurrence or attention,
-# not the RSSM's GRU, and at 8 x 8 they learned Pendulum far worse (20K env steps on the CPU preset:
-# TSSM -490 and S5WM -880 with 8 x 8, -123 and -356 with 32 x 16; README, Results).
+# The latent of every backbone at size xs: 32 categoricals of 16 classes, one size for all so that a
+# comparison of backbones is not one of latent sizes. (At 8 x 8 the Transformer and state-space
+# backbones, whose prior sees the past only through a linear recurrence or attention, learned Pendulum
+# far worse; bench/results/learning_pendulum.md.)
 XS_LATENT = {"stoch": 32, "classes": 16}
 
 NET_SIZES = {
@@ -94,6 +94,13 @@ def two_hot(x: Tensor, bins: Tensor) -> Tensor:
     out.scatter_(-1, lo.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
     out.scatter_add_(-1, hi.unsqueeze(-1), w_hi.unsqueeze(-1))
     return out  # (..., K)
+
+
+def action_input(action: Tensor) -> Tensor:
+    """The action as the dynamics read it: divided by max(1, |a|) with the divisor held constant
+    (DreamerV3), so that an unclamped sample of the actor enters as the env executes it (clipped to
+    [-1, 1]) while its gradient passes unchanged. One-hot actions pass as they are."""
+    return action / action.detach().abs().clamp(min=1.0)
 
 
 def unimix_probs(logits: Tensor, unimix: float) -> Tensor:
