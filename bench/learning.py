@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.report import RESULTS, machine, markdown, parse, write
+from bench.report import RESULTS, commit, machine, markdown, parse, write
 
 DEFAULTS = {"backbones": "", "steps": 20000, "seeds": "0", "device": "cpu", "env": "pendulum",
             "preset": "pendulum_cpu", "episodes": 10, "extra": "", "out": "", "keep": False, "merge": True,
@@ -75,7 +75,8 @@ def main(argv: list[str]) -> dict:
                          "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1), "episodes": len(returns),
                          "threads": torch.get_num_threads(), "params": params, "dims": dataclasses.asdict(cfg.core),
                          "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
-                         "replay_context": cfg.train.replay_context,
+                         "replay_context": cfg.train.replay_context, "commit": commit(),
+                         "agent": dataclasses.asdict(cfg.agent), "loss": dataclasses.asdict(cfg.loss),
                          "env": a["env"], "steps": a["steps"], "preset": a["preset"], "extra": a["extra"],
                          "machine": machine(a["device"]), "date": time.strftime("%Y-%m-%d"), "overrides": overrides})
             if not a["keep"]:
