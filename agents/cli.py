@@ -2,8 +2,9 @@
 
     longdream train [key=value ...]          train (an existing run_dir resumes)
     longdream eval run_dir=<path> episodes=<n>   evaluate a saved agent and write a video
-    longdream probe [key=value ...]          memory-probe protocol: task=<name> world_model=<name>, or suite=memory|smoke
-    longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel
+    longdream probe [key=value ...]          memory-probe protocol: task=<name> world_model=<name>, or
+                                             suite=memory|memory_cpu|smoke; suite=bsuite_memory: online memory RL
+    longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel, checkpoint, stress, memory
     longdream envs                           list environment ids
 
 Errors a user can fix (bad keys, unknown envs, corrupt checkpoints) print one line and exit 2.
@@ -12,50 +13,15 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 import sys
 from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
-BENCHES = ("update", "learning", "scan", "worldmodel", "stress", "checkpoint")
-
-
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
-
-
-def _merge_overrides(old: list[str], new: list[str]) -> list[str]:
-    """Later overrides of the same key win (Hydra rejects a key given twice)."""
-    merged = {_key(o): o for o in old}
-    merged.update({_key(o): o for o in new})
-    return list(merged.values())
-
-
-def _run_dir_of(overrides: list[str]) -> str | None:
-    for o in overrides:
-        if _key(o) == "run_dir":
-            return o.split("=", 1)[1]
-    return None
-
-
-def load_config(overrides: list[str]):
-    """Compose the config; inside an existing run directory the run's own overrides come first."""
-    from omegaconf import OmegaConf
-
-    from agents.config import build, compose
-
-    run_dir = _run_dir_of(overrides)
-    saved = Path(run_dir) / "overrides.json" if run_dir else None
-    if saved is not None and saved.exists():
-        overrides = _merge_overrides(json.loads(saved.read_text()), overrides)
-    raw = compose(overrides)
-    if raw.run_dir is None:
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{raw.env.id}-{raw.world_model.name}-{raw.size.name}-seed{raw.seed}")
-        OmegaConf.update(raw, "run_dir", str(Path("runs") / name))
-    return build(raw), overrides
+BENCHES = ("update", "learning", "scan", "worldmodel", "stress", "checkpoint", "memory")
 
 
 def cmd_train(args: list[str]) -> int:
+    from agents.config import _key, load_config
     from agents.train import train
 
     from agents.runlock import os_error
@@ -86,7 +52,7 @@ def cmd_eval(args: list[str]) -> int:
     import torch
 
     from agents import checkpoint
-    from agents.config import ConfigError
+    from agents.config import ConfigError, load_config
     from agents.train import build_agent, evaluate
 
     opts = dict(a.split("=", 1) for a in args if "=" in a)
@@ -123,6 +89,9 @@ def cmd_bench(args: list[str]) -> int:
 
 
 def cmd_probe(args: list[str]) -> int:
+    if "suite=bsuite_memory" in args:  # online RL rather than the offline protocol: a benchmark
+        importlib.import_module("bench.memory").main(args)
+        return 0
     from agents.probe import main as probe_main
 
     probe_main(args)

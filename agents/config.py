@@ -7,6 +7,7 @@ names it; derived values (size presets) are filled in by each dataclass.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,15 +106,20 @@ def build(cfg: DictConfig) -> Config:
         raise ConfigError("steps must be >= 0, batch_size >= 1, seq_len >= 2 and envs >= 1")
     if train.replay_context_every < 0 or train.replay_context_every > train.seq_len:
         raise ConfigError(f"replay_context_every must be between 0 (chosen by the state's size) and seq_len ({train.seq_len})")
+    name, core, nets = build_model(cfg)
+    return Config(train=train, env=_build(EnvConfig, cfg.env, "env"), backbone=name, core=core, nets=nets,
+                  agent=_build(AgentConfig, cfg.agent, "agent"), loss=_build(LossConfig, cfg.loss, "loss"), raw=cfg)
+
+
+def build_model(cfg: DictConfig) -> tuple[str, object, NetsConfig]:
+    """The `world_model` and `size` groups of a config: the backbone's name, its config dataclass and
+    the shared nets' sizes (training and the memory probe both build their models here)."""
     wm = OmegaConf.to_container(cfg.world_model, resolve=True)
     name = wm.pop("name")
     if name not in BACKBONES:
         raise ConfigError(f"unknown world_model '{name}' (choose one of {', '.join(BACKBONES)})")
-    core_cls = BACKBONES[name][1]
     nets = _build(NetsConfig, cfg.size, "size")
-    core = _build(core_cls, {**wm, "size": nets.name}, "world_model")
-    return Config(train=train, env=_build(EnvConfig, cfg.env, "env"), backbone=name, core=core, nets=nets,
-                  agent=_build(AgentConfig, cfg.agent, "agent"), loss=_build(LossConfig, cfg.loss, "loss"), raw=cfg)
+    return name, _build(BACKBONES[name][1], {**wm, "size": nets.name}, "world_model"), nets
 
 
 def config_mismatch(saved: DictConfig, new: DictConfig) -> list[str]:
@@ -131,3 +137,28 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _merge_overrides(old: list[str], new: list[str]) -> list[str]:
+    """Later overrides of the same key win (Hydra rejects a key given twice)."""
+    merged = {_key(o): o for o in old}
+    merged.update({_key(o): o for o in new})
+    return list(merged.values())
+
+
+def load_config(overrides: list[str]) -> tuple[Config, list[str]]:
+    """The training config of a command line; inside an existing run directory the run's own overrides
+    come first. Returns the config and the overrides it was made from."""
+    run_dir = next((o.split("=", 1)[1] for o in overrides if _key(o) == "run_dir"), None)
+    saved = Path(run_dir) / "overrides.json" if run_dir else None
+    if saved is not None and saved.exists():
+        overrides = _merge_overrides(json.loads(saved.read_text()), overrides)
+    raw = compose(overrides)
+    if raw.run_dir is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{raw.env.id}-{raw.world_model.name}-{raw.size.name}-seed{raw.seed}")
+        OmegaConf.update(raw, "run_dir", str(Path("runs") / name))
+    return build(raw), overrides

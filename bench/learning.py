@@ -35,7 +35,7 @@ TARGETS = {"pendulum": -300.0}  # eval return to reach after 20K env steps, wher
 
 
 def main(argv: list[str]) -> dict:
-    from agents.cli import load_config
+    from agents.config import load_config
     from agents.train import build_agent, evaluate, train
 
     from worldmodels.model import BACKBONES

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from agents.machine import commit, machine  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -26,31 +26,6 @@ def parse(argv: list[str], defaults: dict) -> dict:
         kind = type(defaults[key])
         out[key] = value.lower() in ("1", "true", "yes") if kind is bool else (value if defaults[key] is None else kind(value))
     return out
-
-
-def machine(device: str = "cpu") -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores (CPU)"
-
-
-def commit() -> str:
-    """The code's git commit (with a + where the work tree has changes), or '' outside a checkout."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def write(name: str, data: dict, table: str, out: str | None = None) -> Path:

@@ -119,7 +119,8 @@ def obs_spec(env: EnvBase) -> ObsSpec:
     action = env.action_spec
     discrete = action.domain == "discrete"
     if "observation" not in spec.keys():
-        return ObsSpec(pixels=True, action_dim=action.shape[-1], discrete=discrete)
+        C, H, W = spec["pixels"].shape[-3:]
+        return ObsSpec(pixels=True, action_dim=action.shape[-1], discrete=discrete, image=(H, W, C))
     return ObsSpec(pixels=False, obs_dim=spec["observation"].shape[-1], action_dim=action.shape[-1], discrete=discrete)
 
 

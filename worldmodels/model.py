@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldmodels.base import State
+from worldmodels.base import State, index_state
 from worldmodels.nets import ConvDecoder, ConvEncoder, NetsConfig, TwoHot, VectorDecoder, VectorEncoder, mlp
 from worldmodels.rssm import RSSM, RSSMConfig
 from worldmodels.s4wm import S4WM, S4WMConfig
@@ -39,27 +39,31 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class ObsSpec:
-    """What the encoder reads: a vector (obs_dim,) or uint8 pixels (3, 64, 64)."""
+    """What the encoder reads: a vector (obs_dim,) or uint8 pixels `image` = (H, W, C)."""
 
     pixels: bool
     obs_dim: int = 0
     action_dim: int = 1
     discrete: bool = False
+    image: tuple[int, int, int] = (64, 64, 3)
 
 
 class WorldModel(nn.Module):
     def __init__(self, backbone: str, core_cfg, nets: NetsConfig, spec: ObsSpec, loss: LossConfig = LossConfig()):
         super().__init__()
         self.spec, self.loss_cfg, self.nets = spec, loss, nets
+        H, W, C = spec.image
+        if spec.pixels and H != W:
+            raise ValueError(f"image observations must be square, got {H} x {W}")
         if spec.pixels:
-            self.encoder = ConvEncoder(nets.cnn_depth)
+            self.encoder = ConvEncoder(nets.cnn_depth, C, H)
         else:
             self.encoder = VectorEncoder(spec.obs_dim, nets.units, nets.layers)
         core_cls, _ = BACKBONES[backbone]
         self.core = core_cls(core_cfg, self.encoder.out_dim, spec.action_dim)
         feat = self.core.feat_size
         if spec.pixels:
-            self.decoder = ConvDecoder(feat, nets.cnn_depth)
+            self.decoder = ConvDecoder(feat, nets.cnn_depth, C, H)
         else:
             self.decoder = VectorDecoder(feat, spec.obs_dim, nets.units, nets.layers)
         self.reward = TwoHot(feat, nets.units, nets.layers, nets.bins)
@@ -104,24 +108,26 @@ class WorldModel(nn.Module):
             out[k] = torch.where((n > 0).reshape(-1, *[1] * (v.dim() - 1)), burned, v)
         return out
 
+    def imagine_actions(self, state: State, actions: Tensor) -> Tensor:
+        """Prior features after each of the given actions (B, Q, A), rolled forward from `state` (B, ...):
+        (B, Q, F). Imagination under recorded actions, for open-loop predictions and the memory probe."""
+        Q = actions.shape[1]
+        step = iter(range(Q))
+
+        def replay(_feat: Tensor) -> Tensor:  # imagine() asks the policy at each state: hand it the next action
+            i = next(step, None)
+            return actions[:, i] if i is not None else torch.zeros_like(actions[:, 0])
+
+        return self.core.imagine(state, replay, Q)[0][:, 1:]
+
     @torch.no_grad()
     def open_loop(self, obs: Tensor, action: Tensor, is_first: Tensor, context: int, start: State | None = None) -> Tensor:
         """Observe `context` frames from `start` (default: the initial state), then imagine the rest
         from the true actions; returns the decoded prediction (B, T, ...) in observation units (uint8
         for pixels)."""
         B, T = is_first.shape
-        embed = self.encoder(obs[:, :context])
         state = self.core.initial(B) if start is None else start
-        states, feat, _ = self.core.observe(state, embed, action[:, :context], is_first[:, :context])
-        last = {k: v[:, -1] for k, v in states.items()}
-        future = action[:, context:]  # (B, T-C, A) the actions that lead into the imagined frames
-        step = iter(range(future.shape[1]))
-        if future.shape[1]:
-            def replay_actions(_feat: Tensor) -> Tensor:
-                i = next(step, None)
-                return future[:, i] if i is not None else torch.zeros_like(future[:, 0])
-
-            # imagine() asks the policy at each state; feeding the recorded actions replays them.
-            img_feat, _ = self.core.imagine(last, replay_actions, future.shape[1])
-            feat = torch.cat([feat, img_feat[:, 1:]], 1)
+        states, feat, _ = self.core.observe(state, self.encoder(obs[:, :context]), action[:, :context], is_first[:, :context])
+        if T > context:  # action[:, t] leads into frame t: the actions into the imagined frames
+            feat = torch.cat([feat, self.imagine_actions(index_state(states, -1), action[:, context:])], 1)
         return self.decoder.mean(self.decoder(feat))

@@ -6,6 +6,7 @@ decoder for vectors. Backbones only differ in their sequence core; everything he
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -177,13 +178,22 @@ class ChannelNorm(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class ConvEncoder(nn.Module):
-    """Four stride-2 convolutions 64 -> 4, channels depth x (1, 2, 4, 8). Input uint8 (..., 3, 64, 64)."""
+def conv_stages(size: int) -> int:
+    """Stride-2 stages that take a square image of `size` pixels down to 4 x 4 (64 -> 4 stages)."""
+    stages = int(math.log2(size)) - 2 if size > 0 else 0
+    if stages < 1 or 4 * 2**stages != size:
+        raise ValueError(f"image observations must be square with a side of 8, 16, 32, 64, ... pixels, got {size}")
+    return stages
 
-    def __init__(self, depth: int, channels: int = 3):
+
+class ConvEncoder(nn.Module):
+    """Stride-2 convolutions from size x size down to 4 x 4 (four for 64 x 64), channels depth x (1, 2, 4,
+    8, ...). Input uint8 (..., C, size, size)."""
+
+    def __init__(self, depth: int, channels: int = 3, size: int = 64):
         super().__init__()
         mods, c = [], channels
-        for i in range(4):
+        for i in range(conv_stages(size)):
             mods += [nn.Conv2d(c, depth * 2**i, 4, 2, 1, bias=False), ChannelNorm(depth * 2**i), nn.SiLU()]
             c = depth * 2**i
         self.net = nn.Sequential(*mods)
@@ -191,17 +201,21 @@ class ConvEncoder(nn.Module):
 
     def forward(self, obs: Tensor) -> Tensor:
         lead = obs.shape[:-3]
-        x = obs.reshape(-1, *obs.shape[-3:]).float() / 255.0 - 0.5  # (N, 3, 64, 64)
+        x = obs.reshape(-1, *obs.shape[-3:]).float() / 255.0 - 0.5  # (N, C, size, size)
         return self.net(x).reshape(*lead, self.out_dim)  # (..., E)
 
 
 class ConvDecoder(nn.Module):
-    def __init__(self, feat: int, depth: int, channels: int = 3):
+    """The encoder's mirror: a projection to 4 x 4 x depth 2^(stages-1), then stride-2 transposed
+    convolutions up to C x size x size."""
+
+    def __init__(self, feat: int, depth: int, channels: int = 3, size: int = 64):
         super().__init__()
-        self.depth = depth
-        self.proj = nn.Linear(feat, depth * 8 * 4 * 4)
-        mods, c = [], depth * 8
-        for i in reversed(range(3)):
+        stages = conv_stages(size)
+        self.top, self.size = depth * 2 ** (stages - 1), size
+        self.proj = nn.Linear(feat, self.top * 4 * 4)
+        mods, c = [], self.top
+        for i in reversed(range(stages - 1)):
             mods += [nn.ConvTranspose2d(c, depth * 2**i, 4, 2, 1, bias=False), ChannelNorm(depth * 2**i), nn.SiLU()]
             c = depth * 2**i
         mods.append(nn.ConvTranspose2d(c, channels, 4, 2, 1))
@@ -209,8 +223,8 @@ class ConvDecoder(nn.Module):
 
     def forward(self, feat: Tensor) -> Tensor:
         lead = feat.shape[:-1]
-        x = self.proj(feat.reshape(-1, feat.shape[-1])).reshape(-1, self.depth * 8, 4, 4)
-        return self.net(x).reshape(*lead, -1, 64, 64)  # (..., 3, 64, 64), pixels centred on 0
+        x = self.proj(feat.reshape(-1, feat.shape[-1])).reshape(-1, self.top, 4, 4)
+        return self.net(x).reshape(*lead, -1, self.size, self.size)  # (..., C, size, size), pixels centred on 0
 
     def loss(self, pred: Tensor, obs: Tensor) -> Tensor:
         target = obs.float() / 255.0 - 0.5

@@ -5,7 +5,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.memory.grid import BRIGHT, FLOOR, PALETTE, WALL, EgoView, check_int
+from envs.memory.grid import BRIGHT, FLOOR, PALETTE, WALL, EgoView, check_obs_size, check_int
 
 
 class DistractingMemory(gym.Env):
@@ -35,20 +35,21 @@ class DistractingMemory(gym.Env):
     ROOM = 3  # width of the start room (cells whose walls show the cue)
     DISTRACTOR_P = 0.5  # chance that a visible hallway floor tile shows a random colour on a step
 
-    def __init__(self, length: int = 100, colors: int = 2, render_mode: str | None = None):
+    def __init__(self, length: int = 100, colors: int = 2, obs_size: int = 64, render_mode: str | None = None):
         self.length = check_int("length", length, 4)
         self.colors = check_int("colors", colors, 2, len(BRIGHT))
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
-        self.observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
+        self.obs_size = check_obs_size(obs_size)
+        self.observation_space = spaces.Box(0, 255, (self.obs_size, self.obs_size, 3), np.uint8)
         self.action_space = spaces.Discrete(4)
         # columns: 0 wall | 1..ROOM start room | hallway | junction J | wall
         self.junction = self.ROOM + self.length + 1
         self.max_steps = 4 * (self.junction + 1)  # truncation for policies that never choose
         steps = self.junction  # scripted: junction - 1 moves right, then one choice
         self.probe_split = (7, steps + 1 - 7)
-        self.view = EgoView(2)
+        self.view = EgoView(2, size=self.obs_size)
         self._hall = (self.ROOM + 1, self.ROOM + self.length)  # first and last hallway column
 
     # ---------------------------------------------------------------------------------- gym API

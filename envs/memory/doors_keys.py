@@ -5,7 +5,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.memory.grid import BRIGHT, FLOOR, MOVES, TINTS, VOID, WALL, EgoView, bfs, check_int, path_to
+from envs.memory.grid import BRIGHT, FLOOR, MOVES, TINTS, VOID, WALL, EgoView, check_obs_size, bfs, check_int, path_to
 
 
 class MultiDoorsKeys(gym.Env):
@@ -31,18 +31,19 @@ class MultiDoorsKeys(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, keys: int = 3, max_steps: int = 600, render_mode: str | None = None):
+    def __init__(self, keys: int = 3, max_steps: int = 600, obs_size: int = 64, render_mode: str | None = None):
         self.keys = check_int("keys", keys, 1, len(BRIGHT))
         self.max_steps = check_int("max_steps", max_steps, 200)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
-        self.observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
+        self.obs_size = check_obs_size(obs_size)
+        self.observation_space = spaces.Box(0, 255, (self.obs_size, self.obs_size, 3), np.uint8)
         self.action_space = spaces.Discrete(4)
         self.size = 7 + self.keys  # interior side
         self.probe_split = (self.max_steps - 100, 100)
         self.open_at = self.max_steps - 100  # the scripted policy's final sweep starts here
-        self.view = EgoView(3)
+        self.view = EgoView(3, size=self.obs_size)
 
     # ---------------------------------------------------------------------------------- gym API
 

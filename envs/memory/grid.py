@@ -50,18 +50,32 @@ def check_int(name: str, value, low: int, high: int | None = None) -> int:
     raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
 
 
-class EgoView:
-    """Renders the (2r+1) x (2r+1) tiles around a cell as a 64 x 64 RGB image: each tile becomes a
-    square of 64 // (2r+1) pixels, centred on a border of `border` colour. Small inset squares
-    ("glyphs") mark objects and the agent inside their tiles."""
+OBS_SIZES = (16, 32, 64)  # image sides the memory tasks render at (`obs_size`); 64 is S4WM's
 
-    def __init__(self, radius: int, border=VOID):
+
+def check_obs_size(size) -> int:
+    """The `obs_size` keyword of the memory tasks: one of OBS_SIZES; a one-line ValueError otherwise."""
+    if size not in OBS_SIZES or isinstance(size, bool):
+        raise ValueError(f"obs_size must be one of {', '.join(map(str, OBS_SIZES))}, got {size!r}")
+    return int(size)
+
+
+class EgoView:
+    """Renders the (2r+1) x (2r+1) tiles around a cell as a size x size RGB image: each tile becomes a
+    square of size // (2r+1) pixels, centred on a border of `border` colour. Small inset squares
+    ("glyphs") mark objects and the agent inside their tiles; where a tile is under 4 pixels the glyph
+    fills it. A smaller `size` keeps every tile and glyph, only at fewer pixels (cheaper to model)."""
+
+    def __init__(self, radius: int, border=VOID, size: int = 64):
         self.radius = radius
         self.n = 2 * radius + 1
-        self.tile = 64 // self.n
-        self.offset = (64 - self.n * self.tile) // 2
-        self.inset = max(1, self.tile // 4)
-        self._frame = np.empty((64, 64, 3), np.uint8)
+        self.size = size
+        self.tile = size // self.n
+        if self.tile < 1:
+            raise ValueError(f"a {self.n} x {self.n} tile view needs at least {self.n} pixels, got {size}")
+        self.offset = (size - self.n * self.tile) // 2
+        self.inset = self.tile // 4 if self.tile >= 4 else 0
+        self._frame = np.empty((size, size, 3), np.uint8)
         self._frame[:] = border
 
     def pad(self, colours: np.ndarray, fill=VOID) -> np.ndarray:
@@ -77,7 +91,7 @@ class EgoView:
         return padded[y:y + self.n, x:x + self.n].copy()
 
     def image(self, tiles: np.ndarray, glyphs=(), agent=AGENT) -> np.ndarray:
-        """Upsample (n, n, 3) tiles to 64 x 64; glyphs are (row, col, colour) in view coordinates."""
+        """Upsample (n, n, 3) tiles to size x size; glyphs are (row, col, colour) in view coordinates."""
         t, o, m = self.tile, self.offset, self.inset
         frame = self._frame.copy()
         frame[o:o + self.n * t, o:o + self.n * t] = tiles.repeat(t, 0).repeat(t, 1)

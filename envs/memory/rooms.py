@@ -7,7 +7,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.memory.grid import BRIGHT, FLOOR, MOVES, PALETTE, VOID, EgoView, bfs, check_int, path_to
+from envs.memory.grid import BRIGHT, FLOOR, MOVES, PALETTE, VOID, EgoView, check_obs_size, bfs, check_int, path_to
 
 INNER = 5  # interior side of a room
 BLOCK = INNER + 2  # a room with its own wall ring (walls between rooms are two cells thick)
@@ -39,12 +39,13 @@ class Rooms(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
     teleport = False
 
-    def __init__(self, rooms: int = 4, render_mode: str | None = None):
+    def __init__(self, rooms: int = 4, obs_size: int = 64, render_mode: str | None = None):
         self.rooms = check_int("rooms", rooms, 2, len(PALETTE))
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
-        self.observation_space = spaces.Box(0, 255, (64, 64, 3), np.uint8)
+        self.obs_size = check_obs_size(obs_size)
+        self.observation_space = spaces.Box(0, 255, (self.obs_size, self.obs_size, 3), np.uint8)
         self.action_space = spaces.Discrete(4)
         self.grid_rows, self.grid_cols = room_grid(self.rooms)
         # long enough for the context tour (checked at reset); a single row of rooms needs backtracking
@@ -52,7 +53,7 @@ class Rooms(gym.Env):
         self.probe_split = (context, context)
         self.switch = context - 1  # the step after which the query's tour starts (Teleport: the jump)
         self.max_steps = 2 * context - 1  # observations 0 .. 2C-1: exactly context + query
-        self.view = EgoView(3)
+        self.view = EgoView(3, size=self.obs_size)
 
     # ---------------------------------------------------------------------------------- gym API
 

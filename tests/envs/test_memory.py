@@ -270,3 +270,30 @@ def test_memory_maze():
         assert all(set(i["probe"]) == set(probe) for i in out["infos"])
     finally:
         env.close()
+
+
+@pytest.mark.parametrize("env_id,kwargs", SMALL, ids=IDS)
+@pytest.mark.parametrize("size", [16, 32])
+def test_small_renderings_keep_every_tile(env_id, kwargs, size):
+    """At obs_size 16 or 32 the same episode shows the same tiles: the colour at each tile's centre
+    pixel equals the one at the 64 x 64 rendering (glyphs fill tiles of under 4 pixels, so skip glyph
+    and agent tiles there), and rewards, actions and endings are identical."""
+    big, small = gym.make(env_id, **kwargs), gym.make(env_id, obs_size=size, **kwargs)
+    assert small.observation_space.shape == (size, size, 3)
+    check_env(small.unwrapped, skip_render_check=True)
+    a, b = run(big, 3, scripted(big)), run(small, 3, scripted(small))
+    assert a["rewards"] == b["rewards"] and a["end"] == b["end"] and len(a["obs"]) == len(b["obs"])
+    vb, vs = big.unwrapped.view, small.unwrapped.view
+    centre = lambda v, i: v.offset + i * v.tile + v.tile // 2  # noqa: E731
+    same = total = 0
+    for x, y in zip(a["obs"], b["obs"]):
+        for i in range(vb.n):
+            for j in range(vb.n):
+                total += 1
+                same += bool((x[centre(vb, i), centre(vb, j)] == y[centre(vs, i), centre(vs, j)]).all())
+    assert same / total > 0.9, same / total  # the rest: glyphs that fill small tiles, and the agent
+
+
+def test_obs_size_must_be_supported():
+    with pytest.raises(ValueError, match="obs_size must be one of 16, 32, 64"):
+        gym.make("longdream/Rooms-v0", obs_size=20)

@@ -52,3 +52,18 @@ def test_fast_categorical_sampler_matches_multinomial():
     onehot = sample_onehot(p)
     (g,) = torch.autograd.grad((onehot * torch.tensor([1.0, 2.0, 3.0])).sum(), p)
     torch.testing.assert_close(g, torch.tensor([[1.0, 2.0, 3.0]]))
+
+
+def test_conv_encoder_decoder_any_power_of_two_size():
+    import pytest
+
+    from worldmodels.nets import ConvDecoder, ConvEncoder
+
+    for size, stages in ((16, 2), (32, 3), (64, 4)):
+        enc, dec = ConvEncoder(8, 3, size), ConvDecoder(20, 8, 3, size)
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in enc.modules()) == stages
+        x = torch.randint(0, 256, (2, 5, 3, size, size), dtype=torch.uint8)
+        assert enc(x).shape == (2, 5, enc.out_dim) and enc.out_dim == 8 * 2 ** (stages - 1) * 16
+        assert dec(torch.randn(2, 5, 20)).shape == (2, 5, 3, size, size)
+    with pytest.raises(ValueError, match="8, 16, 32, 64"):
+        ConvEncoder(8, 3, 48)

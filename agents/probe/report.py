@@ -1,0 +1,73 @@
+"""Memory-probe reports: backbones x tasks tables in markdown and JSON, and plots of the generation
+error against the imagination step."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def task_label(m: dict) -> str:
+    tag = ",".join(f"{k}={v}" for k, v in sorted(m["kwargs"].items()))
+    return f"{m['task']}({tag})" if tag else m["task"]
+
+
+def _acc(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3f}"
+
+
+def write_report(suite: str, results: list[dict], out: Path) -> dict:
+    tasks = list(dict.fromkeys(task_label(m) for m in results))
+    backbones = list(dict.fromkeys(m["backbone"] for m in results))
+    cell = {(task_label(m), m["backbone"]): m for m in results}
+
+    def table(title: str, fmt) -> str:
+        lines = [f"**{title}**", "", "| backbone | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for b in backbones:
+            lines.append(f"| {b} | " + " | ".join(fmt(cell[t, b]) if (t, b) in cell else "-" for t in tasks) + " |")
+        return "\n".join(lines)
+
+    r0 = results[0]
+    text = [f"# Memory-probe suite '{suite}'", "",
+            f"Size {r0['size']}, {r0['updates']} offline updates, seed {r0['seed']}; context C / query Q per task: "
+            + ", ".join(f"{task_label(m)} {m['context']}/{m['query']}" for m in results[::len(backbones)]) + ".", "",
+            table("Generation MSE (imagined steps; sum over pixels in [0, 1]; lower is better)", lambda m: f"{m['gen_mse']:.1f}"),
+            "", table("Reconstruction MSE (observed steps)", lambda m: f"{m['recon_mse']:.1f}"),
+            "", table("Reward-prediction accuracy at reward events, imagination ('-': no reward event in the imagined steps)",
+                      lambda m: _acc(m["reward_acc_imagine"])),
+            "", table("Reward-prediction accuracy at reward events, observation ('-': no reward event in the context)",
+                      lambda m: _acc(m["reward_acc_observe"])),
+            ""]
+    for key in sorted({k for m in results for k in m if k.startswith("probe_")}):
+        what = "accuracy" if key.endswith("_acc") else "MSE"
+        text += [table(f"Probe on frozen states: {key[6:].rsplit('_', 1)[0]} {what} (held-out episodes)",
+                       lambda m, key=key: f"{m[key]:.3f}" if key in m else "-"), ""]
+    out.mkdir(parents=True, exist_ok=True)
+    plots = []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for t in tasks:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for b in backbones:
+                if (t, b) in cell:
+                    curve = cell[t, b]["gen_mse_per_step"]
+                    ax.plot(range(1, len(curve) + 1), curve, label=b)
+            ax.set(xlabel="imagination step", ylabel="generation MSE", title=t)
+            ax.legend()
+            fig.tight_layout()
+            name = "gen_mse_" + "".join(c if c.isalnum() else "_" for c in t).strip("_") + f"_{suite}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            plots.append(name)
+            text.append(f"![{t}]({name})")
+    except ImportError:
+        text.append("(matplotlib is not installed: no plots)")
+    report = out / f"report_{suite}.md"
+    report.write_text("\n".join(text) + "\n")
+    (out / f"report_{suite}.json").write_text(json.dumps({"suite": suite, "runs": results}, indent=1))
+    print(f"report: {report}")
+    return {"report": str(report), "plots": [str(out / p) for p in plots], "runs": results}

@@ -1,0 +1,73 @@
+"""Memory-probe suites: named lists of tasks, each run for every backbone, with one report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from agents.config import ConfigError, compose
+from agents.probe.protocol import finished, run_one
+from agents.probe.report import write_report
+from worldmodels.model import BACKBONES
+
+# Each entry: overrides for one task. "memory" is sized for one GPU in about an hour over four
+# backbones, at S4WM's 64 x 64 observations; "memory_cpu" for a 2-core CPU in under three hours, on
+# the same tasks rendered at 16 x 16 (5 x 5 tile views) and 32 x 32 (7 x 7 views), which keep every
+# tile (envs/memory/grid.py); "smoke" runs the same code on tiny data on a CPU in a few minutes.
+SUITES = {
+    "memory": [
+        ["task=distracting_memory", "task.kwargs.length=100"],
+        ["task=distracting_memory", "task.kwargs.length=200"],
+        ["task=doors_keys", "task.kwargs.keys=3"],
+        ["task=doors_keys", "task.kwargs.keys=5"],
+        ["task=doors_keys", "task.kwargs.keys=7"],
+        ["task=rooms", "task.kwargs.rooms=4"],
+        ["task=teleport", "task.kwargs.rooms=4"],
+    ],
+    "memory_cpu": [
+        ["task=distracting_memory", "task.kwargs.length=50", "task.kwargs.obs_size=16", "batch_size=16", "updates=1500"],
+        ["task=distracting_memory", "task.kwargs.length=100", "task.kwargs.obs_size=16", "batch_size=8", "updates=1500"],
+        ["task=distracting_memory", "task.kwargs.length=200", "task.kwargs.obs_size=16", "batch_size=4", "updates=1500"],
+        ["task=doors_keys", "task.kwargs.keys=3", "task.kwargs.obs_size=32", "batch_size=2", "updates=800", "eval_batch=10"],
+        ["task=doors_keys", "task.kwargs.keys=5", "task.kwargs.obs_size=32", "batch_size=2", "updates=800", "eval_batch=10"],
+        ["task=rooms", "task.kwargs.rooms=2", "task.kwargs.obs_size=32", "batch_size=8", "updates=1500"],
+        ["task=rooms", "task.kwargs.rooms=4", "task.kwargs.obs_size=32", "batch_size=8", "updates=1500"],
+        ["task=teleport", "task.kwargs.rooms=4", "task.kwargs.obs_size=32", "batch_size=8", "updates=1500"],
+    ],
+    "smoke": [
+        ["task=distracting_memory", "task.kwargs.length=6", "task.train_episodes=16", "task.test_episodes=4"],
+        ["task=doors_keys", "task.kwargs.keys=3", "task.context=24", "task.query=8", "task.train_episodes=8",
+         "task.test_episodes=4"],
+        ["task=rooms", "task.kwargs.rooms=2", "task.train_episodes=8", "task.test_episodes=4"],
+        ["task=teleport", "task.kwargs.rooms=2", "task.train_episodes=8", "task.test_episodes=4"],
+    ],
+}
+SMOKE = ["updates=6", "batch_size=4", "eval_batch=4", "videos=2", "log_every=2"]
+
+
+def run_suite(suite: str, overrides: list[str], backbones: list[str] | None = None) -> dict:
+    if suite not in SUITES:
+        raise ConfigError(f"unknown suite '{suite}' (choose one of {', '.join(SUITES)}, bsuite_memory)")
+    base = [o for o in overrides if o.split("=", 1)[0] not in ("task", "world_model")]
+    raw = compose(base, "probe")
+    backbones = backbones or list(BACKBONES)
+    for b in backbones:
+        if b not in BACKBONES:
+            raise ConfigError(f"unknown backbone '{b}' in backbones (choose from {', '.join(BACKBONES)})")
+    entries = [list(e) for e in SUITES[suite]]
+    if suite == "memory":
+        import importlib.util
+
+        if importlib.util.find_spec("memory_maze") is not None:
+            entries.append(["task=memory_maze", "task.kwargs.size=9"])
+    extra = SMOKE if suite == "smoke" else []
+    results = []
+    for entry in entries:
+        for b in backbones:
+            # the suite's own settings first, so that the command line can still change them
+            keys = {o.split("=", 1)[0] for o in base}
+            merged = [o for o in extra + entry if o.split("=", 1)[0] not in keys] + base + [f"world_model={b}"]
+            raw_run = compose(merged, "probe")
+            done = finished(raw_run)  # a suite stopped part-way resumes; a run made elsewhere with out= counts
+            if done is not None:
+                print(f"[probe] {done['task']} {done['kwargs']} {b}: done before, metrics reused", flush=True)
+            results.append(done if done is not None else run_one(raw_run))
+    return write_report(suite, results, Path(raw.out))

@@ -1,0 +1,127 @@
+"""`longdream bench memory` (also `longdream probe suite=bsuite_memory`): online memory RL. The agent
+trains on BSuite memory_len for each backbone and memory length; the success rate is the share of
+eval episodes with a positive return, reported against the memory length (R2I's evaluation: DreamerV3
+collapses after about 20-30 steps of memory, R2I holds about 90).
+
+    longdream bench memory [backbones=rssm,s5wm] [sweep_lengths=[10,30,100]] [sweep_steps=50000]
+                           [sweep_episodes=100] [sweep_extra=[preset=...]] [seed=0] [out=...]
+
+Settings come from configs/probe.yaml (`sweep_*`). Training windows are `seq_len` long whatever the
+memory length: with replay context (the default) a window starts from the model state stored with
+its first row, so the cue seen at an episode's start reaches its end through the stored states.
+Results accumulate in bsuite_memory.json / .md (a run replaces the row of the same backbone, length,
+seed, steps and overrides) beside success.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.report import RESULTS, commit, machine, markdown, write
+
+
+def main(argv: list[str]) -> dict:
+    from agents.config import ConfigError, compose, load_config
+    from agents.probe import split_args
+    from agents.probe.protocol import build
+    from agents.train import build_agent, train
+    from worldmodels.model import BACKBONES
+
+    if importlib.util.find_spec("bsuite") is None:
+        raise ConfigError("the BSuite memory sweep needs the bsuite package: pip install 'longdream[memory]'")
+    opts, rest = split_args([a for a in argv if not a.startswith("suite=")])
+    out_given = any(a.startswith(("out=", "run_dir=")) for a in argv)
+    raw = compose([o for o in rest if o.split("=", 1)[0] not in ("task", "world_model")], "probe")
+    probe = build(raw)[0]
+    backbones = opts["backbones"].split(",") if opts.get("backbones") else list(BACKBONES)
+    for b in backbones:
+        if b not in BACKBONES:
+            raise ConfigError(f"unknown backbone '{b}' in backbones (choose from {', '.join(BACKBONES)})")
+    runs = Path(probe.out) / "bsuite_memory"
+    folder = runs if out_given else RESULTS
+    extra = [str(o) for o in probe.sweep_extra]
+    rows = []
+    for b in backbones:
+        for L in probe.sweep_lengths:
+            run = runs / f"{b}-len{L}-seed{probe.seed}"
+            cfg, overrides = load_config([
+                "env=bsuite_memory_len", f"env.kwargs.memory_length={L}", f"world_model={b}", f"size={raw.size.name}",
+                f"steps={probe.sweep_steps}", f"seed={probe.seed}", f"device={probe.device}", f"run_dir={run}",
+                f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}", *extra])
+            tic = time.time()
+            res = train(cfg)
+            agent = build_agent(cfg, "cpu")[0]
+            success = float(np.mean(np.asarray(res["eval_returns_after"]) > 0))
+            rows.append({"backbone": b, "memory_length": int(L), "success": success, "seed": probe.seed,
+                         "env_steps": res["env_steps"], "updates": res["updates"], "wall_s": round(time.time() - tic, 1),
+                         "episodes": probe.sweep_episodes, "steps": probe.sweep_steps, "extra": " ".join(extra),
+                         "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
+                         "replay_context": cfg.train.replay_context, "dims": dataclasses.asdict(cfg.core),
+                         "params": sum(p.numel() for p in agent.parameters()), "overrides": overrides,
+                         "machine": machine(probe.device), "date": time.strftime("%Y-%m-%d"), "commit": commit()})
+            print(f"[memory] bsuite memory_len={L} {b}: success {success:.2f} ({rows[-1]['wall_s'] / 60:.1f} min)", flush=True)
+    rows = merge(folder / "bsuite_memory.json", rows)
+    data = {"runs": rows}
+    table = report(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    if plot(rows, folder / "bsuite_memory_success.png"):
+        table += "\n\n![success against memory length](bsuite_memory_success.png)"
+    write("bsuite_memory", data, table, str(folder) if out_given else None)
+    return data
+
+
+def _key(r: dict) -> tuple:
+    return r["backbone"], r["memory_length"], r["seed"], r["steps"], r["extra"], json.dumps(r.get("dims"), sort_keys=True)
+
+
+def merge(path: Path, rows: list[dict]) -> list[dict]:
+    if not path.exists():
+        return rows
+    fresh = {_key(r) for r in rows}
+    return [r for r in json.loads(path.read_text()).get("runs", []) if _key(r) not in fresh] + rows
+
+
+def report(rows: list[dict]) -> str:
+    groups = list(dict.fromkeys((r["backbone"], r["extra"]) for r in rows))
+    lengths = sorted({r["memory_length"] for r in rows})
+    lines = ["BSuite memory_len: success rate (eval episodes with a positive return) against memory length; "
+             "mean over seeds (seeds in brackets)", "",
+             markdown(["backbone", "overrides", *map(str, lengths)],
+                      [[b, extra or "-", *[_cell([r["success"] for r in rows if (r["backbone"], r["extra"], r["memory_length"])
+                                                  == (b, extra, L)]) for L in lengths]] for b, extra in groups]),
+             "", "Runs:", "",
+             markdown(["backbone", "memory length", "seed", "success", "env steps", "updates", "seq_len", "replay context",
+                       "params", "wall time", "machine", "date"],
+                      [[r["backbone"], r["memory_length"], r["seed"], f"{r['success']:.2f}", r["env_steps"], r["updates"],
+                        r["seq_len"], "yes" if r["replay_context"] else "no", f"{r['params'] / 1e6:.2f}M",
+                        f"{r['wall_s'] / 60:.1f} min", r["machine"], r["date"]] for r in rows])]
+    return "\n".join(lines)
+
+
+def _cell(values: list[float]) -> str:
+    return f"{np.mean(values):.2f} ({len(values)})" if values else "-"
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for b, extra in dict.fromkeys((r["backbone"], r["extra"]) for r in rows):
+        lengths = sorted({r["memory_length"] for r in rows if (r["backbone"], r["extra"]) == (b, extra)})
+        means = [np.mean([r["success"] for r in rows if (r["backbone"], r["extra"], r["memory_length"]) == (b, extra, L)])
+                 for L in lengths]
+        ax.plot(lengths, means, marker="o", label=b + (f" {extra}" if extra else ""))
+    ax.set(xscale="log", xlabel="memory length", ylabel="success rate", ylim=(0, 1.05), title="BSuite memory_len")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
