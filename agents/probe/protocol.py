@@ -131,7 +131,7 @@ def imagine_from_context(wm: WorldModel, b: dict[str, Tensor], C: int, Q: int) -
 def evaluate(wm: WorldModel, data: TensorDict, C: int, Q: int, probe: ProbeConfig, dev: torch.device):
     """Metrics over the test split, and the frames (truth, model) of the first `videos` episodes."""
     gen, recon = [], []
-    hits = {"observe": [0, 0], "imagine": [0, 0]}  # [right, counted] at reward events
+    hits = {"observe": [0, 0], "imagine": [0, 0], "posterior": [0, 0]}  # [right, counted] at reward events
     step_hits = {"observe": [0, 0], "imagine": [0, 0]}  # over every step
     video = None
     for start in range(0, data.shape[0], probe.eval_batch):
@@ -149,6 +149,13 @@ def evaluate(wm: WorldModel, data: TensorDict, C: int, Q: int, probe: ProbeConfi
             hits[phase][1] += int(event[:, sl].sum())
             step_hits[phase][0] += int(right.sum())
             step_hits[phase][1] += right.numel()
+        # the same query steps seen through the posterior (observing every frame): a model that predicts
+        # rewards here but not while imagining holds the memory but cannot carry it through its prior
+        N = b["obs"].shape[0]
+        post = wm.core.observe(wm.core.initial(N), wm.encoder(b["obs"][:, :T]), b["action"][:, :T], b["is_first"][:, :T])[1]
+        right = (wm.reward.mean(wm.reward(post[:, C:T])) - b["reward"][:, C:T]).abs() < 0.5
+        hits["posterior"][0] += int(right[event[:, C:T]].sum())
+        hits["posterior"][1] += int(event[:, C:T].sum())
         if video is None and probe.videos:
             n = min(probe.videos, b["obs"].shape[0])
             model = wm.decoder.mean(torch.cat([pred_obs[:n], pred_img[:n]], 1))
@@ -159,6 +166,7 @@ def evaluate(wm: WorldModel, data: TensorDict, C: int, Q: int, probe: ProbeConfi
         "gen_mse": float(gen_t.mean()), "gen_mse_per_step": gen_t.mean(0).tolist(),
         "recon_mse": float(recon_t.mean()),
         "reward_acc_observe": acc(hits["observe"]), "reward_acc_imagine": acc(hits["imagine"]),
+        "reward_acc_posterior": acc(hits["posterior"]),
         "reward_events_imagine": hits["imagine"][1],
         "reward_acc_observe_all_steps": acc(step_hits["observe"]), "reward_acc_imagine_all_steps": acc(step_hits["imagine"]),
     }
@@ -287,6 +295,7 @@ def run_one(raw) -> dict:
                    machine=machine(probe.device), date=time.strftime("%Y-%m-%d"), commit=commit())
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"[probe] {task.name} {task.kwargs} {backbone}: gen MSE {metrics['gen_mse']:.1f}, "
-          f"recon MSE {metrics['recon_mse']:.1f}, reward acc observe {metrics['reward_acc_observe']:.3f} / "
+          f"recon MSE {metrics['recon_mse']:.1f}, reward acc observe {metrics['reward_acc_observe']:.3f} / posterior "
+          f"{metrics['reward_acc_posterior']:.3f} / "
           f"imagine {metrics['reward_acc_imagine']:.3f} ({train_s:.0f} s training)", flush=True)
     return metrics

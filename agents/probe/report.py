@@ -35,6 +35,8 @@ def write_report(suite: str, results: list[dict], out: Path) -> dict:
             "", table("Reconstruction MSE (observed steps)", lambda m: f"{m['recon_mse']:.1f}"),
             "", table("Reward-prediction accuracy at reward events, imagination ('-': no reward event in the imagined steps)",
                       lambda m: _acc(m["reward_acc_imagine"])),
+            "", table("Reward-prediction accuracy at the query's reward events through the posterior (every frame "
+                      "observed; the memory without imagination)", lambda m: _acc(m.get("reward_acc_posterior", math.nan))),
             "", table("Reward-prediction accuracy at reward events, observation ('-': no reward event in the context)",
                       lambda m: _acc(m["reward_acc_observe"])),
             ""]

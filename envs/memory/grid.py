@@ -63,7 +63,7 @@ def check_obs_size(size) -> int:
 class EgoView:
     """Renders the (2r+1) x (2r+1) tiles around a cell as a size x size RGB image: each tile becomes a
     square of size // (2r+1) pixels, centred on a border of `border` colour. Small inset squares
-    ("glyphs") mark objects and the agent inside their tiles; where a tile is under 4 pixels the glyph
+    ("glyphs") mark objects and the agent inside their tiles; where a tile is under 3 pixels the glyph
     fills it. A smaller `size` keeps every tile and glyph, only at fewer pixels (cheaper to model)."""
 
     def __init__(self, radius: int, border=VOID, size: int = 64):
@@ -74,7 +74,7 @@ class EgoView:
         if self.tile < 1:
             raise ValueError(f"a {self.n} x {self.n} tile view needs at least {self.n} pixels, got {size}")
         self.offset = (size - self.n * self.tile) // 2
-        self.inset = self.tile // 4 if self.tile >= 4 else 0
+        self.inset = max(1, self.tile // 4) if self.tile >= 3 else 0
         self._frame = np.empty((size, size, 3), np.uint8)
         self._frame[:] = border
 
