@@ -191,6 +191,9 @@ class Replay:
         frames = frames.reshape(-1, frames.shape[-1]) if frames.batch_dims > 1 else frames.unsqueeze(0)
         assert frames.shape[0] == self.n_envs, (frames.shape, self.n_envs)
         built = [self._rows(frames[e], e) for e in range(self.n_envs)]
+        if max(r.shape[0] for r, _ in built) > self.C:
+            raise ReplayError(f"a collector batch of {max(r.shape[0] for r, _ in built)} rows per env does not fit in "
+                              f"{self.C} rows per env; raise replay_capacity or lower collect_every")
         if self.rows is None:
             self._create(*built[0])
         new_hi = [self.hi[e] + rows.shape[0] for e, (rows, _) in enumerate(built)]
@@ -200,8 +203,6 @@ class Replay:
         _write_json(self.directory / "marks.json", {"hi": [max(a, b) for a, b in zip(new_hi, self._marks())]})
         for e, (rows, ctx) in enumerate(built):
             n = rows.shape[0]
-            if n > self.C:
-                raise ReplayError(f"a collector batch of {n} rows does not fit in {self.C} rows per env; raise replay_capacity")
             l = torch.arange(self.hi[e], self.hi[e] + n)
             env = torch.full_like(l, e)
             self.rows[self._slots(env, l)] = rows
