@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from agents.config import ConfigError
 
-DATA_VERSION = 2  # bump when the episode layout changes: cached datasets are keyed by it (2: any image size)
+DATA_VERSION = 3  # bump when the episodes change: cached datasets are keyed by it (3: Distracting Memory's fixed end cells)
 
 
 @dataclass(frozen=True)

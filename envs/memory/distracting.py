@@ -16,8 +16,11 @@ class DistractingMemory(gym.Env):
     of irrelevant, unpredictable observations. The agent starts in a small room whose walls show a cue
     colour, walks a one-tile-high hallway of `length` cells whose floor tiles flash random colours (drawn
     afresh every step, the cue colours among them), and reaches a junction with one end cell above and one
-    below, coloured with the cue and with another cue colour. Stepping into the end cell of the cue's
-    colour pays 1, into the other 0; either ends the episode.
+    below. The end cells always show the two cue colours in the same places (colour 0 above, colour 1
+    below); stepping into the end cell of the cue's colour pays 1, into the other 0; either ends the
+    episode. The reward is therefore a function of the cue and the final action alone: a model that
+    remembers the cue predicts it even while imagining the last steps (S4WM's evaluation, where S4WM
+    scores 100% and the RSSM about 50%), one that does not is at chance.
 
     The view is agent-centred, 5 x 5 tiles: the cue is out of sight from the third hallway cell on and
     the end cells come into sight two cells before the junction, so predicting the final reward requires
@@ -35,9 +38,11 @@ class DistractingMemory(gym.Env):
     ROOM = 3  # width of the start room (cells whose walls show the cue)
     DISTRACTOR_P = 0.5  # chance that a visible hallway floor tile shows a random colour on a step
 
-    def __init__(self, length: int = 100, colors: int = 2, obs_size: int = 64, render_mode: str | None = None):
+    ENDS = (0, 1)  # the cue colours of the end cells above and below the junction, fixed
+
+    def __init__(self, length: int = 100, obs_size: int = 64, render_mode: str | None = None):
         self.length = check_int("length", length, 4)
-        self.colors = check_int("colors", colors, 2, len(BRIGHT))
+        self.colors = len(self.ENDS)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
@@ -58,8 +63,7 @@ class DistractingMemory(gym.Env):
         super().reset(seed=seed)
         rng = self.np_random
         self.cue = int(rng.integers(self.colors))
-        other = int((self.cue + rng.integers(1, self.colors)) % self.colors)
-        self.ends = (self.cue, other) if rng.integers(2) == 0 else (other, self.cue)  # (up, down)
+        self.ends = self.ENDS  # (up, down)
         self._choice = int(rng.integers(2))  # the scripted policy's pick, independent of the cue
         J = self.junction
         world = np.empty((3, J + 2, 3), np.uint8)

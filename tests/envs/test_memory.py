@@ -134,6 +134,11 @@ def test_distracting_memory_cue_only_at_the_start():
             env.step(u.RIGHT)
         _, reward, term, _, _ = env.step(action)
         assert term and reward == float(u.ends[side] == u.cue)
+    # the end cells never change: the reward follows from the cue and the final action alone
+    for seed in range(10):
+        out = run(env, seed, scripted(env))
+        final = 0 if out["infos"][-1]["state"]["cue"][0] == 1 else 1
+        assert u.ends == (0, 1) and out["rewards"][-1] == float(u.y == (0 if final == 0 else 2))
 
 
 @pytest.mark.parametrize("keys", [3, 5, 7])
@@ -193,7 +198,7 @@ def test_teleport_jumps_to_a_visited_cell_at_the_end_of_the_context():
 @pytest.mark.parametrize("env_id,kwargs,needle", [
     ("longdream/DistractingMemory-v0", {"length": 0}, "length"),
     ("longdream/DistractingMemory-v0", {"length": "long"}, "length"),
-    ("longdream/DistractingMemory-v0", {"colors": 1}, "colors"),
+    ("longdream/DistractingMemory-v0", {"obs_size": 20}, "obs_size"),
     ("longdream/MultiDoorsKeys-v0", {"keys": 99}, "keys"),
     ("longdream/MultiDoorsKeys-v0", {"keys": 0}, "keys"),
     ("longdream/MultiDoorsKeys-v0", {"max_steps": 10}, "max_steps"),
