@@ -5,19 +5,26 @@ under the actor. Lambda-returns (eq. 7) computed by a reverse linear scan are th
 target and, normalised by the EMA of their 5th-95th percentile range (eq. 8), the actor's
 REINFORCE signal:
 
-    L_actor  = -sum_t w_t [ sg((R_t - v_t) / max(1, S)) log pi(a_t|s_t) + eta H[pi(.|s_t)] ]
+    L_actor  = -sum_t w_t [ sg((R_t - v_t) / max(1, S)) log pi(a_t | sg(s_t)) + eta H[pi(.|sg(s_t))] ]
     L_critic = -sum_t w_t [ log p_v(sg(R_t) | s_t) + log p_v(sg(v_slow(s_t)) | s_t) ]
 
-w_t is the imagined probability of still being in the episode (cumulative continuation).
+w_t is the imagined probability of still being in the episode (cumulative continuation). Continuous
+actions are scored at the raw sample a_t; they are clipped only where they reach the env, and the
+dynamics read a_t / max(1, |a_t|) (worldmodels/nets.py, `action_input`).
 
 For continuous actions the actor can instead follow the gradient of the return through the learned
 dynamics (`actor_grad: dynamics`, DreamerV1/V2 and the first DreamerV3 release):
 
-    L_actor  = -sum_t w_t [ R_t / max(1, S) + eta H[pi(.|s_t)] ]
+    L_actor  = -sum_t w_t [ R_t / max(1, S) + eta H[pi(.|sg(s_t))] ]
 
 with reparameterised actions and straight-through latents, so every imagined step passes the
-derivative of the return to the action that caused it. `auto` (the default) takes dynamics for
-continuous actions and REINFORCE for discrete ones.
+derivative of the return to the action that caused it, and only through the dynamics: the actor
+reads sg(s_t), as in DreamerV3, so no gradient runs back through its own Jacobians along the
+rollout. `auto` (the default) takes dynamics for continuous actions and REINFORCE for discrete ones.
+
+Replay value loss (`loss.repval`, DreamerV3's current recipe): the critic also regresses, on the
+replayed posterior states, lambda-returns of the real rewards and terminals bootstrapped from the
+imagination returns of those same states (`replay_returns`), with the slow-critic regulariser.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from agents.optim import LaProp
 from worldmodels.base import flatten_state
 from worldmodels.model import WorldModel
 from worldmodels.nets import TwoHot, mlp, unimix_probs
@@ -51,13 +59,21 @@ class AgentConfig:
     wm_lr: float = 1e-4
     actor_lr: float = 3e-5
     critic_lr: float = 3e-5
-    wm_clip: float = 1000.0  # gradient-norm clip
+    wm_clip: float = 1000.0  # gradient-norm clip (adam)
     ac_clip: float = 100.0
     actor_grad: str = "auto"  # auto | reinforce | dynamics (continuous actions only)
+    optimizer: str = "adam"  # adam (per module, wm_lr / actor_lr / critic_lr, norm clips) | laprop (agents/optim.py)
+    lr: float = 4e-5  # laprop: one learning rate for every module
+    agc: float = 0.3  # laprop: adaptive gradient clipping, relative to the weights' norm
+    warmup: int = 1000  # laprop: updates over which the learning rate ramps up linearly
+    outscale: float = 1.0  # scale of the actor's initial output layer (DreamerV3's current recipe: 0.01)
+    eval_sample: bool = False  # evaluate with sampled actions (current recipe) instead of the mode
 
     def __post_init__(self):
         if self.actor_grad not in ("auto", "reinforce", "dynamics"):
             raise ValueError(f"agent.actor_grad must be auto, reinforce or dynamics, got '{self.actor_grad}'")
+        if self.optimizer not in ("adam", "laprop"):
+            raise ValueError(f"agent.optimizer must be adam or laprop, got '{self.optimizer}'")
 
 
 class Actor(nn.Module):
@@ -67,6 +83,9 @@ class Actor(nn.Module):
         super().__init__()
         self.discrete, self.cfg, self.action_dim = discrete, cfg, action_dim
         self.net = mlp(feat, units, layers, action_dim if discrete else 2 * action_dim)
+        with torch.no_grad():  # a small output layer starts every state near the same, broad policy
+            self.net[-1].weight.mul_(cfg.outscale)
+            self.net[-1].bias.mul_(cfg.outscale)
 
     def dist(self, feat: Tensor) -> torch.distributions.Distribution:
         out = self.net(feat)
@@ -78,14 +97,13 @@ class Actor(nn.Module):
         return torch.distributions.Independent(torch.distributions.Normal(torch.tanh(mean), std), 1)
 
     def sample(self, feat: Tensor) -> Tensor:
-        action = self.dist(feat).sample()
-        return action if self.discrete else action.clamp(-1, 1)
+        """A sample as the distribution gives it: continuous ones are not clipped here (the env and the
+        dynamics bound them), so that REINFORCE scores the action that was actually drawn."""
+        return self.dist(feat).sample()
 
     def rsample(self, feat: Tensor) -> Tensor:
-        """A reparameterised sample in [-1, 1] (continuous): clamped, with the gradient passed straight
-        through the clamp so that samples past the bounds still learn."""
-        action = self.dist(feat).rsample()
-        return action + (action.clamp(-1, 1) - action).detach()
+        """A reparameterised sample (continuous actions), unclipped like `sample`."""
+        return self.dist(feat).rsample()
 
     def mode(self, feat: Tensor) -> Tensor:
         d = self.dist(feat)
@@ -138,6 +156,9 @@ class Agent(nn.Module):
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.cfg
+        if c.optimizer == "laprop":
+            mods = {"wm": self.wm, "actor": self.actor, "critic": self.critic}
+            return {k: LaProp(m.parameters(), lr=c.lr, agc=c.agc, warmup=c.warmup) for k, m in mods.items()}
         return {
             "wm": torch.optim.Adam(self.wm.parameters(), lr=c.wm_lr, eps=1e-8),
             "actor": torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr, eps=1e-5),
@@ -162,7 +183,8 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
     cfg, wm = agent.cfg, agent.wm
     dynamics = actor_grad_mode(agent) == "dynamics"
     with torch.set_grad_enabled(dynamics):  # REINFORCE needs no gradient through the dynamics
-        policy = agent.actor.rsample if dynamics else agent.actor.sample
+        # the actor reads sg(state): dynamics gradients reach it through its actions only
+        policy = (lambda f: agent.actor.rsample(f.detach())) if dynamics else agent.actor.sample
         feat, action = wm.core.imagine(starts, policy, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
         reward = wm.reward.mean(wm.reward(feat[:, 1:]))  # (N, H) reward on arrival at step t+1
         cont = torch.sigmoid(wm.cont(feat[:, 1:]).squeeze(-1))  # (N, H)
@@ -193,7 +215,44 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
         "train/actor_entropy": ent.mean().detach(), "train/value": value.detach().mean(),
         "train/advantage": adv.abs().mean(),
     }
-    return {"actor": actor_loss, "critic": critic_loss}, metrics, retnorm_state
+    return {"actor": actor_loss, "critic": critic_loss}, metrics, retnorm_state, ret.detach()
+
+
+def replay_returns(reward: Tensor, is_first: Tensor, is_terminal: Tensor, boot: Tensor, gamma: float,
+                   lam: float) -> tuple[Tensor, Tensor]:
+    """Lambda-returns along a replayed window (B, T) in the replay's layout (reward and is_terminal of
+    row t belong to arriving at it), bootstrapped from `boot`, the imagination return of each row's
+    state (DreamerV3's `repl_loss`):
+
+        R_{T-1} = boot_{T-1}
+        R_t = r_{t+1} + gamma (1 - term_{t+1}) [ (1 - lam_{t+1}) boot_{t+1} + lam_{t+1} R_{t+1} ]
+
+    with lam_{t+1} = lam, or 0 where row t+1 ends its episode (it bootstraps, nothing after it counts).
+    Row t ends its episode where row t+1 starts one; such rows get weight 0 (their return would run
+    into the next episode). Returns the returns (B, T) and the weights (B, T)."""
+    B, T = reward.shape
+    last = torch.zeros_like(reward)
+    last[:, :-1] = is_first[:, 1:].float()
+    last[:, -1] = is_terminal[:, -1].float()
+    live = gamma * (1 - is_terminal.float())  # (B, T) discount of the step into row t
+    rets = [boot[:, -1]]
+    for t in reversed(range(T - 1)):
+        mix = lam * (1 - last[:, t + 1])
+        rets.append(reward[:, t + 1] + live[:, t + 1] * ((1 - mix) * boot[:, t + 1] + mix * rets[-1]))
+    return torch.stack(rets[::-1], 1), 1 - last
+
+
+def replay_value_loss(agent: Agent, feat: Tensor, batch: dict, boot: Tensor) -> Tensor:
+    """The critic on replayed posterior states sg(feat) (B, T, F) against `replay_returns`, plus the
+    slow-critic regulariser; the last row of each window has no return of its own and is left out."""
+    cfg = agent.cfg
+    ret, weight = replay_returns(batch["reward"], batch["is_first"], batch["is_terminal"], boot, cfg.gamma, cfg.lam)
+    feat = feat.detach()[:, :-1]
+    logits = agent.critic(feat)  # (B, T-1, K)
+    with torch.no_grad():
+        slow = agent.slow_critic.mean(agent.slow_critic(feat))
+    loss = agent.critic.loss(logits, ret[:, :-1]) + cfg.slow_critic_reg * agent.critic.loss(logits, slow)
+    return (weight[:, :-1] * loss).mean()
 
 
 def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) -> tuple[dict[str, Tensor], dict | None]:
@@ -208,9 +267,13 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) ->
         batch["obs"], batch["action"], batch["reward"], batch["is_first"], batch["is_terminal"], start=start)
     starts = {k: v.detach() for k, v in flatten_state(states).items()}  # (B*T, ...)
     start_cont = 1.0 - batch["is_terminal"].flatten().float()  # (B*T,)
-    ac_losses, ac_metrics, retnorm_state = imagine_losses(agent, starts, start_cont)
+    ac_losses, ac_metrics, retnorm_state, ret = imagine_losses(agent, starts, start_cont)
+    repval = agent.wm.loss_cfg.repval
+    if repval:
+        boot = ret[:, 0].reshape(batch["reward"].shape)  # (B, T) the imagination return from each row's state
+        ac_losses["repval"] = replay_value_loss(agent, feat, batch, boot)
 
-    losses = {"wm": total, **ac_losses}
+    losses = {"wm": total, "actor": ac_losses["actor"], "critic": ac_losses["critic"] + repval * ac_losses.get("repval", 0.0)}
     if not all(torch.isfinite(v) for v in losses.values()):
         return {"train/nonfinite": torch.ones(())}, None
 
@@ -219,6 +282,8 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) ->
     clips = {"wm": (agent.wm, cfg.wm_clip), "actor": (agent.actor, cfg.ac_clip), "critic": (agent.critic, cfg.ac_clip)}
     for name, v in losses.items():  # each loss trains its own module only (dynamics gradients reach further)
         v.backward(inputs=list(clips[name][0].parameters()))
+    if cfg.optimizer == "laprop":  # AGC inside the optimiser bounds each tensor's update instead
+        clips = {name: (mod, float("inf")) for name, (mod, _) in clips.items()}
     norms = {name: nn.utils.clip_grad_norm_(mod.parameters(), clip) for name, (mod, clip) in clips.items()}
     if not all(torch.isfinite(n) for n in norms.values()):
         for opt in opts.values():

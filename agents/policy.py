@@ -39,10 +39,11 @@ class DreamerPolicy(TensorDictModuleBase):
         return TensorDictPrimer({k: Unbounded(s) for k, s in shapes.items()}, default_value=0.0)
 
     def to_env(self, action: Tensor) -> Tensor:
-        """Actor actions live in [-1, 1] (or one-hot); rescale continuous ones to the env's bounds."""
+        """Actor actions are one-hot, or unbounded samples meant for [-1, 1]: clip those there and
+        rescale them to the env's bounds (the replay keeps the unclipped sample)."""
         if self.agent.wm.spec.discrete:
             return action
-        return self.low + (action + 1) / 2 * (self.high - self.low)
+        return self.low + (action.clamp(-1, 1) + 1) / 2 * (self.high - self.low)
 
     @torch.no_grad()
     def forward(self, td: TensorDictBase) -> TensorDictBase:
@@ -60,7 +61,7 @@ class DreamerPolicy(TensorDictModuleBase):
         mode = int(self.mode)
         if mode == RANDOM:
             action = self.random(N)
-        elif mode == EXPLORE:
+        elif mode == EXPLORE or self.agent.cfg.eval_sample:
             action = self.agent.actor.sample(feat)
         else:
             action = self.agent.actor.mode(feat)

@@ -18,6 +18,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import math
@@ -374,7 +376,7 @@ def run_one(raw) -> dict:
     metrics.update(task=task.name, task_id=task.id, kwargs=task.kwargs, backbone=backbone, size=nets.name,
                    seed=probe.seed, context=C, query=Q, updates=probe.updates, train_episodes=task.train_episodes,
                    test_episodes=task.test_episodes, train_s=round(train_s, 1),
-                   params=sum(p.numel() for p in wm.parameters()), run_dir=str(run_dir))
+                   params=sum(p.numel() for p in wm.parameters()), dims=dataclasses.asdict(core_cfg), run_dir=str(run_dir))
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"[probe] {task.name} {task.kwargs} {backbone}: gen MSE {metrics['gen_mse']:.1f}, "
           f"recon MSE {metrics['recon_mse']:.1f}, reward acc observe {metrics['reward_acc_observe']:.3f} / "

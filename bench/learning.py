@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.report import RESULTS, machine, markdown, parse, write
+from bench.report import RESULTS, commit, machine, markdown, parse, write
 
 DEFAULTS = {"backbones": "", "steps": 20000, "seeds": "0", "device": "cpu", "env": "pendulum",
             "preset": "pendulum_cpu", "episodes": 10, "extra": "", "out": "", "keep": False, "merge": True,
             "merge_from": ""}
-TARGET = -300.0
+TARGETS = {"pendulum": -300.0}  # eval return to reach after 20K env steps, where an issue set one
 
 
 def main(argv: list[str]) -> dict:
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> dict:
     if a["merge_from"]:  # no training: fold results files written elsewhere (out=...) into this one
         rows = [r for path in a["merge_from"].split(",") for r in _rows(json.loads(Path(path).read_text()))]
         rows = merge(Path(a["out"]) if a["out"] else RESULTS, f"learning_{a['env']}", rows)
-        data = {"args": a, "target": TARGET, "runs": rows}
+        data = {"args": a, "target": TARGETS.get(a["env"]), "runs": rows}
         write(f"learning_{a['env']}", data, report(rows, a["episodes"]), a["out"] or None)
         return data
     rows = []
@@ -75,20 +75,28 @@ def main(argv: list[str]) -> dict:
                          "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1), "episodes": len(returns),
                          "threads": torch.get_num_threads(), "params": params, "dims": dataclasses.asdict(cfg.core),
                          "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
-                         "replay_context": cfg.train.replay_context,
+                         "replay_context": cfg.train.replay_context, "commit": commit(),
+                         "agent": dataclasses.asdict(cfg.agent), "loss": dataclasses.asdict(cfg.loss),
                          "env": a["env"], "steps": a["steps"], "preset": a["preset"], "extra": a["extra"],
                          "machine": machine(a["device"]), "date": time.strftime("%Y-%m-%d"), "overrides": overrides})
             if not a["keep"]:
                 shutil.rmtree(run, ignore_errors=True)
     if a["merge"]:
         rows = merge(Path(a["out"]) if a["out"] else RESULTS, f"learning_{a['env']}", rows)
-    data = {"args": a, "target": TARGET, "runs": rows}
+    data = {"args": a, "target": TARGETS.get(a["env"]), "runs": rows}
     write(f"learning_{a['env']}", data, report(rows, a["episodes"]), a["out"] or None)
     return data
 
 
 def _key(row: dict) -> tuple:
-    return row["env"], row["backbone"], row["seed"], row["steps"], row["preset"], row["extra"], row["replay_context"]
+    """Rows of different models (dims) or settings never replace one another."""
+    return (row["env"], row["backbone"], row["seed"], row["steps"], row["preset"], row["extra"], row["replay_context"],
+            json.dumps(row.get("dims"), sort_keys=True))
+
+
+def _latent(row: dict) -> str:
+    d = row.get("dims")
+    return f"{d['stoch']}x{d['classes']}" if d else "-"
 
 
 def merge(folder: Path, name: str, rows: list[dict]) -> list[dict]:
@@ -113,23 +121,26 @@ def _rows(data: dict) -> list[dict]:
 
 
 def report(rows: list[dict], episodes: int) -> str:
-    rows = sorted(rows, key=lambda r: (r["backbone"], r["replay_context"], r["extra"], r["seed"]))
+    target = TARGETS.get(rows[0]["env"]) if rows else None
+    met = lambda m: "-" if target is None else "yes" if m >= target else "no"  # noqa: E731
+    rows = sorted(rows, key=lambda r: (r["backbone"], _latent(r), r["replay_context"], r["extra"], r["seed"]))
     envs = sorted({r["env"] for r in rows})
     text = (f"{', '.join(envs)}, mean eval return over each row's eval episodes after its env steps "
-            f"(target >= {TARGET:.0f})\n\n")
-    text += markdown(["backbone", "replay context", "overrides", "seed", "env steps", "eval return", "episodes", "before", "updates",
+            + (f"(target >= {target:.0f})" if target is not None else "(no target set)") + "\n\n")
+    text += markdown(["backbone", "latent", "replay context", "overrides", "seed", "env steps", "eval return", "episodes", "before", "updates",
                       "wall time", "threads", "target met", "params (wm/actor/critic)", "machine", "date"],
-                     [[r["backbone"], "yes" if r["replay_context"] else "no", r["extra"] or "-", r["seed"], r["env_steps"], f"{r['eval_return_mean']:.1f} +- {r['eval_return_std']:.1f}",
+                     [[r["backbone"], _latent(r), "yes" if r["replay_context"] else "no", r["extra"] or "-", r["seed"], r["env_steps"], f"{r['eval_return_mean']:.1f} +- {r['eval_return_std']:.1f}",
                        r.get("episodes", episodes),
                        f"{r['eval_return_before']:.1f}" if r["eval_return_before"] is not None else "",
-                       r["updates"], f"{r['wall_s'] / 60:.1f} min", r.get("threads", "-"), "yes" if r["eval_return_mean"] >= TARGET else "no",
+                       r["updates"], f"{r['wall_s'] / 60:.1f} min", r.get("threads", "-"), met(r["eval_return_mean"]),
                        "/".join(f"{v / 1e6:.2f}M" for v in r["params"].values()) if "params" in r else "-",
                        r.get("machine", ""), r.get("date", "")] for r in rows])
     summary = []
-    for b, ctx, extra in dict.fromkeys((r["backbone"], r["replay_context"], r["extra"]) for r in rows):
-        means = [r["eval_return_mean"] for r in rows if (r["backbone"], r["replay_context"], r["extra"]) == (b, ctx, extra)]
-        summary.append([b, "yes" if ctx else "no", extra or "-", len(means), f"{np.mean(means):.1f}", f"{min(means):.1f}",
-                        f"{max(means):.1f}", f"{sum(m >= TARGET for m in means)}/{len(means)}"])
-    text += "\n\nPer backbone, replay context and overrides, over seeds:\n\n" + markdown(
-        ["backbone", "replay context", "overrides", "seeds", "mean eval return", "worst seed", "best seed", "seeds meeting target"], summary)
+    group = lambda r: (r["backbone"], _latent(r), r["replay_context"], r["extra"])  # noqa: E731
+    for b, latent, ctx, extra in dict.fromkeys(group(r) for r in rows):
+        means = [r["eval_return_mean"] for r in rows if group(r) == (b, latent, ctx, extra)]
+        summary.append([b, latent, "yes" if ctx else "no", extra or "-", len(means), f"{np.mean(means):.1f}", f"{min(means):.1f}",
+                        f"{max(means):.1f}", f"{sum(m >= target for m in means)}/{len(means)}" if target is not None else "-"])
+    text += "\n\nPer backbone, latent, replay context and overrides, over seeds:\n\n" + markdown(
+        ["backbone", "latent", "replay context", "overrides", "seeds", "mean eval return", "worst seed", "best seed", "seeds meeting target"], summary)
     return text

@@ -42,6 +42,17 @@ def machine(device: str = "cpu") -> str:
     return f"{cpu}, {os.cpu_count()} cores (CPU)"
 
 
+def commit() -> str:
+    """The code's git commit (with a + where the work tree has changes), or '' outside a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def write(name: str, data: dict, table: str, out: str | None = None) -> Path:
     folder = Path(out) if out else RESULTS
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ the table gives the ratio.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import statistics
 import sys
 import time
@@ -77,7 +79,7 @@ def time_update(size: str, a: dict) -> dict:
         times.append((time.perf_counter() - t) * 1e3)
     assert m["train/nonfinite"] == 0, "non-finite loss in the benchmark batch"
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    return {"size": size, "params": params, "median_ms": round(statistics.median(times), 1),
+    return {"size": size, "params": params, "dims": dataclasses.asdict(core_cfg), "median_ms": round(statistics.median(times), 1),
             "min_ms": round(min(times), 1), "n": len(times),
             "transitions_per_s": round(B * T * 1e3 / statistics.median(times), 1)}
 

@@ -10,6 +10,8 @@ cache beside re-running the window every step (horizons up to `recompute_max`).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import statistics
 import time
 
@@ -67,7 +69,8 @@ def main(argv: list[str]) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             s = _timed(step, a["repeats"], dev)
             mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
-            train_rows.append({"backbone": name, "L": L, "B": B, "ms": s * 1e3, "us_per_token": s * 1e6 / (B * L), "peak_mib": mem})
+            train_rows.append({"backbone": name, "L": L, "B": B, "ms": s * 1e3, "us_per_token": s * 1e6 / (B * L), "peak_mib": mem,
+                               "params": sum(p.numel() for p in wm.parameters()), "dims": dataclasses.asdict(wm.core.cfg)})
             print(f"[worldmodel] {name} L={L} B={B}: {s * 1e3:.1f} ms", flush=True)
         N = a["starts"]
         with torch.no_grad():  # start states with a full context (a window's worth for the Transformer)

@@ -34,6 +34,7 @@ class LossConfig:
     dyn: float = 0.5
     rep: float = 0.1
     free_bits: float = 1.0  # nats below which the KL terms give no gradient
+    repval: float = 0.0  # replay value loss of the critic (agents/dreamer.py; the current recipe: 0.3)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class WorldModel(nn.Module):
             "rep": kl["rep"].clamp(min=self.loss_cfg.free_bits),
         }
         means = {k: v.mean() for k, v in terms.items()}
-        total = sum(getattr(self.loss_cfg, k) * v for k, v in means.items())
+        total = sum(getattr(self.loss_cfg, k) * v for k, v in means.items())  # repval belongs to the critic
         metrics = {"kl": kl["rep"].mean().detach()}
         return total, means, states, feat, metrics
 

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State, reset_state
-from worldmodels.nets import categorical_kl, mlp, sample_onehot, unimix_probs
+from worldmodels.nets import XS_LATENT, action_input, categorical_kl, mlp, sample_onehot, unimix_probs
 
 SIZES = {
-    "xs": dict(deter=64, hidden=64, stoch=8, classes=8),
+    "xs": dict(deter=64, hidden=64, **XS_LATENT),
     "s": dict(deter=512, hidden=512, stoch=32, classes=32),
     "m": dict(deter=1024, hidden=768, stoch=32, classes=32),
 }
@@ -78,7 +78,7 @@ class RSSM(nn.Module):
         return net(x).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)  # (B, S, K)
 
     def _img_step(self, state: State, action: Tensor) -> Tensor:
-        x = self.img_in(torch.cat([state["stoch"].flatten(1), action], -1))  # (B, hidden)
+        x = self.img_in(torch.cat([state["stoch"].flatten(1), action_input(action)], -1))  # (B, hidden)
         return self.gru(x, state["deter"])  # (B, deter)
 
     def observe(self, state, embed, action, is_first, noise=None):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State
-from worldmodels.nets import categorical_kl, mlp, sample_onehot, unimix_probs
+from worldmodels.nets import action_input, categorical_kl, mlp, sample_onehot, unimix_probs
 
 
 def complex_dtype(x: Tensor) -> torch.dtype:
@@ -67,7 +67,7 @@ class SSMCore(nn.Module):
     def _blocks(self, x0: list[Tensor], z_prev: Tensor, action: Tensor, reset: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Sequence model over (B, T) from complex states x0 (one (B, *layer_state) per block): h (B, T, H)
         and each block's states (B, T, *layer_state)."""
-        u = self.inp(torch.cat([z_prev.flatten(-2), action], -1))  # (B, T, H)
+        u = self.inp(torch.cat([z_prev.flatten(-2), action_input(action)], -1))  # (B, T, H)
         states = []
         for block, x in zip(self.blocks, x0):
             u, xs = block(u, x, reset)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State
-from worldmodels.nets import XS_LATENT, categorical_kl, mlp, sample_onehot, unimix_probs
+from worldmodels.nets import XS_LATENT, action_input, categorical_kl, mlp, sample_onehot, unimix_probs
 
 SIZES = {
     "xs": {"d_model": 64, "heads": 2, "layers": 2, "window": 64, "hidden": 64, **XS_LATENT},
@@ -148,7 +148,7 @@ class TSSM(nn.Module):
         """Tokens for (B, T) steps after `state`: h (B, T, D) and the cache after every step."""
         B, T = first.shape
         W, dev = self.cfg.window, first.device
-        x = self.inp(torch.cat([z_prev.flatten(-2), action], -1))  # (B, T, D)
+        x = self.inp(torch.cat([z_prev.flatten(-2), action_input(action)], -1))  # (B, T, D)
         t = torch.arange(T, device=dev)
         # last episode start at or before t within this chunk (-1: none), and each token's position
         last_reset = torch.where(first > 0, t, -1).cummax(1).values  # (B, T)
@@ -223,7 +223,7 @@ class TSSM(nn.Module):
         actions = [policy(feats[0])]
         z = state["stoch"]
         for i in range(horizon):
-            x = self.inp(torch.cat([z.flatten(-2), actions[-1]], -1))[:, None]  # (N, 1, D)
+            x = self.inp(torch.cat([z.flatten(-2), action_input(actions[-1])], -1))[:, None]  # (N, 1, D)
             # token i sees cache slot j while p0 - W + j > p0 + i - W (j > i), and imagined token m
             # while i - m < W; the mask covers [cache, imagined tokens 0..i-1, itself]
             m = torch.arange(i, device=dev)

@@ -149,3 +149,12 @@ def test_train_smoke_every_backbone(tmp_path, backbone):
     run = tmp_path / backbone
     assert main(["train", "env=cartpole", f"world_model={backbone}", "steps=150", f"run_dir={run}", *FAST]) == 0
     assert "loss/dyn" in tags(run).Tags()["scalars"]
+
+
+def test_train_recipe_dv3_smoke(tmp_path):
+    """DreamerV3's current recipe end to end: LaProp, the replay value loss, sampled evaluation."""
+    run = tmp_path / "dv3"
+    assert main(["train", "env=cartpole", "recipe=dv3", "steps=150", f"run_dir={run}", *FAST]) == 0
+    assert "loss/repval" in tags(run).Tags()["scalars"]
+    saved = (run / "config.yaml").read_text()
+    assert "optimizer: laprop" in saved and "repval: 0.3" in saved
