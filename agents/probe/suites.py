@@ -9,9 +9,11 @@ from agents.probe.report import write_report
 from worldmodels.model import BACKBONES
 
 # Each entry: overrides for one task. "memory" is sized for one GPU in about an hour over four
-# backbones, at S4WM's 64 x 64 observations; "memory_cpu" for a 2-core CPU in under three hours, on
-# the same tasks rendered at 16 x 16 (5 x 5 tile views) and 32 x 32 (7 x 7 views), which keep every
-# tile (envs/memory/grid.py); "smoke" runs the same code on tiny data on a CPU in a few minutes.
+# backbones, at S4WM's 64 x 64 observations; "memory_cpu" runs the same tasks rendered at 16 x 16
+# (5 x 5 tile views) and 32 x 32 (7 x 7 views), which keep every tile (envs/memory/grid.py), for a
+# 2-core CPU: its update counts are provisional (the whole suite has not been run; one calibration run
+# needed about 4,000 updates at lr 1e-3 for Distracting Memory at W=10, see README); "smoke" runs the
+# same code on tiny data on a CPU in a few minutes.
 SUITES = {
     "memory": [
         ["task=distracting_memory", "task.kwargs.length=100"],
