@@ -191,8 +191,9 @@ class Replay:
         frames = frames.reshape(-1, frames.shape[-1]) if frames.batch_dims > 1 else frames.unsqueeze(0)
         assert frames.shape[0] == self.n_envs, (frames.shape, self.n_envs)
         built = [self._rows(frames[e], e) for e in range(self.n_envs)]
-        if max(r.shape[0] for r, _ in built) > self.C:
-            raise ReplayError(f"a collector batch of {max(r.shape[0] for r, _ in built)} rows per env does not fit in "
+        longest = max(rows.shape[0] for rows, _ in built)
+        if longest > self.C:
+            raise ReplayError(f"a collector batch of {longest} rows per env does not fit in "
                               f"{self.C} rows per env; raise replay_capacity or lower collect_every")
         if self.rows is None:
             self._create(*built[0])
