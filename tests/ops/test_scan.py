@@ -84,6 +84,28 @@ def test_chunked_matches_float64_reference(T, reverse, dtype):
     compare("cpu", dtype, T, reverse, 1e-5, backend="chunked")
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_chunked_half_precision(dtype, tol):
+    """Carried in float32, returned (and differentiated) in the input's dtype."""
+    compare("cpu", dtype, 33, False, tol, backend="chunked")
+    compare("cpu", dtype, 33, True, tol, backend="chunked")
+
+
+def test_chunked_gradient_for_real_decay_and_complex_input():
+    """A real a meeting a complex b (a real decay on a complex state) gets a real gradient, the real
+    part of autograd's, as the loop gives it."""
+    a, b, h0, reset = make(2, 40, 3, torch.complex64)
+    a = a.abs().detach()
+    grads = []
+    for backend in ("chunked", "ref"):
+        x = [t.clone().requires_grad_() for t in (a, b, h0)]
+        h = linear_scan(*x, reset=reset, backend=backend)
+        grads.append(torch.autograd.grad((h * h.conj()).real.sum(), x))
+    for fast, ref in zip(*grads):
+        assert fast.dtype == ref.dtype
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_chunked_takes_zero_decay_and_float64():
     a, b, h0, reset = make(3, 50, 4, torch.float64)
     a[:, 10] = 0.0  # a_t = 0 wipes the state, as a reset does

@@ -91,11 +91,18 @@ def linear_scan_chunked(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: T
     its chunk started from. Only products and sums: no division, so a_t = 0 (resets) is fine. The
     result equals `linear_scan_ref` up to the order of floating-point additions, with log2(chunk) +
     T / chunk Python-level steps instead of T, which is what costs on a CPU. Same contract.
+
+    The gradient is not autograd's trace of the doubling steps (whose slices and concatenations cost
+    more than the scan itself: a zero-filled buffer per slice) but the adjoint recurrence, one more
+    chunked scan run the other way, as the Triton path does (`_scan_backward`).
     """
     a, b = _prepare(a, b, h0, reset)
-    out_dtype = b.dtype
-    carry = _carry_dtype(a, b)
-    a, b = a.to(carry), b.to(carry)
+    h, last = _ChunkedScan.apply(a, b, h0, reverse, chunk)
+    return (h, last) if return_last else h
+
+
+def _chunked(a: Tensor, b: Tensor, h0: Tensor | None, reverse: bool, chunk: int) -> tuple[Tensor, Tensor]:
+    """The chunked scan on (B, T, D) inputs of one carry dtype, without autograd: (h, last)."""
     if reverse:
         a, b = a.flip(1), b.flip(1)
     B, T, D = b.shape
@@ -105,23 +112,80 @@ def linear_scan_chunked(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: T
         pad = n * C - T
         a = torch.cat([a, a.new_ones(B, pad, D)], 1)
         b = torch.cat([b, b.new_zeros(B, pad, D)], 1)
-    A, H = a.reshape(B, n, C, D), b.reshape(B, n, C, D)
+    # own buffers (a is often a broadcast view), updated in place: each right-hand side is computed
+    # whole before it is written, so the overlapping slices read the previous step's values
+    A = a.reshape(B, n, C, D).clone(memory_format=torch.contiguous_format)
+    H = b.reshape(B, n, C, D).clone(memory_format=torch.contiguous_format)
     k = 1
     while k < C:  # after this: A_t = prod of a over the chunk up to t, H_t = the state from zero
-        H = torch.cat([H[:, :, :k], H[:, :, k:] + A[:, :, k:] * H[:, :, :-k]], 2)
-        A = torch.cat([A[:, :, :k], A[:, :, k:] * A[:, :, :-k]], 2)
+        H[:, :, k:] += A[:, :, k:] * H[:, :, :-k]
+        A[:, :, k:] = A[:, :, k:] * A[:, :, :-k]
         k *= 2
-    start = torch.zeros(B, D, dtype=carry, device=b.device) if h0 is None else h0.to(carry)
+    start = torch.zeros(B, D, dtype=b.dtype, device=b.device) if h0 is None else h0
     if n > 1:  # the state each chunk starts from: the scan over the chunks' end maps, one level up
-        ends = linear_scan_chunked(A[:, :-1, -1], H[:, :-1, -1], h0=start, chunk=chunk)  # (B, n-1, D)
+        ends, _ = _chunked(A[:, :-1, -1], H[:, :-1, -1], start, False, chunk)  # (B, n-1, D)
         start = torch.cat([start[:, None], ends], 1)  # (B, n, D)
     else:
         start = start[:, None]
     h = (H + A * start[:, :, None]).reshape(B, n * C, D)[:, :T]
     if reverse:
         h = h.flip(1)
-    h = h.to(out_dtype)
-    return (h, h[:, 0 if reverse else -1]) if return_last else h
+    return h, h[:, 0 if reverse else -1]
+
+
+def _scan_backward(scan, a: Tensor, h: Tensor, h0: Tensor | None, reverse: bool, grad_h: Tensor | None,
+                   grad_last: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of h = scan(a, x, h0) from those of h and of the last state. The adjoint runs the
+    same recurrence the other way over the shifted a: dL/dh_t = g_t + a_{t+1} dL/dh_{t+1}; then
+    dL/da_t = dL/dh_t h_{t-1}, dL/dx_t = dL/dh_t, dL/dh0 = a_0 dL/dh_0 (conjugated where complex, as
+    autograd's convention is). `scan(a, x, reverse)` returns (h, last) without autograd."""
+    B, T, D = h.shape
+    g_out = grad_h.clone() if grad_h is not None else torch.zeros_like(h)
+    if grad_last is not None:
+        g_out[:, 0 if reverse else T - 1] += grad_last
+    conj = torch.conj if h.is_complex() else (lambda t: t)
+    zero = torch.zeros_like(a[:, :1])
+    # dL/dh_t collects from the step that reads h_t: t+1 forward, t-1 in reverse
+    a_next = torch.cat([a[:, 1:], zero], 1) if not reverse else torch.cat([zero, a[:, :-1]], 1)
+    a_next = conj(a_next).to(g_out.dtype).contiguous()
+    g, _ = scan(a_next, g_out.contiguous(), not reverse)
+    start = h0 if h0 is not None else torch.zeros_like(h[:, 0])
+    h_prev = torch.cat([start[:, None], h[:, :-1]], 1) if not reverse else torch.cat([h[:, 1:], start[:, None]], 1)
+    grad_a = g * conj(h_prev)
+    edge = 0 if not reverse else T - 1
+    grad_h0 = conj(a[:, edge]) * g[:, edge] if h0 is not None else None
+    return grad_a, g, grad_h0
+
+
+def _grad_as(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    """A gradient in its input's dtype; a real input that met complex arithmetic takes the real part."""
+    if grad is None or like is None:
+        return None
+    if grad.is_complex() and not like.is_complex():
+        grad = grad.real
+    return grad.to(like.dtype)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0, reverse, chunk):
+        carry = _carry_dtype(a, b)
+        ac, bc = a.to(carry), b.to(carry)
+        h0c = h0.to(carry) if h0 is not None else None
+        h, last = _chunked(ac, bc, h0c, reverse, chunk)
+        ctx.save_for_backward(ac, h, h0c)
+        ctx.reverse, ctx.chunk = reverse, chunk
+        ctx.like = (a.new_empty(()), b.new_empty(()), h0.new_empty(()) if h0 is not None else None)
+        return h.to(b.dtype), last.to(b.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_last):
+        a, h, h0 = ctx.saved_tensors
+        chunk = ctx.chunk
+        grads = _scan_backward(lambda a_, x, rev: _chunked(a_, x, None, rev, chunk), a, h, h0, ctx.reverse,
+                               grad_h.to(h.dtype) if grad_h is not None else None,
+                               grad_last.to(h.dtype) if grad_last is not None else None)
+        return (*(_grad_as(g, like) for g, like in zip(grads, ctx.like)), None, None)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -236,25 +300,9 @@ class _TritonScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h, grad_last):
         a, h, h0 = ctx.saved_tensors
-        reverse = ctx.reverse
-        B, T, D = h.shape
-        g_out = grad_h.clone() if grad_h is not None else torch.zeros_like(h)
-        if grad_last is not None:
-            g_out[:, 0 if reverse else T - 1] += grad_last
-        conj = torch.conj if h.is_complex() else (lambda t: t)
-        zero = torch.zeros_like(a[:, :1])
-        # dL/dh_t collects from the step that reads h_t: t+1 forward, t-1 in reverse
-        a_next = torch.cat([a[:, 1:], zero], 1) if not reverse else torch.cat([zero, a[:, :-1]], 1)
-        a_next = conj(a_next).to(g_out.dtype).contiguous()
-        g, _ = _launch(a_next, g_out.contiguous(), None, not reverse)
-        start = h0 if h0 is not None else torch.zeros_like(h[:, 0])
-        h_prev = torch.cat([start[:, None], h[:, :-1]], 1) if not reverse else torch.cat([h[:, 1:], start[:, None]], 1)
-        grad_a = g * conj(h_prev)
-        grad_h0 = None
-        if ctx.has_h0:
-            edge = 0 if not reverse else T - 1
-            grad_h0 = conj(a[:, edge]) * g[:, edge]
-        return grad_a, g, grad_h0, None
+        grad_a, grad_x, grad_h0 = _scan_backward(lambda a_, x, rev: _launch(a_, x, None, rev), a, h, h0, ctx.reverse,
+                                                 grad_h, grad_last)
+        return grad_a, grad_x, grad_h0 if ctx.has_h0 else None, None
 
 
 def linear_scan_triton(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Tensor | None = None,
