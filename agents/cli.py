@@ -7,6 +7,10 @@
     longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel, checkpoint, stress, memory
     longdream envs                           list environment ids
 
+Every command takes `threads=N`: torch's intra-op threads (default: the cores this process may use).
+Processes side by side on one machine should share its cores between them (threads=1 each on 2
+cores): more threads than cores in all makes every process many times slower.
+
 Errors a user can fix (bad keys, unknown envs, corrupt checkpoints) print one line and exit 2.
 """
 from __future__ import annotations
@@ -105,6 +109,30 @@ def cmd_envs(args: list[str]) -> int:
     return 0
 
 
+def set_threads(args: list[str]) -> list[str]:
+    """Apply `threads=N` (torch intra-op threads) and return the other arguments. Without it, torch
+    uses the cores this process may use (its CPU affinity), not every core of the machine, unless
+    OMP_NUM_THREADS is set."""
+    import os
+
+    import torch
+
+    from agents.config import ConfigError
+
+    given = [a.split("=", 1)[1] for a in args if a.startswith("threads=")]
+    rest = [a for a in args if not a.startswith("threads=")]
+    if given:
+        if not given[-1].isdigit() or int(given[-1]) < 1:
+            raise ConfigError(f"threads must be a whole number of at least 1, got '{given[-1]}'")
+        n = int(given[-1])
+    elif os.environ.get("OMP_NUM_THREADS"):  # the environment's own choice stands
+        return rest
+    else:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return rest
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "bench": cmd_bench, "envs": cmd_envs}
 
 
@@ -123,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from envs.make import EnvError
 
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return COMMANDS[argv[0]](set_threads(argv[1:]))
     except (ConfigError, EnvError, CheckpointError, ReplayError, RunDirError) as e:
         print(f"longdream: error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -47,7 +48,9 @@ def markdown(header: list[str], rows: list[list]) -> str:
 
 def run_comparator(script: str, args: list[str]) -> list[dict]:
     """Run an external timing script that prints `RESULT {json}` lines; return the parsed rows."""
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    # the comparator runs with this process's torch threads (`threads=`), so that the ratio is fair
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
     rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not rows:
         raise RuntimeError(f"comparator {script} gave no result: {proc.stderr.strip().splitlines()[-1:]}")

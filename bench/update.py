@@ -29,7 +29,7 @@ PRESETS = {
 }
 MATCHED = {("p064", "size1m"), ("s", "size12m")}  # (ours, TorchRL's) at about the same parameter count
 DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
-            "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "", "threads": 0,
+            "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "",
             "context": False}
 
 
@@ -86,8 +86,6 @@ def time_update(size: str, a: dict) -> dict:
 
 def main(argv: list[str]) -> dict:
     a = parse(argv, DEFAULTS)
-    if a["threads"]:
-        torch.set_num_threads(a["threads"])
     rows = []
     for size in a["sizes"].split(","):
         r = time_update(size, a)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +114,16 @@ def dataset(task: TaskConfig, split: str, length: int, cache: Path, progress: bo
     path = cache / f"{task.name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}-{split}"
     if (path / "done").exists():
         return TensorDict.load_memmap(path)
+    if path.exists() and not (path / "done").exists():  # an earlier process stopped while writing it
+        shutil.rmtree(path, ignore_errors=True)
     data = generate(task, n, seed, length, progress)
-    data.memmap_(path)
-    (path / "done").write_text(key)
-    return data
+    # written under a name of this process's own, then renamed whole: processes that run a suite side
+    # by side (backbones=... each) may generate the same split at once, and none reads a partial one
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    data.memmap_(tmp)
+    (tmp / "done").write_text(key)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TensorDict.load_memmap(path)

@@ -119,6 +119,28 @@ def test_bad_config_key(capsys):
     assert "pendulum" in one_line_error(capsys, ["train", "env=pendulm"])
 
 
+def test_threads_option(capsys, monkeypatch):
+    """`threads=N` sets torch's threads for any command and does not reach the command's own keys."""
+    from agents.cli import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(["env=pendulum", "threads=1", "steps=3"]) == ["env=pendulum", "steps=3"]
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+        set_threads([])  # default: the cores this process may use
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        set_threads([])  # the environment's own setting stands
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "two"):
+        assert "threads" in one_line_error(capsys, ["train", f"threads={bad}"])
+
+
 def test_resume_with_other_config_is_an_error(vector_run, capsys):
     err = one_line_error(capsys, ["train", f"run_dir={vector_run}", "agent.horizon=5"])
     assert "agent.horizon" in err

@@ -32,6 +32,33 @@ def test_dataset_is_cached(tmp_path):
     assert not torch.equal(first["obs"][:2], test["obs"])  # held-out seeds
 
 
+def test_dataset_cache_survives_a_partial_write_and_a_concurrent_writer(tmp_path, monkeypatch):
+    """A split left half-written (no "done") is regenerated; a writer that finds the split already
+    renamed into place by another process keeps that copy and leaves no temporary behind."""
+    first = dataset(TASK, "train", 10, tmp_path, progress=False)
+    (path,) = list(tmp_path.iterdir())
+    (path / "done").unlink()  # as if the process had stopped while writing
+    again = dataset(TASK, "train", 10, tmp_path, progress=False)
+    assert torch.equal(first["obs"], again["obs"]) and (path / "done").exists()
+
+    import agents.probe.data as data_mod
+
+    real = data_mod.generate
+    other = tmp_path / "other"
+
+    def racing(*args, **kw):  # another process puts the same split in place while this one generates
+        out = real(*args, **kw)
+        out.clone().memmap_(other / path.name)
+        (other / path.name / "done").write_text("x")
+        return out
+
+    other.mkdir()
+    monkeypatch.setattr(data_mod, "generate", racing)
+    got = dataset(TASK, "train", 10, other, progress=False)
+    assert torch.equal(got["obs"], first["obs"])
+    assert [p.name for p in other.iterdir()] == [path.name]  # no temporary left behind
+
+
 def test_pixel_mse_units():
     obs = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8)
     perfect = obs.float() / 255 - 0.5
