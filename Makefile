@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the edit loop: everything but the end-to-end runs marked slow (`make test` runs them all)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests -m "not slow"
 
 bench: $(STAMP)
 	$(VENV)/bin/longdream bench update

@@ -37,6 +37,7 @@ def vector_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_train_vector_smoke(vector_run):
     ea = tags(vector_run)
     missing = EXPECTED_SCALARS - set(ea.Tags()["scalars"])
@@ -48,6 +49,7 @@ def test_train_vector_smoke(vector_run):
     assert (vector_run / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_train_dmc_pixels_smoke(tmp_path):
     run = tmp_path / "pix"
     code = main(["train", "env=dmc/cartpole_swingup_pixels", "env.time_limit=20", "steps=120", "video_every=60",
@@ -60,6 +62,7 @@ def test_train_dmc_pixels_smoke(tmp_path):
     assert (run / "checkpoints" / "latest").exists()
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_video(vector_run, capsys):
     assert main(["eval", f"run_dir={vector_run}", "episodes=2"]) == 0
     out = capsys.readouterr().out
@@ -67,6 +70,7 @@ def test_eval_cli_writes_video(vector_run, capsys):
     assert list((vector_run / "videos").glob("eval-cli-*.gif"))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_continues_with_replay(tmp_path, capsys):
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "agents.cli", "train", "env=pendulum", "env.time_limit=50", "steps=100000",
@@ -141,11 +145,13 @@ def test_threads_option(capsys, monkeypatch):
         assert "threads" in one_line_error(capsys, ["train", f"threads={bad}"])
 
 
+@pytest.mark.slow
 def test_resume_with_other_config_is_an_error(vector_run, capsys):
     err = one_line_error(capsys, ["train", f"run_dir={vector_run}", "agent.horizon=5"])
     assert "agent.horizon" in err
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_an_error(vector_run, tmp_path, capsys):
     import shutil
 
@@ -158,6 +164,7 @@ def test_corrupt_checkpoint_is_an_error(vector_run, tmp_path, capsys):
     assert "corrupt or truncated" in err
 
 
+@pytest.mark.slow
 def test_train_with_two_env_processes(tmp_path):
     run = tmp_path / "multi"
     code = main(["train", "env=cartpole", "envs=2", "steps=200", f"run_dir={run}", *FAST])
@@ -166,6 +173,7 @@ def test_train_with_two_env_processes(tmp_path):
     assert len(meta["hi"]) == 2 and min(meta["hi"]) >= 100  # both processes' frames reached their streams
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", sorted(set(BACKBONES) - {"rssm"}))
 def test_train_smoke_every_backbone(tmp_path, backbone):
     run = tmp_path / backbone
@@ -173,6 +181,7 @@ def test_train_smoke_every_backbone(tmp_path, backbone):
     assert "loss/dyn" in tags(run).Tags()["scalars"]
 
 
+@pytest.mark.slow
 def test_train_recipe_dv3_smoke(tmp_path):
     """DreamerV3's current recipe end to end: LaProp, the replay value loss, sampled evaluation."""
     run = tmp_path / "dv3"

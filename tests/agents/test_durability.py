@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from agents import checkpoint
@@ -36,6 +37,7 @@ def test_second_process_is_refused(tmp_path, capsys):
     assert f"in use by process {os.getpid()}" in err and "lock" in err
 
 
+@pytest.mark.slow
 def test_stale_lock_is_taken_over(tmp_path, capsys):
     run = tmp_path / "stale"
     run.mkdir()
@@ -52,6 +54,7 @@ def test_unwritable_run_dir(tmp_path, capsys):
     assert "cannot write to run_dir" in err
 
 
+@pytest.mark.slow
 def test_full_disk_at_checkpoint_keeps_the_last_good_one(tmp_path, capsys, monkeypatch):
     run = tmp_path / "full"
     assert main(["train", f"run_dir={run}", "steps=120", *FAST]) == 0
@@ -86,6 +89,7 @@ KILL_IN_CHECKPOINT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write(tmp_path, capsys):
     run = tmp_path / "killed"
     proc = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT, "train", f"run_dir={run}", "steps=100000",

@@ -67,6 +67,7 @@ def test_pixel_mse_units():
     torch.testing.assert_close(_pixel_mse(black, obs), (obs.float() / 255).pow(2).sum((-1, -2, -3)))
 
 
+@pytest.mark.slow
 def test_smoke_suite_writes_table_plots_and_videos(tmp_path):
     assert main(["probe", "suite=smoke", f"out={tmp_path}", "progress=false"]) == 0
     report = (tmp_path / "report_smoke.md").read_text()
@@ -95,6 +96,7 @@ def test_probe_errors_are_one_line(tmp_path, capsys, args, needle):
     assert needle in err and "\n" not in err, err
 
 
+@pytest.mark.slow
 def test_bsuite_memory_sweep_reports_success_per_length(tmp_path):
     pytest.importorskip("bsuite")
     extra = "['prefill=64','batch_size=2','train_ratio=16','collect_every=8','log_every=64','checkpoint_every=100000']"
@@ -110,6 +112,7 @@ def test_bsuite_memory_sweep_reports_success_per_length(tmp_path):
     assert "| rssm |" in report and "| s5wm |" in report and (out / "bsuite_memory_success.png").exists()
 
 
+@pytest.mark.slow
 def test_memory_maze_probe_reads_walls_and_objects_from_frozen_states(tmp_path):
     pytest.importorskip("memory_maze")
     args = ["probe", "task=memory_maze", "world_model=rssm", "task.context=6", "task.query=3", "task.train_episodes=3",
@@ -121,6 +124,7 @@ def test_memory_maze_probe_reads_walls_and_objects_from_frozen_states(tmp_path):
     assert metrics["probe_targets_pos_mse"] >= 0.0 and len(metrics["gen_mse_per_step"]) == 3
 
 
+@pytest.mark.slow
 def test_suite_resumes_and_run_dir_names_the_output(tmp_path, capsys):
     args = ["probe", "suite=smoke", "backbones=rssm", f"run_dir={tmp_path}", "progress=false"]
     assert main(args) == 0

@@ -261,6 +261,7 @@ def test_bsuite_discounting_chain():
     assert out["rewards"][9] > 0 and sum(r > 0 for r in out["rewards"]) == 1
 
 
+@pytest.mark.slow
 def test_memory_maze():
     pytest.importorskip("memory_maze")
     env = gym.make("longdream/MemoryMaze-v0", size=9)

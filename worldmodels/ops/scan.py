@@ -64,7 +64,7 @@ def _carry_dtype(a: Tensor, b: Tensor) -> torch.dtype:
 
 def linear_scan_ref(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Tensor | None = None,
                     reverse: bool = False, return_last: bool = False):
-    """Reference: a loop over time, carried in float32 (or complex64)."""
+    """Reference: a loop over time, carried in float32 (or complex64); float64 inputs stay in double."""
     a, b = _prepare(a, b, h0, reset)
     out_dtype = b.dtype
     carry = _carry_dtype(a, b)
