@@ -24,10 +24,10 @@ from agents.policy import EVAL, EXPLORE, RANDOM, DreamerPolicy
 from agents.replay import Replay
 from agents.runlock import RunLock, os_error
 from agents.video import add_gif, open_loop_grid, save_video
-from envs.make import make_env, obs_spec
+from envs.make import make_env
 from torchrl.data import Unbounded
-from torchrl.envs import TensorDictPrimer
-from worldmodels.model import WorldModel
+from torchrl.envs import EnvBase, TensorDictPrimer
+from worldmodels.model import ObsSpec, WorldModel
 
 
 def _collect_env(env_cfg, seed: int, primer_shapes: dict, render: bool = False):
@@ -35,6 +35,17 @@ def _collect_env(env_cfg, seed: int, primer_shapes: dict, render: bool = False):
     env = make_env(env_cfg, seed, render=render)
     env.append_transform(TensorDictPrimer({k: Unbounded(s) for k, s in primer_shapes.items()}, default_value=0.0))
     return env
+
+
+def obs_spec(env: EnvBase) -> ObsSpec:
+    """What the world model needs to know about an env's observations and actions."""
+    spec = env.observation_spec
+    action = env.action_spec
+    discrete = action.domain == "discrete"
+    if "observation" not in spec.keys():
+        C, H, W = spec["pixels"].shape[-3:]
+        return ObsSpec(pixels=True, action_dim=action.shape[-1], discrete=discrete, image=(H, W, C))
+    return ObsSpec(pixels=False, obs_dim=spec["observation"].shape[-1], action_dim=action.shape[-1], discrete=discrete)
 
 
 def build_agent(cfg: Config, device: str) -> tuple[Agent, DreamerPolicy, dict]:

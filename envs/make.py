@@ -20,7 +20,6 @@ import torch
 from torchrl.envs import (CatTensors, Compose, DoubleToFloat, EnvBase, InitTracker, PermuteTransform,
                           RenameTransform, RewardSum, StepCounter, TransformedEnv)
 
-from worldmodels.model import ObsSpec
 
 
 class EnvError(ValueError):
@@ -111,17 +110,6 @@ def make_env(cfg: EnvConfig, seed: int = 0, render: bool = False) -> Transformed
         transforms.append(DoubleToFloat())
     transforms += [StepCounter(max_steps=cfg.time_limit), InitTracker(), RewardSum()]
     return TransformedEnv(base, Compose(*transforms))
-
-
-def obs_spec(env: EnvBase) -> ObsSpec:
-    """What the world model needs to know about an env's observations and actions."""
-    spec = env.observation_spec
-    action = env.action_spec
-    discrete = action.domain == "discrete"
-    if "observation" not in spec.keys():
-        C, H, W = spec["pixels"].shape[-3:]
-        return ObsSpec(pixels=True, action_dim=action.shape[-1], discrete=discrete, image=(H, W, C))
-    return ObsSpec(pixels=False, obs_dim=spec["observation"].shape[-1], action_dim=action.shape[-1], discrete=discrete)
 
 
 def list_envs() -> str:

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from envs import EnvConfig, EnvError, make_env, obs_spec
+from agents.train import obs_spec
+from envs import EnvConfig, EnvError, make_env
 
 
 def check_rollout(env, steps=5):
