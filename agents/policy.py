@@ -10,8 +10,6 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import Tensor
-from torchrl.data import Unbounded
-from torchrl.envs import TensorDictPrimer
 
 from agents.dreamer import Agent
 
@@ -31,12 +29,6 @@ class DreamerPolicy(TensorDictModuleBase):
         self.register_buffer("high", action_high.float())
         # A buffer, not an attribute, so that weight syncing to collector workers carries it too.
         self.register_buffer("mode", torch.tensor(mode))
-
-    def primer(self) -> TensorDictPrimer:
-        """The env transform that declares (and zeroes at reset) the state this policy carries."""
-        shapes = {f"state_{k}": s for k, s in self.agent.wm.core.state_shapes().items()}
-        shapes["prev_action"] = (self.agent.wm.spec.action_dim,)
-        return TensorDictPrimer({k: Unbounded(s) for k, s in shapes.items()}, default_value=0.0)
 
     def to_env(self, action: Tensor) -> Tensor:
         """Actor actions are one-hot, or unbounded samples meant for [-1, 1]: clip those there and

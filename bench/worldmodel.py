@@ -108,20 +108,19 @@ def main(argv: list[str]) -> dict:
         [[r["backbone"], r["method"], r["horizon"], f"{r['steps_per_s']:.0f}"] for r in imag_rows])
     data = {"machine": machine(a["device"]), "args": a, "train": train_rows, "imagine": imag_rows}
     folder = write(f"worldmodel_{dev.type}", data, table, a["out"] or None)
-    try:  # plot: time per token against L
-        import matplotlib
+    # plot: time per token against L
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for name in names:
-            rows = [r for r in train_rows if r["backbone"] == name]
-            ax.plot([r["L"] for r in rows], [r["us_per_token"] for r in rows], marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel="us per token", title="world-model train step")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / f"worldmodel_{dev.type}.png", dpi=120)
-    except ImportError:
-        pass
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name in names:
+        rows = [r for r in train_rows if r["backbone"] == name]
+        ax.plot([r["L"] for r in rows], [r["us_per_token"] for r in rows], marker="o", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length L", ylabel="us per token", title="world-model train step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / f"worldmodel_{dev.type}.png", dpi=120)
+    plt.close(fig)
     return data

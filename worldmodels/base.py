@@ -6,7 +6,7 @@ so backbones differ only here.
 
 State is a flat dict of tensors whose leading dim is the batch: (B, ...). `observe` returns the
 state after every step with a time dim, (B, T, ...), so that imagination can start from each one;
-`State.last` style indexing is `index_state(states, -1)`.
+`index_state(states, -1)` takes the state after the last step.
 
 Conventions, per step t of a sequence:
 - `embed[:, t]` encodes observation x_t;

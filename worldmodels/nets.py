@@ -15,9 +15,7 @@ from torch import Tensor, nn
 
 # Shared widths per size preset. Backbone-specific dims live beside each backbone.
 # The latent of every backbone at size xs: 32 categoricals of 16 classes, one size for all so that a
-# comparison of backbones is not one of latent sizes. (At 8 x 8 the Transformer and state-space
-# backbones, whose prior sees the past only through a linear recurrence or attention, learned Pendulum
-# far worse; bench/results/learning_pendulum.md.)
+# comparison of backbones is not one of latent sizes (the README's Results say why this size).
 XS_LATENT = {"stoch": 32, "classes": 16}
 
 NET_SIZES = {

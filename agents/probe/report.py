@@ -46,28 +46,25 @@ def write_report(suite: str, results: list[dict], out: Path) -> dict:
                        lambda m, key=key: f"{m[key]:.3f}" if key in m else "-"), ""]
     out.mkdir(parents=True, exist_ok=True)
     plots = []
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        for t in tasks:
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            for b in backbones:
-                if (t, b) in cell:
-                    curve = cell[t, b]["gen_mse_per_step"]
-                    ax.plot(range(1, len(curve) + 1), curve, label=b)
-            ax.set(xlabel="imagination step", ylabel="generation MSE", title=t)
-            ax.legend()
-            fig.tight_layout()
-            name = "gen_mse_" + "".join(c if c.isalnum() else "_" for c in t).strip("_") + f"_{suite}.png"
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            plots.append(name)
-            text.append(f"![{t}]({name})")
-    except ImportError:
-        text.append("(matplotlib is not installed: no plots)")
+    for t in tasks:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for b in backbones:
+            if (t, b) in cell:
+                curve = cell[t, b]["gen_mse_per_step"]
+                ax.plot(range(1, len(curve) + 1), curve, label=b)
+        ax.set(xlabel="imagination step", ylabel="generation MSE", title=t)
+        ax.legend()
+        fig.tight_layout()
+        name = "gen_mse_" + "".join(c if c.isalnum() else "_" for c in t).strip("_") + f"_{suite}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        plots.append(name)
+        text.append(f"![{t}]({name})")
     report = out / f"report_{suite}.md"
     report.write_text("\n".join(text) + "\n")
     (out / f"report_{suite}.json").write_text(json.dumps({"suite": suite, "runs": results}, indent=1))
