@@ -4,7 +4,8 @@ critic) on a random, well-formed batch shaped like dm-control walker (24-dim obs
 
 Sizes: the presets (xs, s) and two matched to TorchRL's DreamerV3 walker preset in width (hidden 64,
 32x4 latents, units 64) and in parameter count: `p025` (~0.25M, deter 128) and `p064` (~0.64M,
-deter 320; TorchRL's block GRU reaches its count with deter 512). With
+deter 320; TorchRL's block GRU reaches its count with deter 512), RSSM only: for another
+`backbone=` the default list drops them and asking for them is an error. With
 `comparator=<path to a TorchRL DreamerV3 timing script>` that script runs in the same session and
 the table gives the ratio.
 """
@@ -84,10 +85,24 @@ def time_update(size: str, a: dict) -> dict:
             "transitions_per_s": round(B * T * 1e3 / statistics.median(times), 1)}
 
 
+RSSM_ONLY = ("p025", "p064")  # widths matched to TorchRL's RSSM: no other backbone has them
+
+
 def main(argv: list[str]) -> dict:
+    from agents.config import ConfigError
+
     a = parse(argv, DEFAULTS)
+    sizes = a["sizes"].split(",")
+    if a["backbone"] != "rssm":
+        if "sizes=" in " ".join(argv) and set(sizes) & set(RSSM_ONLY):
+            raise ConfigError(f"sizes {', '.join(RSSM_ONLY)} are RSSM dims matched to TorchRL's; for backbone "
+                              f"{a['backbone']} use sizes=xs,s")
+        sizes = [s for s in sizes if s not in RSSM_ONLY]  # the default list, without the RSSM-only rows
+    unknown = [s for s in sizes if s not in PRESETS]
+    if unknown:
+        raise ConfigError(f"unknown size '{unknown[0]}' (choose from {', '.join(PRESETS)})")
     rows = []
-    for size in a["sizes"].split(","):
+    for size in sizes:
         r = time_update(size, a)
         rows.append(r)
         print(f"[update] {a['backbone']} {size}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms", file=sys.stderr)
