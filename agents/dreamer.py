@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agents.optim import LaProp
+from agents.returns import lambda_return
 from worldmodels.base import flatten_state
 from worldmodels.model import WorldModel
 from worldmodels.nets import TwoHot, mlp, unimix_probs
-from worldmodels.ops.scan import lambda_return
 
 
 @dataclass(frozen=True)
@@ -137,11 +137,6 @@ class ReturnNorm(nn.Module):
         self.low.copy_(state[0])
         self.high.copy_(state[1])
         self.initialised.fill_(True)
-
-    def update(self, returns: Tensor) -> Tensor:
-        scale, state = self.propose(returns)
-        self.commit(state)
-        return scale
 
 
 class Agent(nn.Module):

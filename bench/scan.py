@@ -52,7 +52,8 @@ def copy_bandwidth(device: str, repeats: int) -> float:
 
 
 def main(argv: list[str]) -> dict:
-    from worldmodels.ops.scan import lambda_return, linear_scan, linear_scan_ref
+    from agents.returns import lambda_return
+    from worldmodels.ops.scan import linear_scan, linear_scan_ref
 
     a = parse(argv, DEFAULTS)
     dev, reps = a["device"], a["repeats"]

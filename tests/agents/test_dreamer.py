@@ -43,13 +43,20 @@ def test_nonfinite_loss_never_reaches_the_weights():
 
 def test_return_normaliser_uses_percentile_range():
     agent, _ = make()
+    norm = agent.retnorm
+
+    def step(ret):
+        scale, state = norm.propose(ret)
+        norm.commit(state)
+        return scale
+
     ret = torch.linspace(0, 100, 1001)
-    scale = agent.retnorm.update(ret)  # first call initialises to the batch's range
-    torch.testing.assert_close(scale, torch.tensor(90.0))
-    scale = agent.retnorm.update(torch.zeros(10))  # then moves by 1% towards the new (zero) range
+    torch.testing.assert_close(step(ret), torch.tensor(90.0))  # the first step initialises to the batch's range
+    scale, _ = norm.propose(torch.zeros(10))  # proposed, not committed (a skipped step): the EMA stays
     torch.testing.assert_close(scale, torch.tensor(89.1))
-    small = type(agent.retnorm)(agent.cfg)
-    torch.testing.assert_close(small.update(torch.zeros(10)), torch.tensor(1.0))  # never below 1
+    torch.testing.assert_close(step(torch.zeros(10)), torch.tensor(89.1))  # then moves by 1% towards zero range
+    small = type(norm)(agent.cfg)
+    torch.testing.assert_close(small.propose(torch.zeros(10))[0], torch.tensor(1.0))  # never below 1
 
 
 def test_each_loss_trains_only_its_own_module():

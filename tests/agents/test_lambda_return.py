@@ -1,6 +1,6 @@
 import torch
 
-from worldmodels.ops.scan import lambda_return
+from agents.returns import lambda_return
 
 
 def test_hand_worked_example():
@@ -24,3 +24,43 @@ def test_lambda_one_is_discounted_return_and_zero_is_td():
     torch.testing.assert_close(mc[:, 0], expect)
     td = lambda_return(reward, value, cont, 0.0)
     torch.testing.assert_close(td, reward + 0.9 * value[:, 1:])
+
+
+def plain_lambda_return(reward, value, cont, lam):
+    out, R = [], value[:, -1]
+    for t in reversed(range(reward.shape[1])):
+        R = reward[:, t] + cont[:, t] * ((1 - lam) * value[:, t + 1] + lam * R)
+        out.append(R)
+    return torch.stack(out[::-1], 1)
+
+
+def random_returns_inputs(B=5, T=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    reward = torch.randn(B, T, generator=g, dtype=torch.float64)
+    value = torch.randn(B, T + 1, generator=g, dtype=torch.float64)
+    terminal = torch.rand(B, T, generator=g) < 0.15
+    return reward, value, terminal
+
+
+def test_lambda_return_matches_recursion_and_torchrl():
+    from torchrl.objectives.value.functional import td_lambda_return_estimate
+
+    reward, value, terminal = random_returns_inputs()
+    gamma, lam = 0.97, 0.9
+    cont = gamma * (~terminal).double()
+    R = lambda_return(reward, value, cont, lam)
+    torch.testing.assert_close(R, plain_lambda_return(reward, value, cont, lam))
+    # TorchRL: time on dim -2, values of the next state, `terminated` cuts the bootstrap; the last
+    # step is marked done (not terminated) so its bootstrap is value_T, as in Dreamer's R_T = v_T.
+    done = terminal.clone()
+    done[:, -1] = True
+    tr = td_lambda_return_estimate(gamma, lam, value[:, 1:, None], reward[:, :, None],
+                                   done=done[:, :, None], terminated=terminal[:, :, None])
+    torch.testing.assert_close(R, tr[..., 0])
+
+
+def test_lambda_return_gradient_flows_to_values():
+    reward, value, terminal = random_returns_inputs()
+    value.requires_grad_()
+    lambda_return(reward, value, 0.9 * (~terminal).double(), 0.95).sum().backward()
+    assert torch.isfinite(value.grad).all() and value.grad.abs().sum() > 0

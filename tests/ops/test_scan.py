@@ -1,12 +1,12 @@
-"""linear_scan: Triton path against the reference, the reference against closed forms, and the
-returns built on it against plain recursions and TorchRL's estimators."""
+"""linear_scan: the Triton and chunked paths against the float64 reference, and the reference
+against closed forms (the returns built on it: tests/agents/test_lambda_return.py)."""
 import os
 
 import pytest
 import torch
 
 from worldmodels.ops import scan
-from worldmodels.ops.scan import gae, lambda_return, linear_scan, linear_scan_ref
+from worldmodels.ops.scan import linear_scan, linear_scan_ref
 
 triton_ok = scan.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 needs_triton = pytest.mark.skipif(not triton_ok, reason="triton not installed or not runnable here")
@@ -160,65 +160,6 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
         pytest.skip("the check is for CPU tensors")
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         linear_scan(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), backend="triton")
-
-
-def plain_lambda_return(reward, value, cont, lam):
-    out, R = [], value[:, -1]
-    for t in reversed(range(reward.shape[1])):
-        R = reward[:, t] + cont[:, t] * ((1 - lam) * value[:, t + 1] + lam * R)
-        out.append(R)
-    return torch.stack(out[::-1], 1)
-
-
-def random_returns_inputs(B=5, T=13, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    reward = torch.randn(B, T, generator=g, dtype=torch.float64)
-    value = torch.randn(B, T + 1, generator=g, dtype=torch.float64)
-    terminal = torch.rand(B, T, generator=g) < 0.15
-    return reward, value, terminal
-
-
-def test_lambda_return_matches_recursion_and_torchrl():
-    from torchrl.objectives.value.functional import td_lambda_return_estimate
-
-    reward, value, terminal = random_returns_inputs()
-    gamma, lam = 0.97, 0.9
-    cont = gamma * (~terminal).double()
-    R = lambda_return(reward, value, cont, lam)
-    torch.testing.assert_close(R, plain_lambda_return(reward, value, cont, lam))
-    # TorchRL: time on dim -2, values of the next state, `terminated` cuts the bootstrap; the last
-    # step is marked done (not terminated) so its bootstrap is value_T, as in Dreamer's R_T = v_T.
-    done = terminal.clone()
-    done[:, -1] = True
-    tr = td_lambda_return_estimate(gamma, lam, value[:, 1:, None], reward[:, :, None],
-                                   done=done[:, :, None], terminated=terminal[:, :, None])
-    torch.testing.assert_close(R, tr[..., 0])
-
-
-def test_gae_matches_loop_and_torchrl():
-    from torchrl.objectives.value.functional import generalized_advantage_estimate
-
-    reward, value, terminal = random_returns_inputs(seed=1)
-    gamma, lam = 0.99, 0.95
-    cont = gamma * (~terminal).double()
-    adv = gae(reward, value, cont, lam)
-    expect, A = [], torch.zeros(reward.shape[0], dtype=torch.float64)
-    for t in reversed(range(reward.shape[1])):
-        A = reward[:, t] + cont[:, t] * value[:, t + 1] - value[:, t] + cont[:, t] * lam * A
-        expect.append(A)
-    torch.testing.assert_close(adv, torch.stack(expect[::-1], 1))
-    done = terminal.clone()
-    done[:, -1] = True
-    tr_adv, _ = generalized_advantage_estimate(gamma, lam, value[:, :-1, None], value[:, 1:, None], reward[:, :, None],
-                                               done=done[:, :, None], terminated=terminal[:, :, None])
-    torch.testing.assert_close(adv, tr_adv[..., 0].double(), rtol=1e-5, atol=1e-6)  # TorchRL computes in float32
-
-
-def test_lambda_return_gradient_flows_to_values():
-    reward, value, terminal = random_returns_inputs()
-    value.requires_grad_()
-    lambda_return(reward, value, 0.9 * (~terminal).double(), 0.95).sum().backward()
-    assert torch.isfinite(value.grad).all() and value.grad.abs().sum() > 0
 
 
 @pytest.mark.gpu

@@ -27,7 +27,7 @@ the GPU tests (marked `gpu`) repeat the comparisons on CUDA.
 - `reverse=True` runs h_t = a_t * h_{t+1} + b_t from the end; h0 is then the state after the end.
 - `return_last=True` also returns the final state (B, D) (for reverse: the state at t = 0).
 
-Lambda-returns (DreamerV3 eq. 7) and GAE are one reverse scan each.
+The agent's lambda-returns (agents/returns.py) are one reverse scan.
 """
 from __future__ import annotations
 
@@ -348,33 +348,3 @@ def linear_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Tensor | 
     if backend != "ref":
         raise ValueError(f"unknown scan backend '{backend}' (choose auto, triton, chunked or ref)")
     return linear_scan_ref(a, b, h0, reset, reverse, return_last)
-
-
-def _flat_time(x: Tensor) -> tuple[Tensor, tuple]:
-    """(..., T) -> (N, T, 1) and the leading shape."""
-    return x.reshape(-1, x.shape[-1], 1), x.shape[:-1]
-
-
-def lambda_return(reward: Tensor, value: Tensor, continuation: Tensor, lam: float) -> Tensor:
-    """R_t = r_t + c_t * ((1 - lam) * v_{t+1} + lam * R_{t+1}), R_T = v_T (Dreamer's form).
-
-    reward, continuation: (..., T) where continuation is the discount times not-terminal for the
-    step t -> t+1; value: (..., T+1). Returns (..., T). One reverse scan with a_t = lam * c_t.
-    """
-    assert value.shape[-1] == reward.shape[-1] + 1 and continuation.shape == reward.shape, \
-        (reward.shape, value.shape, continuation.shape)
-    b = reward + continuation * (1 - lam) * value[..., 1:]  # (..., T)
-    b3, lead = _flat_time(b)
-    a3, _ = _flat_time(continuation * lam)
-    h0 = value[..., -1].reshape(-1, 1)  # (N, 1)
-    return linear_scan(a3, b3, h0=h0, reverse=True).reshape(*lead, -1)
-
-
-def gae(reward: Tensor, value: Tensor, continuation: Tensor, lam: float) -> Tensor:
-    """Generalised advantage estimation: delta_t = r_t + c_t v_{t+1} - v_t, A_t = delta_t + c_t lam A_{t+1}.
-    Shapes as in `lambda_return`; returns advantages (..., T)."""
-    assert value.shape[-1] == reward.shape[-1] + 1 and continuation.shape == reward.shape
-    delta = reward + continuation * value[..., 1:] - value[..., :-1]
-    d3, lead = _flat_time(delta)
-    a3, _ = _flat_time(continuation * lam)
-    return linear_scan(a3, d3, reverse=True).reshape(*lead, -1)
