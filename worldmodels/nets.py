@@ -34,11 +34,17 @@ class NetsConfig:
     bins: int = 255  # two-hot bins for reward and value
 
     def __post_init__(self):
-        if self.name not in NET_SIZES:
-            raise ValueError(f"unknown size '{self.name}'; choose one of {sorted(NET_SIZES)}")
-        for key, value in NET_SIZES[self.name].items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, value)
+        fill_size(self, NET_SIZES, self.name)
+
+
+def fill_size(cfg, sizes: dict[str, dict], size: str) -> None:
+    """Set every field of a frozen config dataclass that is None to the size preset's value: the
+    one place where a size name becomes dims (each backbone's SIZES, the shared NET_SIZES)."""
+    if size not in sizes:
+        raise ValueError(f"unknown size '{size}'; choose one of {sorted(sizes)}")
+    for key, value in sizes[size].items():
+        if getattr(cfg, key) is None:
+            object.__setattr__(cfg, key, value)
 
 
 def symlog(x: Tensor) -> Tensor:

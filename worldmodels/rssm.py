@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State, reset_state
-from worldmodels.nets import XS_LATENT, action_input, categorical_kl, mlp, sample_onehot, unimix_probs
+from worldmodels.nets import XS_LATENT, fill_size, action_input, categorical_kl, mlp, sample_onehot, unimix_probs
 
 SIZES = {
     "xs": dict(deter=64, hidden=64, **XS_LATENT),
@@ -35,9 +35,7 @@ class RSSMConfig:
     unimix: float = 0.01  # mix of the uniform into prior and posterior
 
     def __post_init__(self):
-        for key, value in SIZES[self.size].items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, value)
+        fill_size(self, SIZES, self.size)
 
 
 class NormGRUCell(nn.Module):

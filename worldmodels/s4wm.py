@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodels.ops.scan import linear_scan
-from worldmodels.nets import XS_LATENT
+from worldmodels.nets import XS_LATENT, fill_size
 from worldmodels.ssm import SSMCore, complex_dtype, init_log_dt
 
 # Parameter counts are close to the RSSM and S5WM of the same size at s and m (see `longdream bench worldmodel`).
@@ -53,9 +53,7 @@ class S4WMConfig:
     feat_state: bool = True  # actor, critic and heads also read the last block's SSM state (R2I)
 
     def __post_init__(self):
-        for key, value in SIZES[self.size].items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, value)
+        fill_size(self, SIZES, self.size)
 
 
 class S4Layer(nn.Module):

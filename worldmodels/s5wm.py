@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodels.ops.scan import linear_scan
-from worldmodels.nets import XS_LATENT
+from worldmodels.nets import XS_LATENT, fill_size
 from worldmodels.ssm import SSMCore, complex_dtype, init_log_dt
 
 SIZES = {
@@ -49,9 +49,7 @@ class S5WMConfig:
     feat_state: bool = True  # actor, critic and heads also read the last layer's SSM state (R2I)
 
     def __post_init__(self):
-        for key, value in SIZES[self.size].items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, value)
+        fill_size(self, SIZES, self.size)
 
 
 class S5Layer(nn.Module):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State
-from worldmodels.nets import XS_LATENT, action_input, categorical_kl, mlp, sample_onehot, unimix_probs
+from worldmodels.nets import XS_LATENT, fill_size, action_input, categorical_kl, mlp, sample_onehot, unimix_probs
 
 SIZES = {
     "xs": {"d_model": 64, "heads": 2, "layers": 2, "window": 64, "hidden": 64, **XS_LATENT},
@@ -52,9 +52,7 @@ class TransformerConfig:
     rope_base: float = 10000.0
 
     def __post_init__(self):
-        for key, value in SIZES[self.size].items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, value)
+        fill_size(self, SIZES, self.size)
         if self.d_model % self.heads or (self.d_model // self.heads) % 2:
             raise ValueError(f"transformer d_model ({self.d_model}) must split into `heads` ({self.heads}) "
                              "heads of even width")
