@@ -64,6 +64,11 @@ class Config:
     loss: LossConfig
     raw: DictConfig  # the resolved config, saved to the run directory
 
+    def __post_init__(self):
+        if self.backbone not in BACKBONES or not isinstance(self.core, BACKBONES[self.backbone][1]):
+            raise ConfigError(f"world model '{self.backbone}' with a {type(self.core).__name__}: the backbone "
+                              "and its config must agree (build both from world_model=<name>)")
+
 
 def _build(cls, node, where: str):
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)

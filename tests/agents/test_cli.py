@@ -189,3 +189,15 @@ def test_train_recipe_dv3_smoke(tmp_path):
     assert "loss/repval" in tags(run).Tags()["scalars"]
     saved = (run / "config.yaml").read_text()
     assert "optimizer: laprop" in saved and "repval: 0.3" in saved
+
+
+def test_config_backbone_and_core_must_agree():
+    import dataclasses
+
+    from agents.config import ConfigError, load_config
+    from worldmodels.s5wm import S5WMConfig
+
+    cfg, _ = load_config(["world_model=rssm"])
+    with pytest.raises(ConfigError, match="must agree"):
+        dataclasses.replace(cfg, core=S5WMConfig())
+    assert dataclasses.replace(cfg, backbone="s5wm", core=S5WMConfig()).backbone == "s5wm"
