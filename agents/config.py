@@ -1,5 +1,12 @@
 """Hydra config -> frozen dataclasses, one per component.
 
+Each default is written once. The components' defaults live in their dataclasses (AgentConfig,
+LossConfig, NetsConfig and each backbone's config) and reach Hydra through its ConfigStore
+(`register_defaults`): the `world_model` and `size` groups have one option per backbone and per size
+preset, built from the dataclasses, and `agent_defaults` / `loss_defaults` give the `agent` and
+`loss` keys. The YAML files under configs/ hold the run's own settings (train.yaml's and probe.yaml's
+top level, env/, task/) and overrides only (recipe/, preset/).
+
 `compose(overrides)` reads configs/train.yaml with the command line's key=value overrides; `build`
 turns each group into its component's dataclass. A mistyped or unknown key is a ConfigError that
 names it; derived values (size presets) are filled in by each dataclass.
@@ -17,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from agents.dreamer import AgentConfig
 from envs.make import EnvConfig
 from worldmodels.model import BACKBONES, LossConfig
-from worldmodels.nets import NetsConfig
+from worldmodels.nets import NET_SIZES, NetsConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -83,11 +90,38 @@ def _build(cls, node, where: str):
         raise ConfigError(f"bad value in '{where}': {e}") from None
 
 
+def field_defaults(cls) -> dict:
+    """A config dataclass's defaults as a plain dict (None where a size preset fills the field in)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def register_defaults() -> None:
+    """Put the components' dataclass defaults into Hydra's ConfigStore (see the module docstring)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for name, (_, cls) in BACKBONES.items():
+        node = field_defaults(cls)
+        node.pop("size")  # the size group sets it (build_model)
+        cs.store(group="world_model", name=name, node={"name": name, **node})
+    for size in NET_SIZES:
+        cs.store(group="size", name=size, node={**field_defaults(NetsConfig), "name": size})
+    cs.store(name="agent_defaults", node={"agent": field_defaults(AgentConfig)})
+    cs.store(name="loss_defaults", node={"loss": field_defaults(LossConfig)})
+
+
 def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    register_defaults()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             return hydra_compose(config_name=config_name, overrides=overrides)
@@ -95,7 +129,10 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
         msg = str(e)
         key = re.search(r"Key '([^']+)' is not in struct", msg) or re.search(r"Could not override '([^']+)'", msg)
         if key:
-            raise ConfigError(f"unknown config key '{key.group(1)}'; see configs/{config_name}.yaml for the valid keys") from None
+            where = {"agent": "AgentConfig in agents/dreamer.py", "loss": "LossConfig in worldmodels/model.py",
+                     "world_model": "the backbone's config in worldmodels/", "size": "NetsConfig in worldmodels/nets.py"}
+            part = where.get(key.group(1).split(".")[0], f"configs/{config_name}.yaml")
+            raise ConfigError(f"unknown config key '{key.group(1)}'; see {part} for the valid keys") from None
         group = re.search(r"Could not find '([^']+)'", msg)
         if group:
             options = re.search(r"Available options in '[^']*':(.*?)Config search path", msg, re.S)
