@@ -53,6 +53,7 @@ class ProbeConfig:
     eval_batch: int
     videos: int
     log_every: int
+    eval_every: int
     progress: bool
     sweep_lengths: list
     sweep_steps: int
@@ -75,16 +76,23 @@ def build(raw) -> tuple[ProbeConfig, TaskConfig, str, object, NetsConfig, LossCo
 
 
 KEYS = ("obs", "action", "reward", "is_first", "is_terminal")
+CURVE_KEYS = ("gen_mse", "recon_mse", "reward_acc_imagine", "reward_acc_posterior")  # logged along training
 
 
 def _batch(data: TensorDict, idx: Tensor, dev: torch.device) -> dict[str, Tensor]:
     return {k: data[k][idx].to(dev) for k in KEYS}
 
 
-def train_offline(wm: WorldModel, data: TensorDict, probe: ProbeConfig, writer, dev: torch.device) -> float:
+def train_offline(wm: WorldModel, data: TensorDict, probe: ProbeConfig, writer, dev: torch.device,
+                  check=None) -> tuple[float, list[dict]]:
+    """Offline world-model updates on random whole sequences of `data`. Every `probe.eval_every` updates
+    `check()` (an evaluation on held-out episodes) runs and its metrics join the returned learning curve;
+    its time is not counted in the training seconds returned."""
     opt = torch.optim.Adam(wm.parameters(), lr=probe.lr, eps=1e-8)
     g = torch.Generator().manual_seed(probe.seed)
     sums: dict[str, float] = {}
+    curve: list[dict] = []
+    spent = 0.0  # seconds spent in check(), taken out of the training time
     tic = time.time()
     bar = tqdm(range(probe.updates), desc="train world model", disable=not probe.progress, dynamic_ncols=True)
     for u in bar:
@@ -102,7 +110,17 @@ def train_offline(wm: WorldModel, data: TensorDict, probe: ProbeConfig, writer, 
                 writer.add_scalar(f"loss/{k}", v / n, u + 1)
             bar.set_postfix(loss=f"{sums['total'] / n:.1f}", refresh=False)
             sums.clear()
-    return time.time() - tic
+        if check is not None and probe.eval_every and (u + 1) % probe.eval_every == 0 and u + 1 < probe.updates:
+            t0 = time.time()
+            wm.eval()
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # training's RNG stream stays as without checks
+                point = {"updates": u + 1, **check()}
+            wm.train()
+            curve.append(point)
+            for k in CURVE_KEYS:
+                writer.add_scalar(f"probe/{k}", point[k], u + 1)
+            spent += time.time() - t0
+    return time.time() - tic - spent, curve
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -222,7 +240,7 @@ def probe_states(wm: WorldModel, train: TensorDict, test: TensorDict, probe: Pro
 # ------------------------------------------------------------------------------------------ runs
 
 
-VOLATILE = ("progress", "out", "suite", "backbones", "videos", "log_every", "device")  # keys that do not change a result
+VOLATILE = ("progress", "out", "suite", "backbones", "videos", "log_every", "eval_every", "device")  # keys that do not change a result
 
 
 def settings_key(raw) -> str:
@@ -273,13 +291,16 @@ def run_one(raw) -> dict:
     torch.manual_seed(probe.seed)
     wm = WorldModel(backbone, core_cfg, nets, ObsSpec(pixels=True, action_dim=A, discrete=True, image=image), loss).to(dev)
     writer = SummaryWriter(str(run_dir / "tb"))
-    train_s = train_offline(wm, train_data, probe, writer, dev)
+    check = lambda: evaluate(wm, test_data, C, Q, dataclasses.replace(probe, videos=0), dev)[0]  # noqa: E731
+    train_s, curve = train_offline(wm, train_data, probe, writer, dev, check)
     wm.eval()
     metrics, video = evaluate(wm, test_data, C, Q, probe, dev)
+    curve.append({"updates": probe.updates, **metrics})
+    metrics["curve"] = [{k: p[k] for k in ("updates", *CURVE_KEYS)} for p in curve]
     metrics.update(probe_states(wm, train_data, test_data, probe, dev))
     for i, v in enumerate(metrics["gen_mse_per_step"]):
         writer.add_scalar("probe/gen_mse_per_step", v, i + 1)
-    for k in ("gen_mse", "recon_mse", "reward_acc_observe", "reward_acc_imagine"):
+    for k in (*CURVE_KEYS, "reward_acc_observe"):
         writer.add_scalar(f"probe/{k}", metrics[k], probe.updates)
     if video is not None:
         frames = open_loop_grid(*video)  # (T, n*64, 3*64, 3): truth | model | error

@@ -84,6 +84,21 @@ def test_smoke_suite_writes_table_plots_and_videos(tmp_path):
         assert (tmp_path / r["video"]).exists() or __import__("pathlib").Path(r["video"]).exists()
 
 
+def test_eval_every_records_a_curve_and_leaves_training_unchanged(tmp_path):
+    """Held-out checks along training give a learning curve (metrics and TensorBoard), and they run on a
+    forked RNG: the trained model and its final metrics equal those of a run without checks."""
+    common = ["probe", "task=distracting_memory", "task.kwargs.length=6", "task.kwargs.obs_size=16",
+              "task.train_episodes=8", "task.test_episodes=4", "updates=6", "batch_size=2", "eval_batch=4", "videos=0",
+              "log_every=2", "world_model=s5wm", "progress=false"]
+    assert main([*common, f"out={tmp_path / 'a'}", "eval_every=2"]) == 0
+    assert main([*common, f"out={tmp_path / 'b'}"]) == 0
+    a, b = (json.loads(next((tmp_path / x).rglob("metrics.json")).read_text()) for x in "ab")
+    assert [p["updates"] for p in a["curve"]] == [2, 4, 6] and [p["updates"] for p in b["curve"]] == [6]
+    assert a["curve"][-1]["gen_mse"] == a["gen_mse"]
+    for k in ("gen_mse", "recon_mse", "reward_acc_imagine", "reward_acc_posterior"):
+        assert a[k] == b[k], k
+
+
 @pytest.mark.parametrize("args,needle", [
     (["suite=nope"], "unknown suite"),
     (["backbones=rssm"], "backbones= is for suites"),
