@@ -274,6 +274,7 @@ def run_one(raw) -> dict:
     from agents.video import add_gif, open_loop_grid, save_video
 
     probe, task, backbone, core_cfg, nets, loss = build(raw)
+    started = time.time()
     dev = torch.device(probe.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu")
@@ -312,7 +313,8 @@ def run_one(raw) -> dict:
                    seed=probe.seed, context=C, query=Q, updates=probe.updates, train_episodes=task.train_episodes,
                    test_episodes=task.test_episodes, train_s=round(train_s, 1),
                    params=sum(p.numel() for p in wm.parameters()), dims=dataclasses.asdict(core_cfg), run_dir=str(run_dir),
-                   image=list(image), batch_size=probe.batch_size, settings=settings_key(raw), threads=torch.get_num_threads(),
+                   image=list(image), batch_size=probe.batch_size, lr=probe.lr, loss=dataclasses.asdict(loss),
+                   run_s=round(time.time() - started, 1), settings=settings_key(raw), threads=torch.get_num_threads(),
                    machine=machine(probe.device), date=time.strftime("%Y-%m-%d"), commit=commit())
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"[probe] {task.name} {task.kwargs} {backbone}: gen MSE {metrics['gen_mse']:.1f}, "

@@ -28,9 +28,12 @@ def write_report(suite: str, results: list[dict], out: Path) -> dict:
         return "\n".join(lines)
 
     r0 = results[0]
+    first = {task_label(m): m for m in reversed(results)}  # each task's settings (the same for every backbone)
     text = [f"# Memory-probe suite '{suite}'", "",
-            f"Size {r0['size']}, {r0['updates']} offline updates, seed {r0['seed']}; context C / query Q per task: "
-            + ", ".join(f"{task_label(m)} {m['context']}/{m['query']}" for m in results[::len(backbones)]) + ".", "",
+            f"Size {r0['size']}, seed {r0['seed']}; per task: context C / query Q, offline updates, batch, learning rate "
+            "and reward-loss scale: " + "; ".join(
+                f"{t} {m['context']}/{m['query']}, {m['updates']} updates, B{m['batch_size']}, lr {m.get('lr', '-')}, "
+                f"reward x{m.get('loss', {}).get('reward', '-')}" for t, m in first.items()) + ".", "",
             table("Generation MSE (imagined steps; sum over pixels in [0, 1]; lower is better)", lambda m: f"{m['gen_mse']:.1f}"),
             "", table("Reconstruction MSE (observed steps)", lambda m: f"{m['recon_mse']:.1f}"),
             "", table("Reward-prediction accuracy at reward events, imagination ('-': no reward event in the imagined steps)",
@@ -44,6 +47,19 @@ def write_report(suite: str, results: list[dict], out: Path) -> dict:
         what = "accuracy" if key.endswith("_acc") else "MSE"
         text += [table(f"Probe on frozen states: {key[6:].rsplit('_', 1)[0]} {what} (held-out episodes)",
                        lambda m, key=key: f"{m[key]:.3f}" if key in m else "-"), ""]
+    wall = sum(m.get("run_s", m["train_s"]) for m in results)
+    text += [f"**Runs** ({len(results)}, {wall / 3600:.2f} h of run time in all; processes that ran side by side "
+             "overlap, so the suite's wall time is given where it was run)", "",
+             "| task | backbone | dims | params | train time | run time | threads | machine | date | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in results:
+        dims = m.get("dims", {})
+        width = dims.get("deter") or dims.get("d_model")
+        text.append(f"| {task_label(m)} | {m['backbone']} | {width}, {dims.get('stoch')}x{dims.get('classes')} | "
+                    f"{m['params'] / 1e6:.2f}M | {m['train_s'] / 60:.1f} min | "
+                    f"{m.get('run_s', m['train_s']) / 60:.1f} min | {m.get('threads', '-')} | {m.get('machine', '-')} | "
+                    f"{m.get('date', '-')} | {m.get('commit', '-')} |")
+    text.append("")
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     import matplotlib
