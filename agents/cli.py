@@ -148,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     from agents.config import ConfigError
     from agents.replay import ReplayError
     from agents.runlock import RunDirError
+    from agents.machine import commit
     from envs.make import EnvError
 
+    commit()  # results record the code this process started with, even if the checkout moves on meanwhile
     try:
         return COMMANDS[argv[0]](set_threads(argv[1:]))
     except (ConfigError, EnvError, CheckpointError, ReplayError, RunDirError) as e:

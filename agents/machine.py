@@ -2,6 +2,7 @@
 Every benchmark row and memory-probe run records both."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -24,8 +25,11 @@ def machine(device: str = "cpu") -> str:
     return f"{cpu}, {os.cpu_count()} cores (CPU)"
 
 
+@functools.cache
 def commit() -> str:
-    """The code's git commit (with a + where the work tree has changes), or '' outside a checkout."""
+    """The commit of the code this process runs (with a + where the work tree had changes), or '' outside
+    a checkout: read once per process, at its first call (the CLI makes it at start-up), so that a long
+    run records the code it started with even when the checkout moves on while it runs."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)

@@ -57,7 +57,6 @@ def main(argv: list[str]) -> dict:
             overrides = [f"preset={a['preset']}", f"env={a['env']}", f"world_model={backbone}", f"steps={a['steps']}", f"seed={seed}",
                          f"device={a['device']}", f"run_dir={run}", "progress=false", *a["extra"].split()]
             cfg, _ = load_config(overrides)
-            code = commit()  # the code the run starts with (the tree may move on while it trains)
             tic = time.time()
             res = train(cfg)
             wall = time.time() - tic
@@ -76,8 +75,9 @@ def main(argv: list[str]) -> dict:
                          "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1), "episodes": len(returns),
                          "threads": torch.get_num_threads(), "params": params, "dims": dataclasses.asdict(cfg.core),
                          "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
-                         "replay_context": cfg.train.replay_context, "commit": code,
-                         "agent": dataclasses.asdict(cfg.agent), "loss": dataclasses.asdict(cfg.loss),
+                         "replay_context": cfg.train.replay_context, "commit": commit(),
+                         "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
+                         "loss": dataclasses.asdict(cfg.loss),
                          "env": a["env"], "steps": a["steps"], "preset": a["preset"], "extra": a["extra"],
                          "machine": machine(a["device"]), "date": time.strftime("%Y-%m-%d"), "overrides": overrides})
             if not a["keep"]:

@@ -54,7 +54,6 @@ def main(argv: list[str]) -> dict:
                 f"steps={probe.sweep_steps}", f"seed={probe.seed}", f"device={probe.device}", f"run_dir={run}",
                 f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}", *extra])
             tic = time.time()
-            code = commit()  # the code the run starts with (the tree may move on while it trains)
             res = train(cfg)
             agent = build_agent(cfg, "cpu")[0]
             success = float(np.mean(np.asarray(res["eval_returns_after"]) > 0))
@@ -63,8 +62,10 @@ def main(argv: list[str]) -> dict:
                          "episodes": probe.sweep_episodes, "steps": probe.sweep_steps, "extra": " ".join(extra),
                          "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
                          "replay_context": cfg.train.replay_context, "dims": dataclasses.asdict(cfg.core),
+                         "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
+                         "loss": dataclasses.asdict(cfg.loss),
                          "params": sum(p.numel() for p in agent.parameters()), "overrides": overrides,
-                         "machine": machine(probe.device), "date": time.strftime("%Y-%m-%d"), "commit": code})
+                         "machine": machine(probe.device), "date": time.strftime("%Y-%m-%d"), "commit": commit()})
             print(f"[memory] bsuite memory_len={L} {b}: success {success:.2f} ({rows[-1]['wall_s'] / 60:.1f} min)", flush=True)
     rows = merge(folder / "bsuite_memory.json", rows)
     data = {"runs": rows}

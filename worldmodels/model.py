@@ -60,7 +60,7 @@ class WorldModel(nn.Module):
         else:
             self.encoder = VectorEncoder(spec.obs_dim, nets.units, nets.layers)
         core_cls, _ = BACKBONES[backbone]
-        self.core = core_cls(core_cfg, self.encoder.out_dim, spec.action_dim)
+        self.core = core_cls(core_cfg, self.encoder.out_dim, spec.action_dim, nets.action_embed)
         feat = self.core.feat_size
         if spec.pixels:
             self.decoder = ConvDecoder(feat, nets.cnn_depth, C, H)

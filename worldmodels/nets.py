@@ -18,6 +18,8 @@ from torch import Tensor, nn
 # comparison of backbones is not one of latent sizes (the README's Results say why this size).
 XS_LATENT = {"stoch": 32, "classes": 16}
 
+ACTION_EMBEDS = ("joint", "separate")
+
 NET_SIZES = {
     "xs": dict(units=64, layers=1, cnn_depth=8),
     "s": dict(units=512, layers=2, cnn_depth=32),
@@ -32,9 +34,16 @@ class NetsConfig:
     layers: int | None = None  # hidden layers of those MLPs
     cnn_depth: int | None = None  # channels of the first conv; doubles per stage
     bins: int = 255  # two-hot bins for reward and value
+    # How every sequence core reads its input [z_{t-1}, a_{t-1}]: "joint", one Linear over the
+    # concatenation (DreamerV3 as released in 2023), or "separate", z and a each through their own
+    # Linear -> LayerNorm -> SiLU before they meet (the current DreamerV3's dynamics input), so that the
+    # action is not a few columns among the latent's hundreds (`token_in`).
+    action_embed: str = "joint"
 
     def __post_init__(self):
         fill_size(self, NET_SIZES, self.name)
+        if self.action_embed not in ACTION_EMBEDS:
+            raise ValueError(f"action_embed must be one of {', '.join(ACTION_EMBEDS)}, got '{self.action_embed}'")
 
 
 def fill_size(cfg, sizes: dict[str, dict], size: str) -> None:
@@ -99,6 +108,34 @@ def two_hot(x: Tensor, bins: Tensor) -> Tensor:
     out.scatter_(-1, lo.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
     out.scatter_add_(-1, hi.unsqueeze(-1), w_hi.unsqueeze(-1))
     return out  # (..., K)
+
+
+class SeparateIn(nn.Module):
+    """[z, a] -> [SiLU(LN(W_z z)), SiLU(LN(W_a a))], optionally projected to `out`: each input normalised
+    on its own (the current DreamerV3's dynamics input), so the action's share of the token does not
+    shrink with the latent's width. Takes the same concatenated input as the joint MLP."""
+
+    def __init__(self, stoch: int, action_dim: int, hidden: int, out: int | None):
+        super().__init__()
+        self.action_dim = action_dim
+        self.stoch = mlp(stoch, hidden, 1)
+        self.action = mlp(action_dim, hidden, 1)
+        self.out = nn.Linear(2 * hidden, out) if out is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        A = self.action_dim
+        y = torch.cat([self.stoch(x[..., :-A]), self.action(x[..., -A:])], -1)  # (..., 2 hidden)
+        return y if self.out is None else self.out(y)
+
+
+def token_in(stoch: int, action_dim: int, hidden: int, out: int | None, action_embed: str) -> tuple[nn.Module, int]:
+    """A sequence core's input module over [z_{t-1} (flattened), action_input(a_{t-1})] (see
+    NetsConfig.action_embed) and its output width: `out` if given, else the hidden width it ends in."""
+    if action_embed == "joint":
+        return mlp(stoch + action_dim, hidden, 1, out), out or hidden
+    if action_embed == "separate":
+        return SeparateIn(stoch, action_dim, hidden, out), out or 2 * hidden
+    raise ValueError(f"action_embed must be one of {', '.join(ACTION_EMBEDS)}, got '{action_embed}'")
 
 
 def action_input(action: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State, reset_state
-from worldmodels.nets import XS_LATENT, fill_size, action_input, categorical_kl, mlp, sample_onehot, unimix_probs
+from worldmodels.nets import XS_LATENT, action_input, categorical_kl, fill_size, mlp, sample_onehot, token_in, unimix_probs
 
 SIZES = {
     "xs": dict(deter=64, hidden=64, **XS_LATENT),
@@ -55,13 +55,13 @@ class NormGRUCell(nn.Module):
 
 
 class RSSM(nn.Module):
-    def __init__(self, cfg: RSSMConfig, embed_dim: int, action_dim: int):
+    def __init__(self, cfg: RSSMConfig, embed_dim: int, action_dim: int, action_embed: str = "joint"):
         super().__init__()
         self.cfg = cfg
         S, K = cfg.stoch, cfg.classes
         self.feat_size = cfg.deter + S * K
-        self.img_in = mlp(S * K + action_dim, cfg.hidden, 1)
-        self.gru = NormGRUCell(cfg.hidden, cfg.deter)
+        self.img_in, width = token_in(S * K, action_dim, cfg.hidden, None, action_embed)
+        self.gru = NormGRUCell(width, cfg.deter)
         self.prior_net = mlp(cfg.deter, cfg.hidden, 1, S * K)
         self.post_net = mlp(cfg.deter + embed_dim, cfg.hidden, 1, S * K)
 

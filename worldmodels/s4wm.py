@@ -126,5 +126,5 @@ class S4Block(nn.Module):
 
 
 class S4WM(SSMCore):
-    def __init__(self, cfg: S4WMConfig, embed_dim: int, action_dim: int):
-        super().__init__(cfg, [S4Block(cfg) for _ in range(cfg.layers)], embed_dim, action_dim)
+    def __init__(self, cfg: S4WMConfig, embed_dim: int, action_dim: int, action_embed: str = "joint"):
+        super().__init__(cfg, [S4Block(cfg) for _ in range(cfg.layers)], embed_dim, action_dim, action_embed)

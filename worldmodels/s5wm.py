@@ -103,6 +103,6 @@ class S5Block(nn.Module):
 
 
 class S5WM(SSMCore):
-    def __init__(self, cfg: S5WMConfig, embed_dim: int, action_dim: int):
+    def __init__(self, cfg: S5WMConfig, embed_dim: int, action_dim: int, action_embed: str = "joint"):
         blocks = [S5Block(cfg.d_model, cfg.d_state, cfg) for _ in range(cfg.layers)]
-        super().__init__(cfg, blocks, embed_dim, action_dim)
+        super().__init__(cfg, blocks, embed_dim, action_dim, action_embed)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State
-from worldmodels.nets import action_input, categorical_kl, mlp, sample_onehot, unimix_probs
+from worldmodels.nets import action_input, categorical_kl, mlp, sample_onehot, token_in, unimix_probs
 
 
 def complex_dtype(x: Tensor) -> torch.dtype:
@@ -40,11 +40,11 @@ def init_log_dt(n: int, dt_min: float, dt_max: float) -> Tensor:
 
 
 class SSMCore(nn.Module):
-    def __init__(self, cfg, blocks: list[nn.Module], embed_dim: int, action_dim: int):
+    def __init__(self, cfg, blocks: list[nn.Module], embed_dim: int, action_dim: int, action_embed: str = "joint"):
         super().__init__()
         self.cfg = cfg
         S, K, H = cfg.stoch, cfg.classes, cfg.d_model
-        self.inp = mlp(S * K + action_dim, cfg.hidden, 1, H)
+        self.inp = token_in(S * K, action_dim, cfg.hidden, H, action_embed)[0]
         self.blocks = nn.ModuleList(blocks)
         self.prior_net = mlp(H, cfg.hidden, 1, S * K)
         self.post_net = mlp(embed_dim, cfg.hidden, 1, S * K)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State
-from worldmodels.nets import XS_LATENT, fill_size, action_input, categorical_kl, mlp, sample_onehot, unimix_probs
+from worldmodels.nets import XS_LATENT, action_input, categorical_kl, fill_size, mlp, sample_onehot, token_in, unimix_probs
 
 SIZES = {
     "xs": {"d_model": 64, "heads": 2, "layers": 2, "window": 64, "hidden": 64, **XS_LATENT},
@@ -119,12 +119,12 @@ class Layer(nn.Module):
 
 
 class TSSM(nn.Module):
-    def __init__(self, cfg: TransformerConfig, embed_dim: int, action_dim: int):
+    def __init__(self, cfg: TransformerConfig, embed_dim: int, action_dim: int, action_embed: str = "joint"):
         super().__init__()
         self.cfg = cfg
         S, K, D = cfg.stoch, cfg.classes, cfg.d_model
         self.feat_size = D + S * K
-        self.inp = mlp(S * K + action_dim, cfg.hidden, 1, D)
+        self.inp = token_in(S * K, action_dim, cfg.hidden, D, action_embed)[0]
         self.layers = nn.ModuleList(Layer(D, cfg.heads) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(D)
         self.prior_net = mlp(D, cfg.hidden, 1, S * K)

@@ -275,7 +275,6 @@ def run_one(raw) -> dict:
 
     probe, task, backbone, core_cfg, nets, loss = build(raw)
     started = time.time()
-    code = commit()  # the code the run starts with (the tree may move on while it trains)
     dev = torch.device(probe.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu")
@@ -315,8 +314,9 @@ def run_one(raw) -> dict:
                    test_episodes=task.test_episodes, train_s=round(train_s, 1),
                    params=sum(p.numel() for p in wm.parameters()), dims=dataclasses.asdict(core_cfg), run_dir=str(run_dir),
                    image=list(image), batch_size=probe.batch_size, lr=probe.lr, loss=dataclasses.asdict(loss),
+                   nets=dataclasses.asdict(nets),
                    run_s=round(time.time() - started, 1), settings=settings_key(raw), threads=torch.get_num_threads(),
-                   machine=machine(probe.device), date=time.strftime("%Y-%m-%d"), commit=code)
+                   machine=machine(probe.device), date=time.strftime("%Y-%m-%d"), commit=commit())
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"[probe] {task.name} {task.kwargs} {backbone}: gen MSE {metrics['gen_mse']:.1f}, "
           f"recon MSE {metrics['recon_mse']:.1f}, reward acc observe {metrics['reward_acc_observe']:.3f} / posterior "

@@ -121,6 +121,7 @@ def test_bad_config_key(capsys):
     assert "'learning_rate'" in one_line_error(capsys, ["train", "learning_rate=3"])
     assert "'agent.horizn'" in one_line_error(capsys, ["train", "agent.horizn=3"])
     assert "pendulum" in one_line_error(capsys, ["train", "env=pendulm"])
+    assert "action_embed must be one of joint, separate" in one_line_error(capsys, ["train", "size.action_embed=sum"])
 
 
 def test_threads_option(capsys, monkeypatch):

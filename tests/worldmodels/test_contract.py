@@ -9,10 +9,17 @@ from worldmodels.nets import NetsConfig
 B, T, E, A = 3, 9, 16, 2
 
 
+def split(name):
+    """"s5wm" or "s5wm+separate": the backbone and how its core reads [z, a] (NetsConfig.action_embed)."""
+    backbone, _, embed = name.partition("+")
+    return backbone, embed or "joint"
+
+
 def make_core(name):
     torch.manual_seed(0)
-    core_cls, cfg_cls = BACKBONES[name]
-    return core_cls(cfg_cls(size="xs"), E, A).double()
+    backbone, embed = split(name)
+    core_cls, cfg_cls = BACKBONES[backbone]
+    return core_cls(cfg_cls(size="xs"), E, A, embed).double()
 
 
 def fixed_noise(core, T):
@@ -32,7 +39,7 @@ def inputs(T, first_at=()):
     return embed, action, is_first
 
 
-@pytest.fixture(params=sorted(BACKBONES))
+@pytest.fixture(params=sorted(BACKBONES) + [f"{n}+separate" for n in sorted(BACKBONES)])
 def name(request):
     return request.param
 
@@ -119,9 +126,9 @@ def test_causality(name):
 @pytest.mark.parametrize("pixels", [False, True])
 def test_world_model_gradients_finite(name, pixels):
     torch.manual_seed(0)
-    core_cls, cfg_cls = BACKBONES[name]
+    backbone, embed = split(name)
     spec = ObsSpec(pixels=pixels, obs_dim=5, action_dim=A)
-    wm = WorldModel(name, cfg_cls(size="xs"), NetsConfig(), spec)
+    wm = WorldModel(backbone, BACKBONES[backbone][1](size="xs"), NetsConfig(action_embed=embed), spec)
     Bw, Tw = 2, 6
     obs = torch.randint(0, 256, (Bw, Tw, 3, 64, 64), dtype=torch.uint8) if pixels else torch.randn(Bw, Tw, 5)
     total, terms, *_ = wm.loss(obs, torch.randn(Bw, Tw, A), torch.randn(Bw, Tw), torch.zeros(Bw, Tw), torch.zeros(Bw, Tw))

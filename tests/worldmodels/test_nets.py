@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from worldmodels.nets import TwoHot, symexp, symlog, two_hot
@@ -67,3 +68,26 @@ def test_conv_encoder_decoder_any_power_of_two_size():
         assert dec(torch.randn(2, 5, 20)).shape == (2, 5, 3, size, size)
     with pytest.raises(ValueError, match="8, 16, 32, 64"):
         ConvEncoder(8, 3, 48)
+
+
+def test_separate_action_embedding_normalises_each_input_on_its_own():
+    """action_embed=separate: the action and the latent each pass their own Linear -> LN -> SiLU, so the
+    action's half of the token ignores the latent (however wide or large) and vice versa; joint is the
+    one MLP over the concatenation, with the parameter names checkpoints already have."""
+    from worldmodels.nets import token_in
+
+    torch.manual_seed(0)
+    S, A, Hd = 512, 2, 16
+    sep, width = token_in(S, A, Hd, None, "separate")
+    assert width == 2 * Hd
+    z, a = torch.randn(8, S), torch.eye(A)[torch.randint(A, (8,))]
+    y = sep(torch.cat([z, a], -1))
+    y_z = sep(torch.cat([100 * torch.randn(8, S), a], -1))  # another latent, much larger
+    y_a = sep(torch.cat([z, 1 - a], -1))  # the other action
+    torch.testing.assert_close(y[:, Hd:], y_z[:, Hd:])  # the action's half depends on the action only
+    torch.testing.assert_close(y[:, :Hd], y_a[:, :Hd])
+    assert (y[:, Hd:] - y_a[:, Hd:]).abs().mean() > 0.1  # and the action moves it by O(1)
+    joint, width = token_in(S, A, Hd, 7, "joint")
+    assert width == 7 and [k for k, _ in joint.named_parameters()] == ["0.weight", "1.weight", "1.bias", "3.weight", "3.bias"]
+    with pytest.raises(ValueError, match="action_embed"):
+        token_in(S, A, Hd, None, "sum")
