@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.report import RESULTS, commit, machine, markdown, write
 
@@ -49,23 +50,33 @@ def main(argv: list[str]) -> dict:
     for b in backbones:
         for L in probe.sweep_lengths:
             run = runs / f"{b}-len{L}-seed{probe.seed}"
+            # the same number of training episodes at every length, or the same env steps
+            steps = probe.sweep_train_episodes * (L + 1) if probe.sweep_train_episodes else probe.sweep_steps
+            scale = [f"loss.reward={L + 1}"] if probe.sweep_reward_by_length else []
             cfg, overrides = load_config([
                 "env=bsuite_memory_len", f"env.kwargs.memory_length={L}", f"world_model={b}", f"size={raw.size.name}",
-                f"steps={probe.sweep_steps}", f"seed={probe.seed}", f"device={probe.device}", f"run_dir={run}",
-                f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}", *extra])
+                f"steps={steps}", f"seed={probe.seed}", f"device={probe.device}", f"run_dir={run}",
+                f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}", *extra, *scale])
+            done = run / "result.json"
+            if done.exists() and json.loads(done.read_text()).get("overrides") == overrides:  # a sweep resumes
+                rows.append(json.loads(done.read_text()))
+                print(f"[memory] bsuite memory_len={L} {b}: done before, result reused", flush=True)
+                continue
             tic = time.time()
             res = train(cfg)
             agent = build_agent(cfg, "cpu")[0]
             success = float(np.mean(np.asarray(res["eval_returns_after"]) > 0))
             rows.append({"backbone": b, "memory_length": int(L), "success": success, "seed": probe.seed,
                          "env_steps": res["env_steps"], "updates": res["updates"], "wall_s": round(time.time() - tic, 1),
-                         "episodes": probe.sweep_episodes, "steps": probe.sweep_steps, "extra": " ".join(extra),
+                         "episodes": probe.sweep_episodes, "steps": steps, "extra": " ".join(extra),
+                         "reward_by_length": probe.sweep_reward_by_length,
                          "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
                          "replay_context": cfg.train.replay_context, "dims": dataclasses.asdict(cfg.core),
                          "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
-                         "loss": dataclasses.asdict(cfg.loss),
+                         "loss": dataclasses.asdict(cfg.loss), "threads": torch.get_num_threads(),
                          "params": sum(p.numel() for p in agent.parameters()), "overrides": overrides,
                          "machine": machine(probe.device), "date": time.strftime("%Y-%m-%d"), "commit": commit()})
+            done.write_text(json.dumps(rows[-1], indent=1))
             print(f"[memory] bsuite memory_len={L} {b}: success {success:.2f} ({rows[-1]['wall_s'] / 60:.1f} min)", flush=True)
     rows = merge(folder / "bsuite_memory.json", rows)
     data = {"runs": rows}
@@ -77,8 +88,13 @@ def main(argv: list[str]) -> dict:
     return data
 
 
+def _label(r: dict) -> str:
+    """The row's settings beyond the defaults: its overrides, and the reward scale where it grows with L."""
+    return " ".join(x for x in (r["extra"], "loss.reward=L+1" if r.get("reward_by_length") else "") if x)
+
+
 def _key(r: dict) -> tuple:
-    return r["backbone"], r["memory_length"], r["seed"], r["steps"], r["extra"], json.dumps(r.get("dims"), sort_keys=True)
+    return r["backbone"], r["memory_length"], r["seed"], r["steps"], _label(r), json.dumps(r.get("dims"), sort_keys=True)
 
 
 def merge(path: Path, rows: list[dict]) -> list[dict]:
@@ -89,12 +105,12 @@ def merge(path: Path, rows: list[dict]) -> list[dict]:
 
 
 def report(rows: list[dict]) -> str:
-    groups = list(dict.fromkeys((r["backbone"], r["extra"]) for r in rows))
+    groups = list(dict.fromkeys((r["backbone"], _label(r)) for r in rows))
     lengths = sorted({r["memory_length"] for r in rows})
     lines = ["BSuite memory_len: success rate (eval episodes with a positive return) against memory length; "
              "mean over seeds (seeds in brackets)", "",
              markdown(["backbone", "overrides", *map(str, lengths)],
-                      [[b, extra or "-", *[_cell([r["success"] for r in rows if (r["backbone"], r["extra"], r["memory_length"])
+                      [[b, extra or "-", *[_cell([r["success"] for r in rows if (r["backbone"], _label(r), r["memory_length"])
                                                   == (b, extra, L)]) for L in lengths]] for b, extra in groups]),
              "", "Runs:", "",
              markdown(["backbone", "memory length", "seed", "success", "env steps", "updates", "seq_len", "replay context",
@@ -116,9 +132,9 @@ def plot(rows: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for b, extra in dict.fromkeys((r["backbone"], r["extra"]) for r in rows):
-        lengths = sorted({r["memory_length"] for r in rows if (r["backbone"], r["extra"]) == (b, extra)})
-        means = [np.mean([r["success"] for r in rows if (r["backbone"], r["extra"], r["memory_length"]) == (b, extra, L)])
+    for b, extra in dict.fromkeys((r["backbone"], _label(r)) for r in rows):
+        lengths = sorted({r["memory_length"] for r in rows if (r["backbone"], _label(r)) == (b, extra)})
+        means = [np.mean([r["success"] for r in rows if (r["backbone"], _label(r), r["memory_length"]) == (b, extra, L)])
                  for L in lengths]
         ax.plot(lengths, means, marker="o", label=b + (f" {extra}" if extra else ""))
     ax.set(xscale="log", xlabel="memory length", ylabel="success rate", ylim=(0, 1.05), title="BSuite memory_len")

@@ -57,6 +57,8 @@ class ProbeConfig:
     progress: bool
     sweep_lengths: list
     sweep_steps: int
+    sweep_train_episodes: int
+    sweep_reward_by_length: bool
     sweep_episodes: int
     sweep_extra: list
 

@@ -112,64 +112,24 @@ def test_probe_errors_are_one_line(tmp_path, capsys, args, needle):
 
 
 @pytest.mark.slow
-def test_bsuite_memory_sweep_reports_success_per_length(tmp_path):
+def test_bsuite_memory_sweep_reports_success_per_length(tmp_path, capsys):
+    """Success per backbone and length; a budget in episodes gives env steps of episodes x (L + 1) and
+    the reward scale L + 1; a second invocation reuses every finished run."""
     pytest.importorskip("bsuite")
     extra = "['prefill=64','batch_size=2','train_ratio=16','collect_every=8','log_every=64','checkpoint_every=100000']"
-    assert main(["probe", "suite=bsuite_memory", "backbones=rssm,s5wm", "sweep_lengths=[1,3]", "sweep_steps=96",
-                 "sweep_episodes=4", f"sweep_extra={extra}", f"out={tmp_path}", "progress=false"]) == 0
+    argv = ["probe", "suite=bsuite_memory", "backbones=rssm,s5wm", "sweep_lengths=[1,3]", "sweep_train_episodes=40",
+            "sweep_reward_by_length=true", "sweep_episodes=4", f"sweep_extra={extra}", f"out={tmp_path}", "progress=false"]
+    assert main(argv) == 0
     out = tmp_path / "bsuite_memory"
     runs = json.loads((out / "bsuite_memory.json").read_text())["runs"]
     assert [(r["backbone"], r["memory_length"]) for r in runs] == [("rssm", 1), ("rssm", 3), ("s5wm", 1), ("s5wm", 3)]
     for r in runs:
-        assert 0.0 <= r["success"] <= 1.0 and r["env_steps"] >= 96 and r["replay_context"] and r["params"] > 0
-        assert (out / f"{r['backbone']}-len{r['memory_length']}-seed0" / "tb").is_dir()
-    report = (out / "bsuite_memory.md").read_text()
-    assert "| rssm |" in report and "| s5wm |" in report and (out / "bsuite_memory_success.png").exists()
-
-
-@pytest.mark.slow
-def test_memory_maze_probe_reads_walls_and_objects_from_frozen_states(tmp_path):
-    pytest.importorskip("memory_maze")
-    args = ["probe", "task=memory_maze", "world_model=rssm", "task.context=6", "task.query=3", "task.train_episodes=3",
-            "task.test_episodes=2", "updates=2", "batch_size=2", "eval_batch=2", "videos=1", f"out={tmp_path}",
-            "progress=false"]
-    assert main(args) == 0
-    metrics = json.loads(next(tmp_path.glob("memory_maze*/rssm-*/metrics.json")).read_text())
-    assert 0.0 <= metrics["probe_maze_layout_acc"] <= 1.0
-    assert metrics["probe_targets_pos_mse"] >= 0.0 and len(metrics["gen_mse_per_step"]) == 3
-
-
-@pytest.mark.slow
-def test_suite_resumes_and_run_dir_names_the_output(tmp_path, capsys):
-    args = ["probe", "suite=smoke", "backbones=rssm", f"run_dir={tmp_path}", "progress=false"]
-    assert main(args) == 0
-    assert (tmp_path / "report_smoke.md").exists()
+        L = r["memory_length"]
+        assert 0.0 <= r["success"] <= 1.0 and r["replay_context"] and r["params"] > 0
+        assert r["steps"] == 40 * (L + 1) and r["env_steps"] >= r["steps"] and r["loss"]["reward"] == L + 1
+        assert (out / f"{r['backbone']}-len{L}-seed0" / "tb").is_dir()
+    assert "loss.reward=L+1" in (out / "bsuite_memory.md").read_text()
     capsys.readouterr()
-    assert main(args) == 0  # every run is done: the report is rebuilt from their metrics
-    assert capsys.readouterr().out.count("done before, metrics reused") == 4
-    assert main([*args, "updates=7"]) == 0  # other settings: run again
-    assert "done before" not in capsys.readouterr().out
-
-
-def test_imagine_actions_is_open_loop_imagination():
-    """WorldModel.imagine_actions under the recorded actions gives the features that open_loop decodes."""
-    from worldmodels.base import index_state
-    from worldmodels.model import ObsSpec, WorldModel
-    from worldmodels.nets import NetsConfig
-
-    torch.manual_seed(0)
-    wm = WorldModel("s5wm", BACKBONES["s5wm"][1](), NetsConfig(), ObsSpec(pixels=True, action_dim=3, discrete=True,
-                                                                          image=(16, 16, 3)))
-    obs = torch.randint(0, 256, (2, 7, 3, 16, 16), dtype=torch.uint8)
-    action = torch.nn.functional.one_hot(torch.randint(3, (2, 7)), 3).float()
-    first = torch.zeros(2, 7)
-    first[:, 0] = 1
-    torch.manual_seed(1)
-    pred = wm.open_loop(obs, action, first, 4)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        states, feat, _ = wm.core.observe(wm.core.initial(2), wm.encoder(obs[:, :4]), action[:, :4], first[:, :4])
-        img = wm.imagine_actions(index_state(states, -1), action[:, 4:])
-        assert img.shape == (2, 3, wm.core.feat_size)
-        expect = wm.decoder.mean(wm.decoder(torch.cat([feat, img], 1)))
-    assert torch.equal(pred, expect) and pred.shape == (2, 7, 3, 16, 16)
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("done before, result reused") == 4
+    assert json.loads((out / "bsuite_memory.json").read_text())["runs"] == runs
