@@ -53,10 +53,14 @@ def main(argv: list[str]) -> dict:
             # the same number of training episodes at every length, or the same env steps
             steps = probe.sweep_train_episodes * (L + 1) if probe.sweep_train_episodes else probe.sweep_steps
             scale = [f"loss.reward={L + 1}"] if probe.sweep_reward_by_length else []
-            cfg, overrides = load_config([
-                "env=bsuite_memory_len", f"env.kwargs.memory_length={L}", f"world_model={b}", f"size={raw.size.name}",
-                f"steps={steps}", f"seed={probe.seed}", f"device={probe.device}", f"run_dir={run}",
-                f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}", *extra, *scale])
+            settings = ["env=bsuite_memory_len", f"env.kwargs.memory_length={L}", f"world_model={b}", f"size={raw.size.name}",
+                        f"steps={steps}", f"seed={probe.seed}", f"device={probe.device}", f"run_dir={run}",
+                        f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}", *extra, *scale]
+            cfg, overrides = load_config(settings)
+            if probe.sweep_updates_per_episode:  # the same updates per episode at every length: the ratio falls with L
+                t = cfg.train
+                ratio = probe.sweep_updates_per_episode * t.batch_size * t.seq_len / (L + 1)
+                cfg, overrides = load_config(settings + [f"train_ratio={ratio:g}"])
             done = run / "result.json"
             if done.exists() and json.loads(done.read_text()).get("overrides") == overrides:  # a sweep resumes
                 rows.append(json.loads(done.read_text()))

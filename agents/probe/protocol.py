@@ -58,6 +58,7 @@ class ProbeConfig:
     sweep_lengths: list
     sweep_steps: int
     sweep_train_episodes: int
+    sweep_updates_per_episode: float
     sweep_reward_by_length: bool
     sweep_episodes: int
     sweep_extra: list
