@@ -250,7 +250,8 @@ def settings_key(raw) -> str:
     """A digest of everything that shapes a run's result (not where it is written or how it is shown)."""
     from omegaconf import OmegaConf
 
-    values = {k: v for k, v in OmegaConf.to_container(raw, resolve=True).items() if k not in VOLATILE}
+    values = {k: v for k, v in OmegaConf.to_container(raw, resolve=True).items()
+              if k not in VOLATILE and not k.startswith("sweep_")}  # sweep_*: the online BSuite sweep's settings
     return hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

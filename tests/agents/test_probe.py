@@ -133,3 +133,16 @@ def test_bsuite_memory_sweep_reports_success_per_length(tmp_path, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out.count("done before, result reused") == 4
     assert json.loads((out / "bsuite_memory.json").read_text())["runs"] == runs
+
+
+def test_settings_key_follows_what_shapes_a_run():
+    """A suite reuses a finished run when nothing that shapes its result changed: where it is written, how
+    it is shown and the online sweep's settings do not count; the updates, the task and the losses do."""
+    from agents.config import compose
+    from agents.probe.protocol import settings_key
+
+    base = settings_key(compose([], "probe"))
+    for same in (["out=/elsewhere"], ["progress=false"], ["eval_every=7"], ["sweep_steps=5"], ["sweep_train_episodes=9"]):
+        assert settings_key(compose(same, "probe")) == base, same
+    for other in (["updates=7"], ["task.kwargs.length=50"], ["loss.reward=3"], ["world_model=rssm"], ["lr=0.1"]):
+        assert settings_key(compose(other, "probe")) != base, other
