@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from agents.replay import ReplayError
     from agents.runlock import RunDirError
     from agents.machine import commit
-    from envs.make import EnvError
+    from envs.make import EnvError  # importing envs first also keeps the old gym's notice out of every run
 
     commit()  # results record the code this process started with, even if the checkout moves on meanwhile
     try:
