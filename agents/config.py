@@ -112,6 +112,7 @@ def register_defaults() -> None:
         cs.store(group="world_model", name=name, node={"name": name, **node})
     for size in NET_SIZES:
         cs.store(group="size", name=size, node={**field_defaults(NetsConfig), "name": size})
+    cs.store(name="env_defaults", node={"env": field_defaults(EnvConfig)})
     cs.store(name="agent_defaults", node={"agent": field_defaults(AgentConfig)})
     cs.store(name="loss_defaults", node={"loss": field_defaults(LossConfig)})
 
@@ -164,11 +165,15 @@ def build_model(cfg: DictConfig) -> tuple[str, object, NetsConfig]:
     return name, _build(BACKBONES[name][1], {**wm, "size": nets.name}, "world_model"), nets
 
 
-def config_mismatch(saved: DictConfig, new: DictConfig) -> list[str]:
-    """Keys whose values differ and that a resume may not change."""
+def config_mismatch(saved: DictConfig, new: DictConfig, baseline: DictConfig | None = None) -> list[str]:
+    """Keys whose values differ and that a resume may not change. A key the saved config lacks (added to
+    the project since the run was made) is compared with `baseline`, the config the run's own overrides
+    give today: at its default it matches, set to something else on the command line it does not."""
     a = _flat(OmegaConf.to_container(saved, resolve=True))
     b = _flat(OmegaConf.to_container(new, resolve=True))
-    return sorted(k for k in set(a) | set(b) if k.split(".")[0] not in RESUMABLE_KEYS and a.get(k) != b.get(k))
+    base = _flat(OmegaConf.to_container(baseline, resolve=True)) if baseline is not None else {}
+    return sorted(k for k in set(a) | set(b) if k.split(".")[0] not in RESUMABLE_KEYS
+                  and (a[k] if k in a else base.get(k)) != b.get(k))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -7,6 +7,7 @@ steps x action repeat) and are what `steps`, `prefill`, `eval_every` and `log_ev
 from __future__ import annotations
 
 import functools
+import json
 import math
 import time
 from collections import defaultdict
@@ -18,13 +19,13 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from agents import checkpoint
-from agents.config import Config, ConfigError, config_mismatch
+from agents.config import Config, ConfigError, compose, config_mismatch
 from agents.dreamer import Agent, update
 from agents.policy import EVAL, EXPLORE, RANDOM, DreamerPolicy
 from agents.replay import Replay
 from agents.runlock import RunLock, os_error
 from agents.video import add_gif, open_loop_grid, save_video
-from envs.make import make_env
+from envs.make import EnvError, make_env
 from torchrl.data import Unbounded
 from torchrl.envs import EnvBase, TensorDictPrimer
 from worldmodels.model import ObsSpec, WorldModel
@@ -42,6 +43,9 @@ def obs_spec(env: EnvBase) -> ObsSpec:
     spec = env.observation_spec
     action = env.action_spec
     discrete = action.domain == "discrete"
+    if "observation" in spec.keys() and "pixels" in spec.keys():
+        raise EnvError("observations with both an image and a vector part are not modelled together yet; keep one "
+                       "with a gymnasium wrapper (e.g. FilterObservation) before longdream sees the env")
     if "observation" not in spec.keys():
         C, H, W = spec["pixels"].shape[-3:]
         return ObsSpec(pixels=True, action_dim=action.shape[-1], discrete=discrete, image=(H, W, C))
@@ -112,7 +116,9 @@ def _train(cfg: Config, lock: RunLock) -> dict:
     ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
     if ckpt is not None:
         saved = OmegaConf.load(run_dir / "config.yaml")
-        diff = config_mismatch(saved, cfg.raw)
+        own = run_dir / "overrides.json"  # the run's own command line, under today's defaults
+        baseline = compose(json.loads(own.read_text())) if own.exists() else None
+        diff = config_mismatch(saved, cfg.raw, baseline)
         if diff:
             raise ConfigError(f"config does not match the checkpoint in {run_dir} (differs: {', '.join(diff[:5])}); "
                               f"resume with the same settings or use a new run_dir")

@@ -22,23 +22,28 @@ def open_loop_grid(truth: Tensor, model: Tensor) -> np.ndarray:
     return grid.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def rgb(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, C) frames with 3 channels: one gray channel is repeated."""
+    return np.repeat(frames, 3, -1) if frames.shape[-1] == 1 else frames
+
+
 def encode_gif(frames: np.ndarray, fps: int = 10) -> bytes:
     buf = io.BytesIO()
-    iio.imwrite(buf, frames, extension=".gif", duration=1000 / fps, loop=0)
+    iio.imwrite(buf, rgb(frames), extension=".gif", duration=1000 / fps, loop=0)
     return buf.getvalue()
 
 
 def add_gif(writer, tag: str, frames: np.ndarray, step: int, fps: int = 10) -> None:
-    """Write frames (T, H, W, 3) uint8 as an animated image summary."""
+    """Write frames (T, H, W, 3 or 1) uint8 as an animated image summary."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    T, H, W, C = frames.shape
-    image = Summary.Image(height=H, width=W, colorspace=C, encoded_image_string=encode_gif(frames, fps))
+    T, H, W, _ = frames.shape
+    image = Summary.Image(height=H, width=W, colorspace=3, encoded_image_string=encode_gif(frames, fps))
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 def save_video(path: Path, frames: np.ndarray, fps: int = 20) -> Path:
-    """Save (T, H, W, 3) uint8 frames as a GIF (always readable, no ffmpeg needed)."""
+    """Save (T, H, W, 3 or 1) uint8 frames as a GIF (always readable, no ffmpeg needed)."""
     path = Path(path).with_suffix(".gif")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(encode_gif(frames, fps))

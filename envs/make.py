@@ -1,9 +1,11 @@
-"""Build a TorchRL environment from config: gymnasium ids (classic control, MuJoCo v5, the memory
-suite), dm-control suite tasks with state or 64x64 pixel observations.
+"""Build a TorchRL environment from config: a small dict of env suites plus the common transforms.
 
-Every env comes out with the same keys: "observation" (float vector) or "pixels" (uint8 (3, 64, 64)),
-"action" (one-hot for discrete actions), and the transforms the agent relies on: action repeat, a time
-limit (StepCounter), episode-start flags (InitTracker's "is_init") and the episode return (RewardSum).
+Suites, one module each: gymnasium ids (envs/gym.py: classic control, MuJoCo v5, Box2D, the memory
+suite, any third-party package's ids as `<module>:<EnvId>`) and dm-control (envs/dmc.py:
+`dmc:<domain>-<task>`, state or pixels). Every env comes out with the same keys: "pixels" (uint8
+(C, S, S), the model's image size) and/or "observation" (a float32 vector), "action" (one-hot for
+discrete actions), and the transforms the agent relies on: action repeat, a time limit (StepCounter),
+episode-start flags (InitTracker's "is_init") and the episode return (RewardSum).
 """
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 
 import torch
 from torchrl.envs import (CatTensors, Compose, DoubleToFloat, EnvBase, InitTracker, PermuteTransform,
-                          RenameTransform, RewardSum, StepCounter, TransformedEnv)
-
+                          RewardSum, StepCounter, TransformedEnv)
 
 
 class EnvError(ValueError):
@@ -33,76 +34,37 @@ class EnvConfig:
     action_repeat: int = 1  # env frames per agent step (rewards are summed)
     time_limit: int = 1000  # agent steps per episode before truncation
     kwargs: dict = field(default_factory=dict)  # passed to gymnasium.make
+    imports: list = field(default_factory=list)  # packages to import first (they register gymnasium ids)
+    image_size: int = 0  # side of the model's square images: 0 keeps an env's own square power-of-two side, else 64
+    grayscale: bool = False  # image observations as one gray channel
 
     def __post_init__(self):
+        if self.image_size and (self.image_size < 8 or self.image_size & (self.image_size - 1)):
+            raise EnvError(f"env.image_size must be 0 (auto) or a power of two from 8 up, got {self.image_size}")
         if self.action_repeat < 1:
             raise EnvError(f"env.action_repeat must be >= 1, got {self.action_repeat}")
         if self.time_limit < 1:
             raise EnvError(f"env.time_limit must be >= 1, got {self.time_limit}")
 
 
-def _renders_extra_frames(gymnasium, cfg: EnvConfig) -> bool:
-    """Whether eval videos need rendered frames beside the observations: not for image observations
-    (they are the video), and not for envs that cannot render rgb_array frames (e.g. BSuite)."""
-    env = gymnasium.make(cfg.id, **cfg.kwargs)
-    try:
-        space = env.observation_space
-        image = space.dtype == "uint8" and len(space.shape) == 3
-        return not image and "rgb_array" in env.metadata.get("render_modes", [])
-    finally:
-        env.close()
+def _suite(env_id: str):
+    """The suite module that builds `env_id`: {prefix: builder}, gymnasium for everything else."""
+    from envs.dmc import make_dmc
+    from envs.gym import make_gym
 
-
-def _gym_env(cfg: EnvConfig, seed: int, render: bool) -> EnvBase:
-    import gymnasium
-
-    import envs  # noqa: F401  registers the memory suite
-    from torchrl.envs import GymEnv
-
-    if cfg.id not in gymnasium.envs.registry:
-        raise EnvError(f"unknown gymnasium id '{cfg.id}'; list valid ones with `longdream envs`")
-    kwargs = dict(cfg.kwargs)
-    if render and not _renders_extra_frames(gymnasium, cfg):
-        render = False
-    if render:  # rendered frames under "pixels" beside the state, for eval videos only
-        kwargs.update(from_pixels=True, pixels_only=False)
-    env = GymEnv(cfg.id, frame_skip=cfg.action_repeat, **kwargs)
-    env.set_seed(seed)
-    return env
-
-
-def _dmc_env(cfg: EnvConfig, seed: int, render: bool) -> EnvBase:
-    from dm_control import suite
-    from torchrl.envs.libs.dm_control import DMControlWrapper
-
-    name = cfg.id.split(":", 1)[1]
-    domain, _, task = name.partition("-")
-    if (domain, task.replace("-", "_")) not in suite.ALL_TASKS:
-        raise EnvError(f"unknown dm-control task '{name}'; list valid ones with `longdream envs`")
-    task = task.replace("-", "_")
-    # DMControlEnv forwards render_kwargs to the task and fails; the wrapper renders at 64x64 directly.
-    return DMControlWrapper(suite.load(domain, task, task_kwargs={"random": seed}), from_pixels=cfg.pixels or render,
-                            pixels_only=cfg.pixels, render_kwargs={"height": 64, "width": 64}, frame_skip=cfg.action_repeat)
+    suites = {"dmc": make_dmc}
+    prefix = env_id.split(":", 1)[0] if ":" in env_id else ""
+    return suites.get(prefix, make_gym)
 
 
 def make_env(cfg: EnvConfig, seed: int = 0, render: bool = False) -> TransformedEnv:
     """`render` adds rendered frames under "pixels" to a state-based env (for videos)."""
-    if cfg.id.startswith("dmc:"):
-        base = _dmc_env(cfg, seed, render)
-    else:
-        if cfg.pixels:
-            raise EnvError("env.pixels=true needs a dm-control task (env.id=dmc:<domain>-<task>); "
-                           "gymnasium image envs are detected from their observation space")
-        base = _gym_env(cfg, seed, render)
-
+    base = _suite(cfg.id)(cfg, seed, render)
     transforms = []
     obs_spec = base.observation_spec
     if "pixels" in obs_spec.keys():
         transforms.append(PermuteTransform((-1, -3, -2), in_keys=["pixels"]))  # (H, W, C) -> (C, H, W)
-    if "observation" in obs_spec.keys() and obs_spec["observation"].dtype == torch.uint8:
-        # Image observations from gymnasium (the memory suite): same path as dm-control pixels.
-        transforms += [RenameTransform(["observation"], ["pixels"]), PermuteTransform((-1, -3, -2), in_keys=["pixels"])]
-    elif not cfg.pixels:
+    if not cfg.pixels:
         keys = [k for k in obs_spec.keys() if k not in ("observation", "pixels")]
         if keys:  # dm-control state: concatenate every entry into one vector
             transforms.append(CatTensors(keys + (["observation"] if "observation" in obs_spec.keys() else []),
@@ -113,11 +75,6 @@ def make_env(cfg: EnvConfig, seed: int = 0, render: bool = False) -> Transformed
 
 
 def list_envs() -> str:
-    import gymnasium
-    from dm_control import suite
+    from envs import dmc, gym
 
-    import envs  # noqa: F401
-
-    gym_ids = sorted(k for k in gymnasium.envs.registry if "-v" in k)
-    dmc = sorted(f"dmc:{d}-{t}" for d, t in suite.ALL_TASKS)
-    return "gymnasium:\n  " + "\n  ".join(gym_ids) + "\ndm-control:\n  " + "\n  ".join(dmc)
+    return "gymnasium:\n  " + "\n  ".join(gym.list_ids()) + "\ndm-control:\n  " + "\n  ".join(dmc.list_ids())

@@ -202,3 +202,19 @@ def test_config_backbone_and_core_must_agree():
     with pytest.raises(ConfigError, match="must agree"):
         dataclasses.replace(cfg, core=S5WMConfig())
     assert dataclasses.replace(cfg, backbone="s5wm", core=S5WMConfig()).backbone == "s5wm"
+
+
+def test_resume_tolerates_keys_added_since_the_run_was_made(vector_run, capsys):
+    """A saved config without a key the project added later resumes (the key at its default); setting
+    that key to something else on resume is still a mismatch."""
+    from omegaconf import OmegaConf
+
+    from agents.config import compose, config_mismatch
+
+    saved = OmegaConf.load(Path(vector_run) / "config.yaml")
+    baseline = compose(["env=pendulum"])
+    old = OmegaConf.create({k: v for k, v in OmegaConf.to_container(saved).items()})
+    del old.env["grayscale"]  # as if the run predated env.grayscale
+    assert config_mismatch(old, saved, baseline) == []
+    changed = OmegaConf.merge(saved, {"env": {"grayscale": True}})
+    assert config_mismatch(old, changed, baseline) == ["env.grayscale"]
