@@ -98,6 +98,8 @@ def field_defaults(cls) -> dict:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()
+        if dataclasses.is_dataclass(out.get(f.name)):  # a nested options block (env.atari): a plain node
+            out[f.name] = dataclasses.asdict(out[f.name])
     return out
 
 

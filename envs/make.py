@@ -23,13 +23,16 @@ from torchrl.envs import (CatTensors, Compose, DoubleToFloat, EnvBase, InitTrack
                           RewardSum, StepCounter, TransformedEnv)
 
 
+from envs.atari import AtariOptions  # noqa: E402
+
+
 class EnvError(ValueError):
     """A bad environment id or option; its message is one line that says how to fix it."""
 
 
 @dataclass(frozen=True)
 class EnvConfig:
-    id: str = "Pendulum-v1"  # gymnasium id, or dmc:<domain>-<task>
+    id: str = "Pendulum-v1"  # gymnasium id (<module>:<EnvId> for a third-party one), dmc:<domain>-<task>, atari:<Game>
     pixels: bool = False  # dm-control: 64x64 RGB observations instead of the state vector
     action_repeat: int = 1  # env frames per agent step (rewards are summed)
     time_limit: int = 1000  # agent steps per episode before truncation
@@ -37,8 +40,14 @@ class EnvConfig:
     imports: list = field(default_factory=list)  # packages to import first (they register gymnasium ids)
     image_size: int = 0  # side of the model's square images: 0 keeps an env's own square power-of-two side, else 64
     grayscale: bool = False  # image observations as one gray channel
+    atari: AtariOptions = field(default_factory=AtariOptions)  # the Atari suite's options (envs/atari.py)
 
     def __post_init__(self):
+        if isinstance(self.atari, dict):
+            try:
+                object.__setattr__(self, "atari", AtariOptions(**self.atari))
+            except (TypeError, ValueError) as e:
+                raise EnvError(str(e)) from None
         if self.image_size and (self.image_size < 8 or self.image_size & (self.image_size - 1)):
             raise EnvError(f"env.image_size must be 0 (auto) or a power of two from 8 up, got {self.image_size}")
         if self.action_repeat < 1:
@@ -49,10 +58,11 @@ class EnvConfig:
 
 def _suite(env_id: str):
     """The suite module that builds `env_id`: {prefix: builder}, gymnasium for everything else."""
+    from envs.atari import make_atari
     from envs.dmc import make_dmc
     from envs.gym import make_gym
 
-    suites = {"dmc": make_dmc}
+    suites = {"dmc": make_dmc, "atari": make_atari}
     prefix = env_id.split(":", 1)[0] if ":" in env_id else ""
     return suites.get(prefix, make_gym)
 
@@ -75,6 +85,8 @@ def make_env(cfg: EnvConfig, seed: int = 0, render: bool = False) -> Transformed
 
 
 def list_envs() -> str:
-    from envs import dmc, gym
+    from envs import atari, dmc, gym
 
-    return "gymnasium:\n  " + "\n  ".join(gym.list_ids()) + "\ndm-control:\n  " + "\n  ".join(dmc.list_ids())
+    parts = [("gymnasium", gym.list_ids()), ("dm-control", dmc.list_ids()),
+             ("atari (ale-py)", atari.list_ids() or ["(pip install 'longdream[atari]')"])]
+    return "\n".join(f"{name}:\n  " + "\n  ".join(ids) for name, ids in parts)
