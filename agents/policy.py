@@ -7,7 +7,7 @@ It carries the backbone's recurrent state from step to step through the env's Te
 from __future__ import annotations
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import Tensor
 
@@ -16,14 +16,22 @@ from agents.dreamer import Agent
 RANDOM, EXPLORE, EVAL = 0, 1, 2
 
 
+def observation(td: TensorDictBase, keys: list[str]):
+    """The observation the world model reads from a TensorDict: the one key's tensor, or a TensorDict
+    of the keys where there are several (an image and a vector)."""
+    if len(keys) == 1:
+        return td[keys[0]]
+    return TensorDict({k: td[k] for k in keys}, td.batch_size)
+
+
 class DreamerPolicy(TensorDictModuleBase):
     def __init__(self, agent: Agent, action_low: Tensor, action_high: Tensor, mode: int = EXPLORE):
         super().__init__()
         self.agent = agent
         wm = agent.wm
-        self.obs_key = "pixels" if wm.spec.pixels else "observation"
+        self.obs_keys = wm.spec.keys  # "pixels" and/or "observation"
         self.state_keys = list(wm.core.state_shapes())
-        self.in_keys = [self.obs_key, "is_init", "prev_action"] + [f"state_{k}" for k in self.state_keys]
+        self.in_keys = [*self.obs_keys, "is_init", "prev_action"] + [f"state_{k}" for k in self.state_keys]
         self.out_keys = ["action", ("next", "prev_action")] + [("next", f"state_{k}") for k in self.state_keys]
         self.register_buffer("low", action_low.float())
         self.register_buffer("high", action_high.float())
@@ -43,12 +51,12 @@ class DreamerPolicy(TensorDictModuleBase):
         if unbatched:
             td = td.unsqueeze(0)
         wm, dev = self.agent.wm, self.low.device
-        obs = td[self.obs_key].to(dev)  # (N, ...)
+        obs = observation(td, self.obs_keys).to(dev)  # (N, ...), or {key: (N, ...)}
         N = obs.shape[0]
         is_first = td["is_init"].to(dev).reshape(N, 1).float()  # (N, 1)
         prev = td["prev_action"].to(dev).float()  # (N, A)
         state = {k: td[f"state_{k}"].to(dev).float() for k in self.state_keys}
-        states, feat, _ = wm.core.observe(state, wm.encoder(obs[:, None]), prev[:, None], is_first)
+        states, feat, _ = wm.core.observe(state, wm.encoder(obs.unsqueeze(1)), prev[:, None], is_first)
         feat = feat[:, 0]  # (N, F)
         mode = int(self.mode)
         if mode == RANDOM:

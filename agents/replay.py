@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from agents.policy import observation
+
 ROW_KEYS = ("obs", "action", "reward", "is_first", "is_terminal")  # the transition; digests cover these
 CONTEXT_BUDGET = 3 * 64 * 64  # bytes a stored state may cost per row (one 64x64 RGB frame) before it is stored every k rows
 ALLOC_CHUNK = 1 << 16  # rows per env reserved on disk at a time (see _reserve)
@@ -93,18 +95,29 @@ def _write_json(path: Path, data: dict) -> None:
 def _digest(td: TensorDictBase) -> str:
     h = hashlib.sha256()
     for key in ROW_KEYS:
-        h.update(td[key].contiguous().numpy().tobytes())
+        v = td[key]
+        parts = [v[k] for k in sorted(v.keys(True, True))] if isinstance(v, TensorDictBase) else [v]  # obs may have parts
+        for part in parts:
+            h.update(part.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
+def _empty_like_rows(obs: Tensor | TensorDictBase, n: int) -> Tensor | TensorDict:
+    """n empty rows shaped like the observation's (a tensor, or a TensorDict of parts)."""
+    if isinstance(obs, TensorDictBase):
+        return TensorDict({k: torch.empty(n, *v.shape[1:], dtype=v.dtype) for k, v in obs.items()}, [n])
+    return torch.empty(n, *obs.shape[1:], dtype=obs.dtype)
+
+
 class Replay:
-    def __init__(self, capacity: int, batch_size: int, seq_len: int, directory: str | Path, obs_key: str,
+    def __init__(self, capacity: int, batch_size: int, seq_len: int, directory: str | Path, obs_keys: str | list[str],
                  n_envs: int = 1, state_shapes: dict[str, tuple[int, ...]] | None = None, context: bool = True,
                  every: int = 0, state_dtype: torch.dtype = torch.float32):
         """`capacity` rows in all (split evenly over `n_envs` streams); `state_shapes`, the backbone's
         carried state (core.state_shapes()), is stored where `context` is on, every `every` rows
         (0: chosen by size, see `context_every`)."""
-        self.batch_size, self.seq_len, self.obs_key, self.n_envs = batch_size, seq_len, obs_key, n_envs
+        self.batch_size, self.seq_len, self.n_envs = batch_size, seq_len, n_envs
+        self.obs_keys = [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
         self.directory = Path(directory)
         self.state_shapes = dict(state_shapes or {}) if context else {}
         self.context = bool(self.state_shapes)
@@ -250,9 +263,9 @@ class Replay:
         pos = torch.arange(F_) + torch.cumsum(done.long(), 0) - done.long()
         end_pos = pos[done] + 1
         n = F_ + D
-        obs = f[self.obs_key]
+        obs = observation(f, self.obs_keys)
         rows = TensorDict({
-            "obs": torch.empty(n, *obs.shape[1:], dtype=obs.dtype),
+            "obs": _empty_like_rows(obs, n),
             "action": torch.empty(n, f["prev_action"].shape[-1]),
             "reward": torch.empty(n),
             "is_first": torch.zeros(n, dtype=torch.bool),
@@ -263,7 +276,7 @@ class Replay:
         rows["reward"][pos] = reward
         rows["is_first"][pos] = is_first
         if D:
-            rows["obs"][end_pos] = f["next", self.obs_key][done]
+            rows["obs"][end_pos] = observation(f["next"], self.obs_keys)[done]
             rows["action"][end_pos] = f["next", "prev_action"][done].float()
             rows["reward"][end_pos] = next_reward[done]
             rows["is_terminal"][end_pos] = f["next", "terminated"].reshape(F_)[done]

@@ -25,7 +25,7 @@ from agents.policy import EVAL, EXPLORE, RANDOM, DreamerPolicy
 from agents.replay import Replay
 from agents.runlock import RunLock, os_error
 from agents.video import add_gif, open_loop_grid, save_video
-from envs.make import EnvError, make_env
+from envs.make import make_env
 from torchrl.data import Unbounded
 from torchrl.envs import EnvBase, TensorDictPrimer
 from worldmodels.model import ObsSpec, WorldModel
@@ -43,13 +43,10 @@ def obs_spec(env: EnvBase) -> ObsSpec:
     spec = env.observation_spec
     action = env.action_spec
     discrete = action.domain == "discrete"
-    if "observation" in spec.keys() and "pixels" in spec.keys():
-        raise EnvError("observations with both an image and a vector part are not modelled together yet; keep one "
-                       "with a gymnasium wrapper (e.g. FilterObservation) before longdream sees the env")
-    if "observation" not in spec.keys():
-        C, H, W = spec["pixels"].shape[-3:]
-        return ObsSpec(pixels=True, action_dim=action.shape[-1], discrete=discrete, image=(H, W, C))
-    return ObsSpec(pixels=False, obs_dim=spec["observation"].shape[-1], action_dim=action.shape[-1], discrete=discrete)
+    image = tuple(spec["pixels"].shape[-3:][i] for i in (1, 2, 0)) if "pixels" in spec.keys() else (64, 64, 3)  # (H, W, C)
+    obs_dim = spec["observation"].shape[-1] if "observation" in spec.keys() else 0
+    return ObsSpec(pixels="pixels" in spec.keys(), obs_dim=obs_dim, action_dim=action.shape[-1], discrete=discrete,
+                   image=image)
 
 
 def build_agent(cfg: Config, device: str) -> tuple[Agent, DreamerPolicy, dict]:
@@ -108,7 +105,7 @@ def _train(cfg: Config, lock: RunLock) -> dict:
         tqdm.write(f"run_dir {run_dir}: took over the lock of process {lock.previous}, which is no longer running")
     agent, policy, shapes = build_agent(cfg, device)
     opts = agent.optimizers()
-    replay = Replay(t.replay_capacity, t.batch_size, t.seq_len, run_dir / "replay", policy.obs_key, t.envs,
+    replay = Replay(t.replay_capacity, t.batch_size, t.seq_len, run_dir / "replay", policy.obs_keys, t.envs,
                     state_shapes=agent.wm.core.state_shapes(), context=t.replay_context, every=t.replay_context_every)
     counters = {"env_steps": 0, "agent_steps": 0, "updates": 0, "updates_due": 0.0, "episodes": 0,
                 "nonfinite": 0, "last_log": 0, "last_eval": 0, "last_video": 0}
@@ -261,7 +258,9 @@ def write_open_loop(agent: Agent, replay: Replay, writer, step: int, device: str
     start = None
     if "start" in batch:
         start = {k: v[:n] for k, v in agent.wm.context_state(batch["start"], batch["burn"]).items()}
-    pred = agent.wm.open_loop(obs, action, is_first, context, start=start)  # (n, T, 3, 64, 64) uint8
+    pred = agent.wm.open_loop(obs, action, is_first, context, start=start)  # (n, T, C, H, W) uint8
+    if isinstance(pred, dict):  # observations of several parts: the video shows the image
+        obs, pred = obs["pixels"], pred["pixels"]
     frames = open_loop_grid(obs, pred)
     add_gif(writer, "report/open_loop", frames, step)
     save_video(Path(writer.log_dir).parent / "videos" / f"open_loop-{step}", frames, fps=10)

@@ -11,11 +11,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodels.base import State, index_state
-from worldmodels.nets import ConvDecoder, ConvEncoder, NetsConfig, TwoHot, VectorDecoder, VectorEncoder, mlp
+from worldmodels.nets import (ConvDecoder, ConvEncoder, MultiDecoder, MultiEncoder, NetsConfig, TwoHot, VectorDecoder,
+                              VectorEncoder, mlp)
 from worldmodels.rssm import RSSM, RSSMConfig
 from worldmodels.s4wm import S4WM, S4WMConfig
 from worldmodels.s5wm import S5WM, S5WMConfig
 from worldmodels.transformer import TSSM, TransformerConfig
+
+def _one_or_many(parts: dict[str, nn.Module], many):
+    """A single observation part keeps its module as it is (plain tensors in and out, as before);
+    several are combined (observations then come as {key: tensor})."""
+    return next(iter(parts.values())) if len(parts) == 1 else many(parts)
+
 
 # The one place a backbone is picked by name: {name: (core class, its config dataclass)}.
 BACKBONES = {
@@ -39,13 +46,19 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class ObsSpec:
-    """What the encoder reads: a vector (obs_dim,) or uint8 pixels `image` = (H, W, C)."""
+    """What the encoder reads: uint8 pixels `image` = (H, W, C) where `pixels`, a vector of `obs_dim`
+    entries where obs_dim > 0, or both (then observations are {"pixels": ..., "observation": ...})."""
 
     pixels: bool
     obs_dim: int = 0
     action_dim: int = 1
     discrete: bool = False
     image: tuple[int, int, int] = (64, 64, 3)
+
+    @property
+    def keys(self) -> list[str]:
+        """The env's observation keys the model reads: "pixels" and/or "observation"."""
+        return (["pixels"] if self.pixels else []) + (["observation"] if self.obs_dim else [])
 
 
 class WorldModel(nn.Module):
@@ -55,17 +68,17 @@ class WorldModel(nn.Module):
         H, W, C = spec.image
         if spec.pixels and H != W:
             raise ValueError(f"image observations must be square, got {H} x {W}")
-        if spec.pixels:
-            self.encoder = ConvEncoder(nets.cnn_depth, C, H)
-        else:
-            self.encoder = VectorEncoder(spec.obs_dim, nets.units, nets.layers)
+        if not spec.keys:
+            raise ValueError("the observations need an image part (pixels) or a vector part (obs_dim > 0)")
+        encoders = {"pixels": lambda: ConvEncoder(nets.cnn_depth, C, H),
+                    "observation": lambda: VectorEncoder(spec.obs_dim, nets.units, nets.layers)}
+        self.encoder = _one_or_many({k: encoders[k]() for k in spec.keys}, MultiEncoder)
         core_cls, _ = BACKBONES[backbone]
         self.core = core_cls(core_cfg, self.encoder.out_dim, spec.action_dim, nets.action_embed)
         feat = self.core.feat_size
-        if spec.pixels:
-            self.decoder = ConvDecoder(feat, nets.cnn_depth, C, H)
-        else:
-            self.decoder = VectorDecoder(feat, spec.obs_dim, nets.units, nets.layers)
+        decoders = {"pixels": lambda: ConvDecoder(feat, nets.cnn_depth, C, H),
+                    "observation": lambda: VectorDecoder(feat, spec.obs_dim, nets.units, nets.layers)}
+        self.decoder = _one_or_many({k: decoders[k]() for k in spec.keys}, MultiDecoder)
         self.reward = TwoHot(feat, nets.units, nets.layers, nets.bins)
         self.cont = mlp(feat, nets.units, nets.layers, 1)
 

@@ -208,6 +208,37 @@ class VectorDecoder(nn.Module):
         return symexp(pred)
 
 
+class MultiEncoder(nn.Module):
+    """Observations of several parts {key: tensor} (an image and a vector): each through its own encoder,
+    the embeddings concatenated (DreamerV3's multi-input encoder)."""
+
+    def __init__(self, encoders: dict[str, nn.Module]):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.out_dim = sum(e.out_dim for e in encoders.values())
+
+    def forward(self, obs) -> Tensor:
+        return torch.cat([enc(obs[k]) for k, enc in self.encoders.items()], -1)  # (..., E)
+
+
+class MultiDecoder(nn.Module):
+    """One decoder per observation part; the loss is the sum of the parts' losses (each a sum over its
+    own entries, as for a single part)."""
+
+    def __init__(self, decoders: dict[str, nn.Module]):
+        super().__init__()
+        self.decoders = nn.ModuleDict(decoders)
+
+    def forward(self, feat: Tensor) -> dict[str, Tensor]:
+        return {k: dec(feat) for k, dec in self.decoders.items()}
+
+    def loss(self, pred: dict[str, Tensor], obs) -> Tensor:
+        return sum(dec.loss(pred[k], obs[k]) for k, dec in self.decoders.items())  # (...)
+
+    def mean(self, pred: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: dec.mean(pred[k]) for k, dec in self.decoders.items()}
+
+
 class ChannelNorm(nn.Module):
     """LayerNorm over channels of an image tensor (N, C, H, W)."""
 

@@ -55,7 +55,7 @@ def test_windows_never_join_episodes(tmp_path):
     ep_len = 7
     for n_envs in (1, 3):
         rp = Replay(capacity=150 * n_envs, batch_size=32, seq_len=10, directory=tmp_path / f"r{n_envs}",
-                    obs_key="observation", n_envs=n_envs)
+                    obs_keys="observation", n_envs=n_envs)
         for i in range(12):  # wraps the 150-row streams several times
             rp.add(fake_frames(n_envs, 20, 0, ep_len, 20 * i))
             if rp.ready():
@@ -65,7 +65,7 @@ def test_windows_never_join_episodes(tmp_path):
 
 
 def test_rows_hold_terminal_observation_and_arrival_reward(tmp_path):
-    rp = Replay(capacity=100, batch_size=1, seq_len=2, directory=tmp_path, obs_key="observation")
+    rp = Replay(capacity=100, batch_size=1, seq_len=2, directory=tmp_path, obs_keys="observation")
     rp.add(fake_frames(1, 8, 0, 4, 0))  # two episodes of 4 steps; the second terminates
     rows = rp.rows[torch.arange(len(rp))]
     assert len(rp) == 10  # 8 steps + one final observation per episode
@@ -99,7 +99,7 @@ def assert_uniform(rp, n=40_000, tenths=10):
 
 
 def test_sampling_uniform_after_wrap(tmp_path):
-    rp = Replay(capacity=1000, batch_size=16, seq_len=16, directory=tmp_path, obs_key="observation")
+    rp = Replay(capacity=1000, batch_size=16, seq_len=16, directory=tmp_path, obs_keys="observation")
     for i in range(160):  # 2,560 frames (+ terminal rows) into 1,000 rows: wrapped twice
         rp.add(fake_frames(1, 16, 0, 37, 16 * i))
     assert rp.hi[0] - rp.lo[0] == 1000 and rp.hi[0] > 2000
@@ -107,11 +107,11 @@ def test_sampling_uniform_after_wrap(tmp_path):
 
 
 def test_sampling_uniform_after_resume(tmp_path):
-    rp = Replay(capacity=1000, batch_size=16, seq_len=16, directory=tmp_path / "replay", obs_key="observation")
+    rp = Replay(capacity=1000, batch_size=16, seq_len=16, directory=tmp_path / "replay", obs_keys="observation")
     for i in range(50):
         rp.add(fake_frames(1, 16, 0, 37, 16 * i))
     rp.save(tmp_path / "ckpt")
-    rp2 = Replay(capacity=1000, batch_size=16, seq_len=16, directory=tmp_path / "replay", obs_key="observation")
+    rp2 = Replay(capacity=1000, batch_size=16, seq_len=16, directory=tmp_path / "replay", obs_keys="observation")
     rp2.load(tmp_path / "ckpt")
     for i in range(20):  # the resumed run appends 320 frames to the same stream
         rp2.add(fake_frames(1, 16, 0, 37, 16 * (50 + i)))
@@ -120,7 +120,7 @@ def test_sampling_uniform_after_resume(tmp_path):
 
 
 def test_sampling_uniform_with_several_envs(tmp_path):
-    rp = Replay(capacity=3 * 500, batch_size=16, seq_len=16, directory=tmp_path, obs_key="observation", n_envs=3)
+    rp = Replay(capacity=3 * 500, batch_size=16, seq_len=16, directory=tmp_path, obs_keys="observation", n_envs=3)
     for i in range(40):
         rp.add(fake_frames(3, 16, 0, 23, 16 * i))
     assert_uniform(rp)
@@ -131,13 +131,13 @@ def test_sampling_uniform_with_several_envs(tmp_path):
 # --- reopening in place ----------------------------------------------------------------------------
 
 def test_save_and_load_reopen_rows_in_place(tmp_path):
-    rp = Replay(capacity=50, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_key="observation")
+    rp = Replay(capacity=50, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_keys="observation")
     for i in range(4):
         rp.add(fake_frames(1, 20, 0, 6, 20 * i))  # 80+ rows into 50: wrapped
     before = rp.rows[rp._slots(torch.zeros(50, dtype=torch.long), torch.arange(rp.lo[0], rp.hi[0]))]
     meta = rp.save(tmp_path / "ckpt")
     assert not list((tmp_path / "ckpt").glob("*.memmap")), "a checkpoint must not copy rows"
-    rp2 = Replay(capacity=50, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_key="observation")
+    rp2 = Replay(capacity=50, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_keys="observation")
     restored = rp2.load(tmp_path / "ckpt")
     assert restored["rows"] == 50 and restored["dropped"] == 0 and (rp2.lo, rp2.hi) == (meta["lo"], meta["hi"])
     after = rp2.rows[rp2._slots(torch.zeros(50, dtype=torch.long), torch.arange(rp2.lo[0], rp2.hi[0]))]
@@ -150,13 +150,13 @@ def test_save_and_load_reopen_rows_in_place(tmp_path):
 def test_resume_drops_rows_a_killed_run_overwrote(tmp_path):
     """After the checkpoint, a run writes more rows into its wrapped buffer and is killed: the resume
     keeps the checkpoint's streams and drops exactly the rows those writes replaced."""
-    rp = Replay(capacity=50, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_key="observation")
+    rp = Replay(capacity=50, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_keys="observation")
     for i in range(3):
         rp.add(fake_frames(1, 20, 0, 6, 20 * i))
     rp.save(tmp_path / "ckpt")
     lo, hi = rp.lo[0], rp.hi[0]
     rp.add(fake_frames(1, 10, 0, 6, 60))  # the killed run's last rows (11 with a terminal row)
-    rp2 = Replay(capacity=50, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_key="observation")
+    rp2 = Replay(capacity=50, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_keys="observation")
     restored = rp2.load(tmp_path / "ckpt")
     written = rp.hi[0] - hi
     assert rp2.hi[0] == hi and rp2.lo[0] == lo + written and restored["dropped"] == written
@@ -164,15 +164,15 @@ def test_resume_drops_rows_a_killed_run_overwrote(tmp_path):
 
 
 def test_damaged_rows_are_detected(tmp_path):
-    rp = Replay(capacity=100, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_key="observation")
+    rp = Replay(capacity=100, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_keys="observation")
     rp.add(fake_frames(1, 30, 0, 6, 0))
     rp.save(tmp_path / "ckpt")
     rp.rows["reward"][3] = 99.0  # corrupt a stored row behind the checkpoint's back
     with pytest.raises(ReplayError, match="damaged"):
-        Replay(capacity=100, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_key="observation").load(tmp_path / "ckpt")
+        Replay(capacity=100, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_keys="observation").load(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "replay.json").write_text("{not json")
     with pytest.raises(ReplayError, match="corrupt"):
-        Replay(capacity=100, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_key="observation").load(tmp_path / "ckpt")
+        Replay(capacity=100, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_keys="observation").load(tmp_path / "ckpt")
 
 
 # --- replay context: stored states -----------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_window_from_stored_state_equals_whole_episode(tmp_path, backbone, every
         if frames["next", "done"][t]:
             z_rows.append(torch.zeros_like(z_rows[-1]))
     z_rows = torch.stack(z_rows)  # (L, S)
-    rp = Replay(capacity=200, batch_size=24, seq_len=T, directory=tmp_path, obs_key="observation",
+    rp = Replay(capacity=200, batch_size=24, seq_len=T, directory=tmp_path, obs_keys="observation",
                 state_shapes=wm.core.state_shapes(), every=every, state_dtype=torch.float64)
     for i in range(0, n_steps, 10):  # collector batches of 10
         rp.add(frames[i:i + 10])
@@ -280,7 +280,7 @@ def test_window_from_stored_state_equals_whole_episode(tmp_path, backbone, every
 def test_refresh_writes_states_back(tmp_path, every):
     torch.manual_seed(0)
     wm = WorldModel("s5wm", BACKBONES["s5wm"][1](size="xs"), NetsConfig(), ObsSpec(pixels=False, obs_dim=3, action_dim=A)).double()
-    rp = Replay(capacity=200, batch_size=1, seq_len=8, directory=tmp_path, obs_key="observation",
+    rp = Replay(capacity=200, batch_size=1, seq_len=8, directory=tmp_path, obs_keys="observation",
                 state_shapes=wm.core.state_shapes(), every=every, state_dtype=torch.float64)
     frames = acted_stream(wm, 60, ep_lens=[25])
     rp.add(frames)
@@ -312,7 +312,7 @@ def test_refresh_writes_states_back(tmp_path, every):
 def test_lost_anchor_starts_from_zero(tmp_path):
     """A window whose anchor was overwritten (it starts within k rows of the oldest row) starts from the
     initial state and is not refreshed."""
-    rp = Replay(capacity=40, batch_size=64, seq_len=8, directory=tmp_path, obs_key="observation",
+    rp = Replay(capacity=40, batch_size=64, seq_len=8, directory=tmp_path, obs_keys="observation",
                 state_shapes={"stoch": (2, 3), "h": (4,)}, every=8)
     f = fake_frames(1, 45, 0, 100, 0)  # one long episode, wrapped: lo = 5, not an anchor
     f["state_stoch"] = torch.zeros(45, 2, 3)

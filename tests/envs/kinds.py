@@ -15,6 +15,8 @@ SPACES = {
     "DictVector": lambda: spaces.Dict({"pos": spaces.Box(-1, 1, (2,), np.float64), "flag": spaces.Discrete(2)}),
     "DictImageText": lambda: spaces.Dict({"image": spaces.Box(0, 255, (32, 32, 3), np.uint8),
                                           "note": spaces.Text(8)}),
+    "DictImageVector": lambda: spaces.Dict({"image": spaces.Box(0, 255, (32, 32, 3), np.uint8),
+                                            "pos": spaces.Box(-1, 1, (3,), np.float32), "flag": spaces.Discrete(2)}),
     "DictTwoImages": lambda: spaces.Dict({"a": spaces.Box(0, 255, (8, 8, 3), np.uint8),
                                           "b": spaces.Box(0, 255, (8, 8, 3), np.uint8)}),
     "OnlyText": lambda: spaces.Text(8),

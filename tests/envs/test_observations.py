@@ -23,18 +23,20 @@ MOD = "tests.envs.kinds:longdream-test"
     ("MultiBinary", 0, False, None, 4),
     ("DictVector", 0, False, None, 4),
     ("DictImageText", 0, False, (3, 32, 32), None),  # 32 x 32 is kept; the text part is dropped
+    ("DictImageVector", 16, False, (3, 16, 16), 5),  # both parts: an image and a vector (3 + one-hot 2)
 ])
 def test_observation_kinds(kind, size, grayscale, pixels, vector):
     cfg = EnvConfig(id=f"{MOD}/{kind}-v0", time_limit=5, image_size=size, grayscale=grayscale)
     with pytest.warns(UserWarning, match="note") if kind == "DictImageText" else _nothing():
         env = make_env(cfg)
     td = env.rollout(4)
+    spec = obs_spec(env)
     if pixels:
         assert td["pixels"].dtype == torch.uint8 and td["pixels"].shape == (4, *pixels)
-        assert obs_spec(env).image == (pixels[1], pixels[2], pixels[0]) and obs_spec(env).pixels
-    else:
+        assert spec.image == (pixels[1], pixels[2], pixels[0]) and spec.pixels
+    if vector:
         assert td["observation"].dtype == torch.float32 and td["observation"].shape == (4, vector)
-        assert obs_spec(env).obs_dim == vector
+    assert spec.obs_dim == (vector or 0) and spec.pixels == bool(pixels)
 
 
 class _nothing:
@@ -100,12 +102,17 @@ def test_image_size_option_is_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["AtariLike", "DictVector", "MultiDiscrete", "Gray"])
+@pytest.mark.parametrize("kind", ["AtariLike", "DictVector", "MultiDiscrete", "Gray", "DictImageVector"])
 def test_every_observation_kind_trains_through_the_cli(tmp_path, kind):
     from agents.cli import main
 
     fast = ["size=xs", "prefill=100", "train_ratio=16", "batch_size=4", "seq_len=8", "log_every=100",
             "eval_episodes=1", "eval_every=0", "progress=false", "collect_every=8", "steps=300"]
-    extra = ["env.image_size=16"] if kind in ("AtariLike", "Gray") else []
+    extra = ["env.image_size=16"] if kind in ("AtariLike", "Gray", "DictImageVector") else []
+    if kind == "DictImageVector":  # two observation parts: open-loop video of the image, and a resume
+        extra.append("video_every=100")
     assert main(["train", f"env.id={MOD}/{kind}-v0", f"run_dir={tmp_path / kind}", *fast, *extra]) == 0
     assert any((tmp_path / kind / "checkpoints").iterdir())
+    if kind == "DictImageVector":
+        assert list((tmp_path / kind / "videos").glob("open_loop-*.gif"))
+        assert main(["train", f"run_dir={tmp_path / kind}", "steps=400", "progress=false"]) == 0

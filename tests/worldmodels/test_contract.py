@@ -127,7 +127,7 @@ def test_causality(name):
 def test_world_model_gradients_finite(name, pixels):
     torch.manual_seed(0)
     backbone, embed = split(name)
-    spec = ObsSpec(pixels=pixels, obs_dim=5, action_dim=A)
+    spec = ObsSpec(pixels=pixels, obs_dim=0 if pixels else 5, action_dim=A)
     wm = WorldModel(backbone, BACKBONES[backbone][1](size="xs"), NetsConfig(action_embed=embed), spec)
     Bw, Tw = 2, 6
     obs = torch.randint(0, 256, (Bw, Tw, 3, 64, 64), dtype=torch.uint8) if pixels else torch.randn(Bw, Tw, 5)
@@ -137,3 +137,27 @@ def test_world_model_gradients_finite(name, pixels):
     grads = [p.grad for p in wm.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_world_model_with_an_image_and_a_vector():
+    """Observations of two parts: each has its own encoder and decoder, the embeddings are concatenated
+    and the reconstruction loss is the sum of the parts' losses."""
+    from tensordict import TensorDict
+
+    torch.manual_seed(0)
+    spec = ObsSpec(pixels=True, obs_dim=5, action_dim=A, image=(16, 16, 3))
+    wm = WorldModel("rssm", BACKBONES["rssm"][1](size="xs"), NetsConfig(), spec)
+    Bw, Tw = 2, 4
+    obs = TensorDict({"pixels": torch.randint(0, 256, (Bw, Tw, 3, 16, 16), dtype=torch.uint8),
+                      "observation": torch.randn(Bw, Tw, 5)}, [Bw, Tw])
+    enc = wm.encoder
+    assert enc.out_dim == enc.encoders["pixels"].out_dim + enc.encoders["observation"].out_dim
+    total, terms, _, feat, _ = wm.loss(obs, torch.randn(Bw, Tw, A), torch.randn(Bw, Tw), torch.zeros(Bw, Tw),
+                                       torch.zeros(Bw, Tw))
+    pred = wm.decoder(feat)
+    parts = {k: wm.decoder.decoders[k].loss(pred[k], obs[k]).mean() for k in ("pixels", "observation")}
+    torch.testing.assert_close(terms["dec"], parts["pixels"] + parts["observation"])
+    total.backward()
+    for k in ("pixels", "observation"):  # both encoders learn
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in wm.encoder.encoders[k].parameters())
+    assert set(wm.open_loop(obs, torch.randn(Bw, Tw, A), torch.zeros(Bw, Tw), 2)) == {"pixels", "observation"}
