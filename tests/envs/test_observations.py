@@ -58,6 +58,24 @@ def test_one_hot_and_flattening_values():
     assert v.dtype == np.float32 and v.tolist() == [0.0, 1.0, 0.5, -0.25]  # in the space's key order (sorted): flag, pos
 
 
+def test_dict_example_env_is_the_flat_env_split():
+    """The Dict Pendulum of envs/examples.py reaches the model as the same vector as Pendulum-v1, so the
+    benchmark of Dict observations compares the two on equal inputs."""
+    flat = make_env(EnvConfig(id="Pendulum-v1", time_limit=200), seed=3)
+    split = make_env(EnvConfig(id="envs.examples:longdream/PendulumDict-v1", time_limit=200), seed=3)
+    assert split.observation_spec["observation"].shape == flat.observation_spec["observation"].shape == (3,)
+    actions = torch.linspace(-2, 2, 20).unsqueeze(-1)
+    obs = []
+    for env in (flat, split):
+        td = env.reset()
+        seen = [td["observation"]]
+        for t in range(20):
+            td = env.step(td.set("action", actions[t]))["next"]
+            seen.append(td["observation"])
+        obs.append(torch.stack(seen))
+    assert torch.equal(obs[0], obs[1])
+
+
 def test_image_layouts_agree():
     """The same picture as H x W x C, C x H x W and resized keeps its content (a left-right ramp)."""
     from tests.envs.kinds import Kinds
@@ -102,7 +120,8 @@ def test_image_size_option_is_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["AtariLike", "DictVector", "MultiDiscrete", "Gray", "DictImageVector"])
+@pytest.mark.parametrize("kind", ["AtariLike", "CHW", "Gray", "Box2D", "Discrete", "MultiDiscrete", "MultiBinary",
+                                  "DictVector", "DictImageVector"])
 def test_every_observation_kind_trains_through_the_cli(tmp_path, kind):
     from agents.cli import main
 
