@@ -204,6 +204,7 @@ def test_config_backbone_and_core_must_agree():
     assert dataclasses.replace(cfg, backbone="s5wm", core=S5WMConfig()).backbone == "s5wm"
 
 
+@pytest.mark.slow
 def test_resume_tolerates_keys_added_since_the_run_was_made(vector_run, capsys):
     """A saved config without a key the project added later resumes (the key at its default); setting
     that key to something else on resume is still a mismatch."""

@@ -305,6 +305,7 @@ def test_obs_size_must_be_supported():
         gym.make("longdream/Rooms-v0", obs_size=20)
 
 
+@pytest.mark.slow
 def test_no_gym_notice_when_the_old_gym_is_installed():
     """memory-maze brings the old `gym`, which TorchRL imports whenever it is installed; importing envs
     first swallows gym's import-time notice, so a run prints none."""
