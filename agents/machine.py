@@ -1,10 +1,11 @@
 """Where a result was measured: the machine (GPU name, or CPU model and cores) and the code's commit.
-Every benchmark row and memory-probe run records both."""
+Every benchmark row and memory-probe run records both; `portable` keeps local paths out of results files."""
 from __future__ import annotations
 
 import functools
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -37,3 +38,25 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return ""
     return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~])/[^\s,\"'=:]+")
+
+
+def portable(obj, base: Path | None = None):
+    """`obj` with every absolute path in its strings made machine-independent: relative to `base` where it
+    lies under it, else its last component (results files say what ran, not where on which disk)."""
+    if isinstance(obj, dict):
+        return {k: portable(v, base) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v, base) for v in obj]
+    if not isinstance(obj, str):
+        return obj
+
+    def short(m: re.Match) -> str:
+        path = Path(m.group(0))
+        if base is not None and path.is_relative_to(base.resolve()):
+            return str(path.relative_to(base.resolve()))
+        return path.name
+
+    return _ABSOLUTE.sub(short, obj)

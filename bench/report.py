@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from agents.machine import commit, machine  # noqa: F401  (re-exported for the benchmarks)
+from agents.machine import commit, machine, portable  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,7 +32,7 @@ def parse(argv: list[str], defaults: dict) -> dict:
 def write(name: str, data: dict, table: str, out: str | None = None) -> Path:
     folder = Path(out) if out else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **data}
+    data = portable({"benchmark": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, **data})
     (folder / f"{name}.json").write_text(json.dumps(data, indent=1))
     (folder / f"{name}.md").write_text(table + "\n")
     print(table)

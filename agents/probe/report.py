@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from agents.machine import portable
+
 
 def task_label(m: dict) -> str:
     tag = ",".join(f"{k}={v}" for k, v in sorted(m["kwargs"].items()))
@@ -83,6 +85,6 @@ def write_report(suite: str, results: list[dict], out: Path) -> dict:
         text.append(f"![{t}]({name})")
     report = out / f"report_{suite}.md"
     report.write_text("\n".join(text) + "\n")
-    (out / f"report_{suite}.json").write_text(json.dumps({"suite": suite, "runs": results}, indent=1))
+    (out / f"report_{suite}.json").write_text(json.dumps(portable({"suite": suite, "runs": results}, out), indent=1))
     print(f"report: {report}")
     return {"report": str(report), "plots": [str(out / p) for p in plots], "runs": results}

@@ -27,3 +27,19 @@ def test_merge_from_folds_results_files(tmp_path):
     assert runs[("s5wm", "world_model.stoch=32")]["episodes"] == 5
     text = (out / "learning_pendulum.md").read_text()
     assert "world_model.stoch=32" in text and "-500.0" in text and "-900.0" in text
+
+
+def test_results_files_hold_no_local_paths(tmp_path):
+    """Paths in results are made relative to the results folder or cut to their last component, and the
+    committed results files hold none."""
+    from bench.report import RESULTS, portable, write
+
+    data = {"overrides": ["run_dir=/home/u/runs/learning-pendulum-rssm-seed0", "seed=0"],
+            "merge_from": "/a/b/learning_pendulum.json,/c/learning_pendulum.json", "video": str(tmp_path / "t/v.gif"),
+            "params": "0.27M/0.04M/0.05M"}
+    got = json.loads(write("x", portable(data, tmp_path), "", str(tmp_path)).joinpath("x.json").read_text())
+    assert got["overrides"] == ["run_dir=learning-pendulum-rssm-seed0", "seed=0"]
+    assert got["merge_from"] == "learning_pendulum.json,learning_pendulum.json"
+    assert got["video"] == "t/v.gif" and got["params"] == "0.27M/0.04M/0.05M"
+    for f in RESULTS.glob("*.json"):
+        assert portable(json.loads(f.read_text())) == json.loads(f.read_text()), f"{f.name} holds a local path"
