@@ -30,7 +30,7 @@ def write_report(suite: str, results: list[dict], out: Path) -> dict:
         return "\n".join(lines)
 
     r0 = results[0]
-    first = {task_label(m): m for m in reversed(results)}  # each task's settings (the same for every backbone)
+    first = {t: next(m for m in results if task_label(m) == t) for t in tasks}  # each task's settings (the same for every backbone)
     text = [f"# Memory-probe suite '{suite}'", "",
             f"Size {r0['size']}, seed {r0['seed']}; per task: context C / query Q, offline updates, batch, learning rate "
             "and reward-loss scale: " + "; ".join(
@@ -83,6 +83,19 @@ def write_report(suite: str, results: list[dict], out: Path) -> dict:
         plt.close(fig)
         plots.append(name)
         text.append(f"![{t}]({name})")
+        curves = {b: cell[t, b]["curve"] for b in backbones if (t, b) in cell and cell[t, b].get("curve")}
+        if curves:  # held-out checks during training (eval_every): imagination accuracy against updates
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for b, curve in curves.items():
+                ax.plot([c["updates"] for c in curve], [c["reward_acc_imagine"] for c in curve], marker="o", label=b)
+            ax.set(xlabel="updates", ylabel="reward accuracy, imagination", title=t, ylim=(0, 1.05))
+            ax.legend()
+            fig.tight_layout()
+            name = "reward_acc_" + "".join(c if c.isalnum() else "_" for c in t).strip("_") + f"_{suite}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            plots.append(name)
+            text.append(f"![{t}, learning curve]({name})")
     report = out / f"report_{suite}.md"
     report.write_text("\n".join(text) + "\n")
     (out / f"report_{suite}.json").write_text(json.dumps(portable({"suite": suite, "runs": results}, out), indent=1))

@@ -146,3 +146,22 @@ def test_settings_key_follows_what_shapes_a_run():
         assert settings_key(compose(same, "probe")) == base, same
     for other in (["updates=7"], ["task.kwargs.length=50"], ["loss.reward=3"], ["world_model=rssm"], ["lr=0.1"]):
         assert settings_key(compose(other, "probe")) != base, other
+
+
+def test_report_lists_tasks_in_order_plots_curves_and_keeps_paths_relative(tmp_path):
+    from agents.probe.report import write_report
+
+    def run(length, backbone):
+        return {"task": "distracting_memory", "kwargs": {"length": length}, "backbone": backbone, "size": "xs",
+                "seed": 0, "context": 7, "query": length - 2, "updates": 100 * length, "batch_size": 8, "lr": 1e-3,
+                "loss": {"reward": length}, "gen_mse": 1.0, "recon_mse": 1.0, "gen_mse_per_step": [1.0, 2.0],
+                "reward_acc_imagine": 1.0, "reward_acc_observe": float("nan"), "train_s": 60.0, "params": 1e5,
+                "video": str(tmp_path / f"dm{length}" / backbone / "imagination.gif"),
+                "curve": [{"updates": 50, "reward_acc_imagine": 0.5}, {"updates": 100, "reward_acc_imagine": 1.0}]}
+
+    write_report("t", [run(50, "rssm"), run(50, "s5wm"), run(100, "rssm")], tmp_path)
+    text = (tmp_path / "report_t.md").read_text()
+    assert text.index("(length=50) 7/48, 5000 updates") < text.index("(length=100) 7/98, 10000 updates")
+    assert len(list(tmp_path.glob("reward_acc_*_t.png"))) == 2 and len(list(tmp_path.glob("gen_mse_*_t.png"))) == 2
+    runs = json.loads((tmp_path / "report_t.json").read_text())["runs"]
+    assert runs[0]["video"] == "dm50/rssm/imagination.gif"
