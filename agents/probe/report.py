@@ -18,6 +18,24 @@ def _acc(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.3f}"
 
 
+def _plot(path: Path, title: str, lines: dict, marker: str | None = None, **axes) -> Path:
+    """One line per backbone: `lines` maps a label to (x, y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, (x, y) in lines.items():
+        ax.plot(list(x), y, marker=marker, label=label)
+    ax.set(title=title, **axes)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(suite: str, results: list[dict], out: Path) -> dict:
     tasks = list(dict.fromkeys(task_label(m) for m in results))
     backbones = list(dict.fromkeys(m["backbone"] for m in results))
@@ -64,40 +82,20 @@ def write_report(suite: str, results: list[dict], out: Path) -> dict:
     text.append("")
     out.mkdir(parents=True, exist_ok=True)
     plots = []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     for t in tasks:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for b in backbones:
-            if (t, b) in cell:
-                curve = cell[t, b]["gen_mse_per_step"]
-                ax.plot(range(1, len(curve) + 1), curve, label=b)
-        ax.set(xlabel="imagination step", ylabel="generation MSE", title=t)
-        ax.legend()
-        fig.tight_layout()
-        name = "gen_mse_" + "".join(c if c.isalnum() else "_" for c in t).strip("_") + f"_{suite}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        plots.append(name)
-        text.append(f"![{t}]({name})")
+        stem = "".join(c if c.isalnum() else "_" for c in t).strip("_") + f"_{suite}.png"
+        steps = {b: cell[t, b]["gen_mse_per_step"] for b in backbones if (t, b) in cell}
+        plots.append(_plot(out / f"gen_mse_{stem}", t, {b: (range(1, len(c) + 1), c) for b, c in steps.items()},
+                           xlabel="imagination step", ylabel="generation MSE"))
+        text.append(f"![{t}]({plots[-1].name})")
         curves = {b: cell[t, b]["curve"] for b in backbones if (t, b) in cell and cell[t, b].get("curve")}
         if curves:  # held-out checks during training (eval_every): imagination accuracy against updates
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            for b, curve in curves.items():
-                ax.plot([c["updates"] for c in curve], [c["reward_acc_imagine"] for c in curve], marker="o", label=b)
-            ax.set(xlabel="updates", ylabel="reward accuracy, imagination", title=t, ylim=(0, 1.05))
-            ax.legend()
-            fig.tight_layout()
-            name = "reward_acc_" + "".join(c if c.isalnum() else "_" for c in t).strip("_") + f"_{suite}.png"
-            fig.savefig(out / name, dpi=110)
-            plt.close(fig)
-            plots.append(name)
-            text.append(f"![{t}, learning curve]({name})")
+            lines = {b: ([c["updates"] for c in curve], [c["reward_acc_imagine"] for c in curve]) for b, curve in curves.items()}
+            plots.append(_plot(out / f"reward_acc_{stem}", t, lines, marker="o", xlabel="updates",
+                               ylabel="reward accuracy, imagination", ylim=(0, 1.05)))
+            text.append(f"![{t}, learning curve]({plots[-1].name})")
     report = out / f"report_{suite}.md"
     report.write_text("\n".join(text) + "\n")
     (out / f"report_{suite}.json").write_text(json.dumps(portable({"suite": suite, "runs": results}, out), indent=1))
     print(f"report: {report}")
-    return {"report": str(report), "plots": [str(out / p) for p in plots], "runs": results}
+    return {"report": str(report), "plots": [str(p) for p in plots], "runs": results}
