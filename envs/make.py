@@ -18,8 +18,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 
-import torch
-from torchrl.envs import (CatTensors, Compose, DoubleToFloat, EnvBase, InitTracker, PermuteTransform,
+from torchrl.envs import (CatTensors, Compose, DoubleToFloat, InitTracker, PermuteTransform,
                           RewardSum, StepCounter, TransformedEnv)
 
 
