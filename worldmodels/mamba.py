@@ -84,12 +84,11 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     h (Bt, T, D, N) in float32 (float64 stays double)."""
     out, dtype = u.dtype, _real(u)
     u, delta, A, B, C, D = (x.to(dtype) for x in (u, delta, A, B, C, D))
-    Bt, T, Dn = u.shape
     dt = F.softplus(delta if delta_bias is None else delta + delta_bias.to(dtype))  # (Bt, T, D)
     a = torch.exp(dt[..., None] * A)  # (Bt, T, D, N)
     b = (dt * u)[..., None] * B[:, :, None, :]  # (Bt, T, D, N)
     hs = linear_scan(a.flatten(2), b.flatten(2), h0=None if h0 is None else h0.to(dtype).flatten(1), reset=reset)
-    hs = hs.unflatten(2, (Dn, -1))  # (Bt, T, D, N)
+    hs = hs.unflatten(2, A.shape)  # (Bt, T, D, N)
     y = torch.einsum("btdn,btn->btd", hs, C) + D * u
     if z is not None:
         y = y * F.silu(z.to(dtype))

@@ -18,8 +18,8 @@ def stepped_imagine(core, state, policy, horizon):
     for _ in range(horizon):
         h, blocks = core._core(state, state["stoch"][:, None], actions[-1][:, None], no_reset)
         prior = core._logits(core.prior_net, h[:, 0])
-        state = {**{k: v[:, 0] for k, v in blocks.items()}, "stoch": sample_onehot(unimix_probs(prior, core.cfg.unimix)),
-                 "h": h[:, 0]}
+        z = sample_onehot(unimix_probs(prior, core.cfg.unimix))
+        state = {**{k: v[:, 0] for k, v in blocks.items()}, "stoch": z, "h": h[:, 0]}
         feats.append(core.feat(state))
         actions.append(policy(feats[-1]))
     return torch.stack(feats, 1), torch.stack(actions, 1)
