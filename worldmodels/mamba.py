@@ -209,7 +209,7 @@ class MambaBlock(nn.Module):
 
     def forward(self, u: Tensor, x0: dict[str, Tensor], reset: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         y, xs = self.mixer(self.norm(u), x0, reset)
-        return u + y.to(u.dtype), xs
+        return u + y, xs
 
 
 class MambaWM(SSMCore):
