@@ -1,4 +1,4 @@
-"""The world-model contract every sequence core (RSSM, Transformer, S4WM, S5WM) honours.
+"""The world-model contract every sequence core (RSSM, Transformer, S4WM, S5WM, Mamba) honours.
 
 A backbone turns embedded observations and the previous actions into features for the heads, and
 rolls its prior forward under a policy. Encoder, decoder and heads are shared (worldmodels/model.py),

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from worldmodels.base import State, index_state
 from worldmodels.nets import (ConvDecoder, ConvEncoder, MultiDecoder, MultiEncoder, NetsConfig, TwoHot, VectorDecoder,
                               VectorEncoder, mlp)
+from worldmodels.mamba import MambaConfig, MambaWM
 from worldmodels.rssm import RSSM, RSSMConfig
 from worldmodels.s4wm import S4WM, S4WMConfig
 from worldmodels.s5wm import S5WM, S5WMConfig
@@ -26,6 +27,7 @@ def _one_or_many(parts: dict[str, nn.Module], many):
 
 # The one place a backbone is picked by name: {name: (core class, its config dataclass)}.
 BACKBONES = {
+    "mamba": (MambaWM, MambaConfig),
     "rssm": (RSSM, RSSMConfig),
     "s4wm": (S4WM, S4WMConfig),
     "s5wm": (S5WM, S5WMConfig),

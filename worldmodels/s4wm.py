@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from worldmodels.ops.scan import linear_scan
 from worldmodels.nets import XS_LATENT, fill_size
-from worldmodels.ssm import SSMCore, complex_dtype, init_log_dt
+from worldmodels.ssm import SSMCore, as_complex, as_real, complex_dtype, init_log_dt
 
 # Parameter counts are close to the RSSM and S5WM of the same size at s and m (see `longdream bench worldmodel`).
 SIZES = {
@@ -61,7 +61,7 @@ class S4Layer(nn.Module):
 
     def __init__(self, H: int, N: int, dt_min: float, dt_max: float):
         super().__init__()
-        self.state_shape = (H, N)
+        self.N = N
         # S4D-Lin: Lambda_n = -1/2 + i pi n, the same spectrum for every channel, its own step size
         self.log_lambda_re = nn.Parameter(torch.full((H, N), math.log(0.5)))
         self.lambda_im = nn.Parameter(math.pi * torch.arange(N, dtype=torch.float32).expand(H, N).clone())
@@ -76,7 +76,7 @@ class S4Layer(nn.Module):
 
     def forward(self, u: Tensor, x0: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
         B, T, H = u.shape
-        N = self.state_shape[1]
+        N = self.N
         cdt = complex_dtype(u)
         lam_bar, B_bar = (p.to(cdt) for p in self.discrete())
         bu = u.to(cdt)[..., None] * B_bar  # (B, T, H, N)
@@ -111,18 +111,19 @@ class S4Block(nn.Module):
         self.outs = nn.ModuleList(nn.Linear(H, H) for _ in range(2))
         self.norm_mlp = nn.LayerNorm(H)
         self.mlp = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H))
-        self.state_shape = (2, H, N)
+        self.state_shapes = {"ssm": (2, H, N, 2)}  # complex (2, H, N) as (re, im)
+        self.H, self.N = H, N
 
-    def state_readout(self) -> nn.Module:
-        return ChannelReadout(*self.state_shape[1:])
+    def state_readout(self) -> tuple[str, nn.Module]:
+        return "ssm", ChannelReadout(self.H, self.N)
 
-    def forward(self, u: Tensor, x0: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
-        states = []
+    def forward(self, u: Tensor, x0: dict[str, Tensor], reset: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        x0c, states = as_complex(x0["ssm"]), []
         for i in range(2):
-            y, xs = self.ssms[i](self.norms[i](u), x0[:, i], reset)
+            y, xs = self.ssms[i](self.norms[i](u), x0c[:, i], reset)
             u = u + self.outs[i](nn.functional.gelu(y))
             states.append(xs)
-        return u + self.mlp(self.norm_mlp(u)), torch.stack(states, 2)  # (B, T, 2, H, N)
+        return u + self.mlp(self.norm_mlp(u)), {"ssm": as_real(torch.stack(states, 2), u.dtype)}  # (B, T, 2, H, N, 2)
 
 
 class S4WM(SSMCore):

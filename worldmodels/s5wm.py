@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from worldmodels.ops.scan import linear_scan
 from worldmodels.nets import XS_LATENT, fill_size
-from worldmodels.ssm import SSMCore, complex_dtype, init_log_dt
+from worldmodels.ssm import SSMCore, as_complex, as_real, complex_dtype, init_log_dt
 
 SIZES = {
     "xs": dict(d_model=64, d_state=32, layers=2, hidden=64, **XS_LATENT),
@@ -57,7 +57,6 @@ class S5Layer(nn.Module):
 
     def __init__(self, H: int, P: int, dt_min: float, dt_max: float):
         super().__init__()
-        self.state_shape = (P,)
         # S4D-Lin initialisation: Lambda_n = -1/2 + i pi n
         self.log_lambda_re = nn.Parameter(torch.full((P,), math.log(0.5)))
         self.lambda_im = nn.Parameter(math.pi * torch.arange(P, dtype=torch.float32))
@@ -90,16 +89,16 @@ class S5Block(nn.Module):
         self.ssm = S5Layer(H, P, cfg.dt_min, cfg.dt_max)
         self.out = nn.Linear(H, H)
         self.mlp = nn.Sequential(nn.Linear(H, 2 * H), nn.GELU(), nn.Linear(2 * H, H))
-        self.state_shape = self.ssm.state_shape
+        self.state_shapes = {"ssm": (P, 2)}  # complex (P,) as (re, im)
         self.H, self.P = H, P
 
-    def state_readout(self) -> nn.Module:
-        return nn.Sequential(nn.Flatten(-2), nn.Linear(2 * self.P, self.H))
+    def state_readout(self) -> tuple[str, nn.Module]:
+        return "ssm", nn.Sequential(nn.Flatten(-2), nn.Linear(2 * self.P, self.H))
 
-    def forward(self, u: Tensor, x0: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
-        y, xs = self.ssm(self.norm1(u), x0, reset)
+    def forward(self, u: Tensor, x0: dict[str, Tensor], reset: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        y, xs = self.ssm(self.norm1(u), as_complex(x0["ssm"]), reset)
         u = u + self.out(nn.functional.gelu(y))
-        return u + self.mlp(self.norm2(u)), xs
+        return u + self.mlp(self.norm2(u)), {"ssm": as_real(xs, u.dtype)}
 
 
 class S5WM(SSMCore):

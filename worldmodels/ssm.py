@@ -1,23 +1,25 @@
-"""What S4WM and S5WM share: a stack of diagonal linear state-space blocks as the sequence core.
+"""What the state-space cores (S4WM, S5WM, Mamba) share: a stack of state-space blocks as the sequence core.
 
     u_t = MLP([z_{t-1}, a_{t-1}])                     input token
-    h_t = blocks(u_t)                                 each block carries a complex diagonal state
+    h_t = blocks(u_t)                                 each block carries its own recurrent state
     p(z_t | h_t) prior,  q(z_t | x_t) posterior from the observation alone
     feat_t = [h_t, z_t, s_t]                          s_t: the last block's SSM state, projected
 
-Every block's recurrence is linear, x_t = a * x_{t-1} + b(u_t), so the training path is one
-`linear_scan` over T per state-space layer, with the state reset at `is_first`
-(a_t <- a_t (1 - is_first_t)); acting and imagination call the same code with T = 1 and carry the
-state, so both modes agree. Nothing is T x T: memory is linear in T.
+Every block's recurrence is linear in its state, x_t = a_t * x_{t-1} + b_t, so the training path is
+one `linear_scan` over T per state-space layer, with the state reset at `is_first`
+(a_t <- a_t (1 - is_first_t)); acting and imagination run T = 1 and carry the state, and the tests
+hold both modes equal. Nothing is T x T: memory is linear in T.
 
 The actor and critic read feat, which includes the SSM state s_t as R2I does: h_t is a function of
-the inputs seen through the state, s_t is the state itself. The complex states travel as real
-(re, im) pairs so that TorchRL collectors can carry them.
+the inputs seen through the state, s_t is the state itself.
 
-A backbone file defines its block (a module with `state_shape`, the complex state per layer,
-`forward(u (B, T, H), x0 (B, *state_shape), reset (B, T)) -> (u, xs (B, T, *state_shape))` and
-`state_readout()`, a module from its state as real pairs (..., *state_shape, 2) to (..., H)) and a
-config; `SSMCore` does the rest.
+A backbone file defines its block and a config; `SSMCore` does the rest. A block describes its own
+state: `state_shapes`, {entry: shape} of the real tensors it carries per layer (complex states travel
+as real (re, im) pairs, so that TorchRL collectors can carry them), and has
+`forward(u (B, T, H), x0 {entry: (B, *shape)}, reset (B, T)) -> (u, {entry: (B, T, *shape)})` and
+`state_readout() -> (entry, module)`: which of its entries the features read, and a module from it
+(..., *shape) to (..., H). The core's state holds each entry for all L blocks, (B, L, *shape), beside
+"stoch" and "h".
 """
 from __future__ import annotations
 
@@ -34,6 +36,16 @@ def complex_dtype(x: Tensor) -> torch.dtype:
     return torch.complex128 if x.dtype == torch.float64 else torch.complex64
 
 
+def as_complex(x: Tensor) -> Tensor:
+    """Real (re, im) pairs (..., 2) as one complex tensor (...): complex128 from float64, else complex64."""
+    return torch.view_as_complex(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous())
+
+
+def as_real(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A complex tensor (...) as real (re, im) pairs (..., 2) of `dtype`."""
+    return torch.view_as_real(x).to(dtype)
+
+
 def init_log_dt(n: int, dt_min: float, dt_max: float) -> Tensor:
     """Log step sizes spread log-uniformly over [dt_min, dt_max] (S4D / S5 initialisation)."""
     return torch.empty(n).uniform_(math.log(dt_min), math.log(dt_max))
@@ -48,14 +60,16 @@ class SSMCore(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.prior_net = mlp(H, cfg.hidden, 1, S * K)
         self.post_net = mlp(embed_dim, cfg.hidden, 1, S * K)
-        self.layer_state = tuple(self.blocks[0].state_shape)
+        self.block_state = dict(self.blocks[0].state_shapes)  # {entry: shape per block}
+        assert not {"stoch", "h"} & set(self.block_state), "a block's state entries may not be named stoch or h"
         # the last block's state, read out to H features and normalised, joins the features (R2I)
-        self.state_feat = nn.Sequential(self.blocks[-1].state_readout(), nn.LayerNorm(H)) if cfg.feat_state else None
+        self.readout_key, readout = self.blocks[-1].state_readout()
+        self.state_feat = nn.Sequential(readout, nn.LayerNorm(H)) if cfg.feat_state else None
         self.feat_size = H + S * K + (H if cfg.feat_state else 0)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        c = self.cfg
-        return {"ssm": (len(self.blocks), *self.layer_state, 2), "stoch": (c.stoch, c.classes), "h": (c.d_model,)}
+        c, L = self.cfg, len(self.blocks)
+        return {**{k: (L, *s) for k, s in self.block_state.items()}, "stoch": (c.stoch, c.classes), "h": (c.d_model,)}
 
     def initial(self, batch_size: int) -> State:
         p = next(self.parameters())
@@ -64,9 +78,13 @@ class SSMCore(nn.Module):
     def _logits(self, net: nn.Module, x: Tensor) -> Tensor:
         return net(x).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)
 
-    def _blocks(self, x0: list[Tensor], z_prev: Tensor, action: Tensor, reset: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Sequence model over (B, T) from complex states x0 (one (B, *layer_state) per block): h (B, T, H)
-        and each block's states (B, T, *layer_state)."""
+    def _per_block(self, state: State) -> list[State]:
+        """The blocks' entries of a state (B, L, *shape) as one state {entry: (B, *shape)} per block."""
+        return [{k: state[k][:, i] for k in self.block_state} for i in range(len(self.blocks))]
+
+    def _blocks(self, x0: list[State], z_prev: Tensor, action: Tensor, reset: Tensor) -> tuple[Tensor, list[State]]:
+        """Sequence model over (B, T) from one state per block: h (B, T, H) and each block's states
+        {entry: (B, T, *shape)}."""
         u = self.inp(torch.cat([z_prev.flatten(-2), action_input(action)], -1))  # (B, T, H)
         states = []
         for block, x in zip(self.blocks, x0):
@@ -74,15 +92,10 @@ class SSMCore(nn.Module):
             states.append(xs)
         return u, states
 
-    def _complex(self, ssm: Tensor) -> list[Tensor]:
-        """The state's "ssm" entry (B, L, *layer_state, 2) as one complex tensor per block."""
-        real = torch.float64 if ssm.dtype == torch.float64 else torch.float32
-        return list(torch.view_as_complex(ssm.to(real).contiguous()).unbind(1))
-
-    def _core(self, state: State, z_prev: Tensor, action: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
-        """Sequence model over (B, T): h (B, T, H) and SSM states (B, T, L, *layer_state, 2)."""
-        u, states = self._blocks(self._complex(state["ssm"]), z_prev, action, reset)
-        return u, torch.stack([torch.view_as_real(xs).to(u.dtype) for xs in states], 2)
+    def _core(self, state: State, z_prev: Tensor, action: Tensor, reset: Tensor) -> tuple[Tensor, State]:
+        """Sequence model over (B, T): h (B, T, H) and the blocks' states {entry: (B, T, L, *shape)}."""
+        u, states = self._blocks(self._per_block(state), z_prev, action, reset)
+        return u, {k: torch.stack([xs[k] for xs in states], 2) for k in self.block_state}
 
     def observe(self, state, embed, action, is_first, noise=None):
         first = is_first.to(embed.dtype)  # (B, T)
@@ -91,36 +104,38 @@ class SSMCore(nn.Module):
         z = sample_onehot(probs, None if noise is None else noise["stoch"])  # (B, T, S, K)
         # the token at t reads z_{t-1} and a_{t-1}; both are zero where an episode starts
         z_prev = torch.cat([state["stoch"][:, None], z[:, :-1]], 1) * (1 - first)[..., None, None]
-        h, ssm = self._core(state, z_prev, action * (1 - first)[..., None], first)
+        h, blocks = self._core(state, z_prev, action * (1 - first)[..., None], first)
         prior = self._logits(self.prior_net, h)
         post_lp, prior_lp = probs.log(), unimix_probs(prior, self.cfg.unimix).log()
         losses = {"dyn": categorical_kl(post_lp.detach(), prior_lp), "rep": categorical_kl(post_lp, prior_lp.detach())}
-        states = {"ssm": ssm, "stoch": z, "h": h}
+        states = {**blocks, "stoch": z, "h": h}
         return states, self.feat(states), losses
 
     def feat(self, state: State) -> Tensor:
-        last = state["ssm"].select(-len(self.layer_state) - 2, -1) if self.state_feat is not None else None
+        last = None
+        if self.state_feat is not None:  # the last block's entry: select -1 on the block dim
+            last = state[self.readout_key].select(-len(self.block_state[self.readout_key]) - 1, -1)
         return self._feat(state["h"], state["stoch"], last)
 
     def _feat(self, h: Tensor, z: Tensor, last: Tensor | None) -> Tensor:
-        """[h, z, LN(readout(last))] where last is the last block's state as real pairs (..., *layer_state, 2)."""
+        """[h, z, LN(readout(last))] where last is the last block's read-out entry (..., *shape)."""
         parts = [h, z.flatten(-2)]
         if self.state_feat is not None:
             parts.append(self.state_feat(last))
         return torch.cat(parts, -1)
 
     def imagine(self, state: State, policy: Policy, horizon: int):
-        """The blocks' states travel as a list of complex tensors between steps (stacking them into the
-        contract's (N, L, ..., 2) layout at every step would copy them, and scatter gradients back)."""
+        """The blocks' states travel as a list, one per block, between steps (stacking them into the
+        contract's (N, L, ...) layout at every step would copy them, and scatter gradients back)."""
         feats = [self.feat(state)]
         actions = [policy(feats[0])]
         N = feats[0].shape[0]
         no_reset = torch.zeros(N, 1, device=feats[0].device, dtype=feats[0].dtype)
-        x, z = self._complex(state["ssm"]), state["stoch"]
+        x, z = self._per_block(state), state["stoch"]
         for _ in range(horizon):
             h, xs = self._blocks(x, z[:, None], actions[-1][:, None], no_reset)
-            x, h = [s[:, 0] for s in xs], h[:, 0]
+            x, h = [{k: v[:, 0] for k, v in s.items()} for s in xs], h[:, 0]
             z = sample_onehot(unimix_probs(self._logits(self.prior_net, h), self.cfg.unimix))
-            feats.append(self._feat(h, z, torch.view_as_real(x[-1]).to(h.dtype)))
+            feats.append(self._feat(h, z, x[-1][self.readout_key]))
             actions.append(policy(feats[-1]))
         return torch.stack(feats, 1), torch.stack(actions, 1)

@@ -1,11 +1,12 @@
-"""The state-space cores' imagination (per-block complex states carried as a list) against stepping
-the contract's stacked state through `_core` one token at a time."""
+"""The state-space cores' imagination (per-block states carried as a list) against stepping the
+contract's stacked state through `_core` one token at a time."""
 import pytest
 import torch
 
 from worldmodels.base import index_state
 from worldmodels.model import BACKBONES
 from worldmodels.nets import sample_onehot, unimix_probs
+from worldmodels.ssm import SSMCore
 
 B, T, E, A, H = 3, 6, 16, 2, 5
 
@@ -15,15 +16,16 @@ def stepped_imagine(core, state, policy, horizon):
     actions.append(policy(feats[0]))
     no_reset = torch.zeros(B, 1, dtype=torch.float64)
     for _ in range(horizon):
-        h, ssm = core._core(state, state["stoch"][:, None], actions[-1][:, None], no_reset)
+        h, blocks = core._core(state, state["stoch"][:, None], actions[-1][:, None], no_reset)
         prior = core._logits(core.prior_net, h[:, 0])
-        state = {"ssm": ssm[:, 0], "stoch": sample_onehot(unimix_probs(prior, core.cfg.unimix)), "h": h[:, 0]}
+        z = sample_onehot(unimix_probs(prior, core.cfg.unimix))
+        state = {**{k: v[:, 0] for k, v in blocks.items()}, "stoch": z, "h": h[:, 0]}
         feats.append(core.feat(state))
         actions.append(policy(feats[-1]))
     return torch.stack(feats, 1), torch.stack(actions, 1)
 
 
-@pytest.mark.parametrize("name", ["s4wm", "s5wm"])
+@pytest.mark.parametrize("name", sorted(n for n, (cls, _) in BACKBONES.items() if issubclass(cls, SSMCore)))
 def test_imagine_equals_stepping_the_stacked_state(name):
     torch.manual_seed(0)
     core_cls, cfg_cls = BACKBONES[name]
