@@ -55,6 +55,7 @@ class ProbeConfig:
     log_every: int
     eval_every: int
     progress: bool
+    report_only: bool
     sweep_lengths: list
     sweep_steps: int
     sweep_train_episodes: int
@@ -243,7 +244,7 @@ def probe_states(wm: WorldModel, train: TensorDict, test: TensorDict, probe: Pro
 # ------------------------------------------------------------------------------------------ runs
 
 
-VOLATILE = ("progress", "out", "suite", "backbones", "videos", "log_every", "eval_every", "device")  # keys that do not change a result
+VOLATILE = ("progress", "out", "suite", "backbones", "videos", "log_every", "eval_every", "device", "report_only")  # keys that do not change a result
 
 
 def settings_key(raw) -> str:

@@ -36,7 +36,7 @@ def _plot(path: Path, title: str, lines: dict, marker: str | None = None, **axes
     return path
 
 
-def write_report(suite: str, results: list[dict], out: Path) -> dict:
+def write_report(suite: str, results: list[dict], out: Path, missing: list[str] = ()) -> dict:
     tasks = list(dict.fromkeys(task_label(m) for m in results))
     backbones = list(dict.fromkeys(m["backbone"] for m in results))
     cell = {(task_label(m), m["backbone"]): m for m in results}
@@ -80,6 +80,9 @@ def write_report(suite: str, results: list[dict], out: Path) -> dict:
                     f"{m.get('run_s', m['train_s']) / 60:.1f} min | {m.get('threads', '-')} | {m.get('machine', '-')} | "
                     f"{m.get('date', '-')} | {m.get('commit', '-')} |")
     text.append("")
+    if missing:
+        text += [f"**Not finished yet** ({len(missing)} runs; this report covers the finished ones): "
+                 + "; ".join(f"`{m}`" for m in missing), ""]
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     for t in tasks:

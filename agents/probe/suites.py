@@ -68,7 +68,7 @@ def run_suite(suite: str, overrides: list[str], backbones: list[str] | None = No
         if importlib.util.find_spec("memory_maze") is not None:
             entries.append(["task=memory_maze", "task.kwargs.size=9"])
     extra = SMOKE if suite == "smoke" else []
-    results = []
+    results, missing = [], []
     for entry in entries:
         for b in backbones:
             # the suite's own settings first, so that the command line can still change them
@@ -78,5 +78,13 @@ def run_suite(suite: str, overrides: list[str], backbones: list[str] | None = No
             done = finished(raw_run)  # a suite stopped part-way resumes; a run made elsewhere with out= counts
             if done is not None:
                 print(f"[probe] {done['task']} {done['kwargs']} {b}: done before, metrics reused", flush=True)
-            results.append(done if done is not None else run_one(raw_run))
-    return write_report(suite, results, Path(raw.out))
+                results.append(done)
+            elif raw.report_only:
+                missing.append(f"{' '.join(entry)} world_model={b}")
+            else:
+                results.append(run_one(raw_run))
+    if missing:
+        print(f"[probe] report_only: {len(missing)} runs not finished yet and left out of the report:\n  " + "\n  ".join(missing))
+    if not results:
+        raise ConfigError(f"report_only: no finished run of suite '{suite}' under {raw.out} (run the suite first)")
+    return write_report(suite, results, Path(raw.out), missing)

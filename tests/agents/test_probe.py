@@ -82,6 +82,18 @@ def test_smoke_suite_writes_table_plots_and_videos(tmp_path):
         assert len(r["gen_mse_per_step"]) == r["query"] and r["gen_mse"] >= 0
         assert 0 <= r["reward_acc_imagine"] <= 1
         assert (tmp_path / r["video"]).exists() or __import__("pathlib").Path(r["video"]).exists()
+    # report_only: the finished runs are reported, a missing one is listed, nothing is trained
+    (tmp_path / r["run_dir"] / "metrics.json").unlink()
+    assert main(["probe", "suite=smoke", f"out={tmp_path}", "report_only=true", "progress=false"]) == 0
+    report = (tmp_path / "report_smoke.md").read_text()
+    assert "Not finished yet** (1 runs" in report and f"world_model={r['backbone']}" in report
+    assert not (tmp_path / r["run_dir"] / "metrics.json").exists()
+
+
+def test_report_only_without_finished_runs_is_a_one_line_error(tmp_path, capsys):
+    assert main(["probe", "suite=smoke", f"out={tmp_path}", "report_only=true"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no finished run" in err[0]
 
 
 def test_eval_every_records_a_curve_and_leaves_training_unchanged(tmp_path):
