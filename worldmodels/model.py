@@ -19,6 +19,7 @@ from worldmodels.s4wm import S4WM, S4WMConfig
 from worldmodels.s5wm import S5WM, S5WMConfig
 from worldmodels.transformer import TSSM, TransformerConfig
 
+
 def _one_or_many(parts: dict[str, nn.Module], many):
     """A single observation part keeps its module as it is (plain tensors in and out, as before);
     several are combined (observations then come as {key: tensor})."""
