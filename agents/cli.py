@@ -148,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     from agents.config import ConfigError
     from agents.replay import ReplayError
     from agents.runlock import RunDirError
-    from agents.machine import commit
+    from agents.machine import commit, keep_freed_memory
     from envs.make import EnvError  # importing envs first also keeps the old gym's notice out of every run
 
+    keep_freed_memory()  # before the first large tensor: the learner's big blocks are then reused
     commit()  # results record the code this process started with, even if the checkout moves on meanwhile
     try:
         return COMMANDS[argv[0]](set_threads(argv[1:]))

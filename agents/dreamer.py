@@ -177,13 +177,19 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
     loss to its own module's parameters only."""
     cfg, wm = agent.cfg, agent.wm
     dynamics = actor_grad_mode(agent) == "dynamics"
+    # Every head reads the whole rollout (N, H+1, F) and its output is sliced: a head on feat[:, 1:]
+    # or feat[:, :-1] would first copy the features, the largest tensor of the update.
     with torch.set_grad_enabled(dynamics):  # REINFORCE needs no gradient through the dynamics
         # the actor reads sg(state): dynamics gradients reach it through its actions only
         policy = (lambda f: agent.actor.rsample(f.detach())) if dynamics else agent.actor.sample
         feat, action = wm.core.imagine(starts, policy, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
-        reward = wm.reward.mean(wm.reward(feat[:, 1:]))  # (N, H) reward on arrival at step t+1
-        cont = torch.sigmoid(wm.cont(feat[:, 1:]).squeeze(-1))  # (N, H)
-        value = agent.critic.mean(agent.critic(feat))  # (N, H+1)
+        reward = wm.reward.mean(wm.reward(feat))[:, 1:]  # (N, H) reward on arrival at step t+1
+        cont = torch.sigmoid(wm.cont(feat).squeeze(-1))[:, 1:]  # (N, H)
+    # one critic pass serves the value (through which dynamics gradients reach the actor) and the
+    # critic's own loss (which `update` applies to the critic's parameters only)
+    critic_logits = agent.critic(feat if dynamics else feat.detach())  # (N, H+1, K)
+    with torch.set_grad_enabled(dynamics):
+        value = agent.critic.mean(critic_logits if dynamics else critic_logits.detach())  # (N, H+1)
         ret = lambda_return(reward, value, cfg.gamma * cont, cfg.lam)  # (N, H)
     with torch.no_grad():
         # w_t: probability that step t is still inside the episode, seen from the start state.
@@ -191,19 +197,19 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
         weight = torch.cumprod(alive, 1)  # (N, H)
         scale, retnorm_state = agent.retnorm.propose(ret)
         adv = (ret - value[:, :-1]) / scale  # (N, H)
-        slow = agent.slow_critic.mean(agent.slow_critic(feat[:, :-1].detach()))  # (N, H)
+        slow = agent.slow_critic.mean(agent.slow_critic(feat.detach()))[:, :-1]  # (N, H)
 
-    dist = agent.actor.dist(feat[:, :-1].detach())
-    ent = dist.entropy()  # (N, H)
+    dist = agent.actor.dist(feat.detach())  # (N, H+1): the last step's action is never scored
+    ent = dist.entropy()[:, :-1]  # (N, H)
     if dynamics:
         actor_loss = -(weight * (ret / scale + cfg.entropy * ent)).mean()
     else:
-        logp = dist.log_prob(action[:, :-1])  # (N, H)
+        logp = dist.log_prob(action)[:, :-1]  # (N, H)
         actor_loss = -(weight * (adv * logp + cfg.entropy * ent)).mean()
 
-    logits = agent.critic(feat[:, :-1].detach())  # (N, H, K)
+    logp_v = critic_logits.log_softmax(-1)[:, :-1]  # (N, H, K)
     target = ret.detach()
-    critic_loss = (weight * (agent.critic.loss(logits, target) + cfg.slow_critic_reg * agent.critic.loss(logits, slow))).mean()
+    critic_loss = (weight * (agent.critic.nll(logp_v, target) + cfg.slow_critic_reg * agent.critic.nll(logp_v, slow))).mean()
 
     metrics = {
         "train/return_scale": scale, "train/imag_return": target.mean(), "train/imag_reward": reward.detach().mean(),
@@ -242,11 +248,11 @@ def replay_value_loss(agent: Agent, feat: Tensor, batch: dict, boot: Tensor) -> 
     slow-critic regulariser; the last row of each window has no return of its own and is left out."""
     cfg = agent.cfg
     ret, weight = replay_returns(batch["reward"], batch["is_first"], batch["is_terminal"], boot, cfg.gamma, cfg.lam)
-    feat = feat.detach()[:, :-1]
-    logits = agent.critic(feat)  # (B, T-1, K)
+    feat = feat.detach()  # the heads read every row and drop the last from their outputs (no copy of feat)
+    logp = agent.critic(feat).log_softmax(-1)[:, :-1]  # (B, T-1, K)
     with torch.no_grad():
-        slow = agent.slow_critic.mean(agent.slow_critic(feat))
-    loss = agent.critic.loss(logits, ret[:, :-1]) + cfg.slow_critic_reg * agent.critic.loss(logits, slow)
+        slow = agent.slow_critic.mean(agent.slow_critic(feat))[:, :-1]
+    loss = agent.critic.nll(logp, ret[:, :-1]) + cfg.slow_critic_reg * agent.critic.nll(logp, slow)
     return (weight[:, :-1] * loss).mean()
 
 
@@ -276,7 +282,8 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) ->
         opt.zero_grad(set_to_none=True)
     clips = {"wm": (agent.wm, cfg.wm_clip), "actor": (agent.actor, cfg.ac_clip), "critic": (agent.critic, cfg.ac_clip)}
     for name, v in losses.items():  # each loss trains its own module only (dynamics gradients reach further)
-        v.backward(inputs=list(clips[name][0].parameters()))
+        # the actor's loss and the critic's share the critic's pass over the rollout: keep it for the latter
+        v.backward(inputs=list(clips[name][0].parameters()), retain_graph=name == "actor")
     if cfg.optimizer == "laprop":  # AGC inside the optimiser bounds each tensor's update instead
         clips = {name: (mod, float("inf")) for name, (mod, _) in clips.items()}
     norms = {name: nn.utils.clip_grad_norm_(mod.parameters(), clip) for name, (mod, clip) in clips.items()}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from agents.machine import commit, machine, portable  # noqa: F401  (re-exported for the benchmarks)
+from agents.machine import commit, keep_freed_memory, machine, portable  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -48,8 +48,12 @@ def markdown(header: list[str], rows: list[list]) -> str:
 
 def run_comparator(script: str, args: list[str]) -> list[dict]:
     """Run an external timing script that prints `RESULT {json}` lines; return the parsed rows."""
-    # the comparator runs with this process's torch threads (`threads=`), so that the ratio is fair
+    # the comparator runs with this process's torch threads (`threads=`) and, where the CLI set up
+    # glibc's allocator to keep freed memory (agents.machine.keep_freed_memory), the same settings
+    # through glibc's environment variables, so that the ratio is fair
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    if keep_freed_memory.applied:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(keep_freed_memory.limit), MALLOC_TRIM_THRESHOLD_=str(keep_freed_memory.limit))
     proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
     rows = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not rows:

@@ -90,21 +90,39 @@ class TwoHot(nn.Module):
         return self.net(x)  # (..., K) logits
 
     def mean(self, logits: Tensor) -> Tensor:
-        return symexp((logits.softmax(-1) * self.bins).sum(-1))  # (...)
+        return symexp(logits.softmax(-1) @ self.bins.to(logits.dtype))  # (...)
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Cross-entropy against the two-hot encoding of symlog(target); returns (...)."""
-        return -(two_hot(symlog(target), self.bins) * logits.log_softmax(-1)).sum(-1)
+        return self.nll(logits.log_softmax(-1), target)
+
+    def nll(self, logp: Tensor, target: Tensor) -> Tensor:
+        """`loss` from log-probabilities (..., K), so that several targets share one log-softmax. It
+        reads the two bins each target falls between (`two_hot_nll`) instead of building the (..., K)
+        encoding; `two_hot` is the reference the tests hold it to."""
+        return two_hot_nll(logp, symlog(target), self.bins)
+
+
+def _neighbours(x: Tensor, bins: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x clamped to the bins' range, the indices of the bins below and above it, and the weight of the
+    upper one, so that (1 - w) bins[lo] + w bins[hi] = x."""
+    x = x.clamp(bins[0], bins[-1])
+    hi = torch.searchsorted(bins, x.detach().contiguous(), right=True).clamp(1, bins.numel() - 1)  # (...)
+    lo = hi - 1
+    return x, lo, hi, (x - bins[lo]) / (bins[hi] - bins[lo])
+
+
+def two_hot_nll(logp: Tensor, x: Tensor, bins: Tensor) -> Tensor:
+    """-sum_k two_hot(x)_k logp_k, from the two bins x falls between: (...)."""
+    x, lo, hi, w_hi = _neighbours(x, bins)
+    at = lambda i: logp.gather(-1, i.unsqueeze(-1)).squeeze(-1)
+    return -((1 - w_hi) * at(lo) + w_hi * at(hi))
 
 
 def two_hot(x: Tensor, bins: Tensor) -> Tensor:
     """Spread each value over its two neighbouring bins so that the weighted mean equals it."""
-    x = x.clamp(bins[0], bins[-1])
-    K = bins.numel()
-    hi = torch.searchsorted(bins, x.detach().contiguous(), right=True).clamp(1, K - 1)  # (...)
-    lo = hi - 1
-    w_hi = (x - bins[lo]) / (bins[hi] - bins[lo])
-    out = torch.zeros(*x.shape, K, device=x.device, dtype=x.dtype)
+    x, lo, hi, w_hi = _neighbours(x, bins)
+    out = torch.zeros(*x.shape, bins.numel(), device=x.device, dtype=x.dtype)
     out.scatter_(-1, lo.unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
     out.scatter_add_(-1, hi.unsqueeze(-1), w_hi.unsqueeze(-1))
     return out  # (..., K)

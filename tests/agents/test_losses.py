@@ -329,3 +329,78 @@ def test_dv3_recipe_builds_laprop():
     with pytest.raises(ValueError, match="optimizer"):
         AgentConfig(optimizer="sgd")
     assert dreamer.AgentConfig().optimizer == "adam"
+
+
+# --- the fast imagination losses against their plain twin ----------------------------------------
+
+def imagine_losses_ref(agent, starts, start_cont):
+    """imagine_losses written plainly: each head on the slice of the rollout it needs, the critic run
+    twice (once for the value, once on sg(feat) for its loss), the two-hot targets built in full."""
+    from worldmodels.nets import symlog, two_hot
+
+    cfg, wm = agent.cfg, agent.wm
+    dynamics = dreamer.actor_grad_mode(agent) == "dynamics"
+    ce = lambda head, logits, target: -(two_hot(symlog(target), head.bins) * logits.log_softmax(-1)).sum(-1)
+    with torch.set_grad_enabled(dynamics):
+        policy = (lambda f: agent.actor.rsample(f.detach())) if dynamics else agent.actor.sample
+        feat, action = wm.core.imagine(starts, policy, cfg.horizon)
+        reward = wm.reward.mean(wm.reward(feat[:, 1:]))
+        cont = torch.sigmoid(wm.cont(feat[:, 1:]).squeeze(-1))
+        value = agent.critic.mean(agent.critic(feat))
+        ret = dreamer.lambda_return(reward, value, cfg.gamma * cont, cfg.lam)
+    with torch.no_grad():
+        weight = torch.cumprod(torch.cat([start_cont[:, None], cont[:, :-1]], 1), 1)
+        scale, _ = agent.retnorm.propose(ret)
+        adv = (ret - value[:, :-1]) / scale
+        slow = agent.slow_critic.mean(agent.slow_critic(feat[:, :-1].detach()))
+    dist = agent.actor.dist(feat[:, :-1].detach())
+    ent = dist.entropy()
+    if dynamics:
+        actor_loss = -(weight * (ret / scale + cfg.entropy * ent)).mean()
+    else:
+        actor_loss = -(weight * (adv * dist.log_prob(action[:, :-1]) + cfg.entropy * ent)).mean()
+    logits = agent.critic(feat[:, :-1].detach())
+    critic_loss = (weight * (ce(agent.critic, logits, ret.detach()) + cfg.slow_critic_reg * ce(agent.critic, logits, slow))).mean()
+    return {"actor": actor_loss, "critic": critic_loss}, ret.detach()
+
+
+@pytest.mark.parametrize("backbone", ["rssm", "s5wm"])
+@pytest.mark.parametrize("discrete", [False, True])
+def test_imagine_losses_equal_their_plain_twin(backbone, discrete):
+    """The same rollout (same seed) through imagine_losses and imagine_losses_ref: equal losses and
+    returns, and equal gradients of each loss for its own module and for the world model (which the
+    actor's dynamics gradient reaches)."""
+    torch.manual_seed(0)
+    wm = WorldModel(backbone, BACKBONES[backbone][1](), NetsConfig(),
+                    ObsSpec(pixels=False, obs_dim=3, action_dim=2, discrete=discrete))
+    agent = Agent(wm, AgentConfig(horizon=H)).double()
+    N = 12
+    g = torch.Generator().manual_seed(1)
+    state = {k: v.clone() for k, v in wm.core.initial(N).items()}
+    state["stoch"] = nn.functional.one_hot(torch.randint(state["stoch"].shape[-1], state["stoch"].shape[:-1], generator=g),
+                                           state["stoch"].shape[-1]).double()
+    for k in state:
+        if k != "stoch":
+            state[k] = torch.randn(state[k].shape, generator=g, dtype=torch.float64)
+    cont = torch.ones(N, dtype=torch.float64)
+    cont[0] = 0.0
+    for head in (agent.critic.net, wm.reward.net):  # their outputs start at zero: give them some value
+        for p in head[-1].parameters():
+            nn.init.normal_(p, std=0.1)
+    results = []
+    for fn in (imagine_losses, imagine_losses_ref):
+        torch.manual_seed(5)
+        out = fn(agent, state, cont)
+        losses, ret = out[0], out[-1]
+        grads = {}
+        for name, mods in (("actor", [agent.actor, wm]), ("critic", [agent.critic])):
+            params = [p for m in mods for p in m.parameters()]
+            gs = torch.autograd.grad(losses[name], params, allow_unused=True, retain_graph=True)
+            grads[name] = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+        results.append((losses, ret, grads))
+    (l1, r1, g1), (l2, r2, g2) = results
+    torch.testing.assert_close(r1, r2)
+    for name in ("actor", "critic"):
+        torch.testing.assert_close(l1[name], l2[name])
+        for a, b in zip(g1[name], g2[name]):
+            torch.testing.assert_close(a, b)

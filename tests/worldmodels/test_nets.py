@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from worldmodels.nets import TwoHot, symexp, symlog, two_hot
+from worldmodels.nets import TwoHot, symexp, symlog, two_hot, two_hot_nll
 
 
 def test_symlog_inverts():
@@ -16,6 +16,27 @@ def test_two_hot_mean_recovers_value():
     torch.testing.assert_close(enc.sum(-1), torch.ones(5))
     torch.testing.assert_close((enc * bins).sum(-1), x)
     assert ((enc > 0).sum(-1) <= 2).all()
+
+
+def test_two_hot_nll_equals_the_encoding_it_skips():
+    """two_hot_nll (two gathered bins) against the reference -sum(two_hot(x) * logp): values and
+    gradients for the logits and the targets, over targets inside, on and past the bins' edges."""
+    torch.manual_seed(0)
+    bins = torch.linspace(-20, 20, 255, dtype=torch.float64)
+    logits = torch.randn(6, 5, 255, dtype=torch.float64, requires_grad=True)
+    x = torch.cat([torch.randn(27, dtype=torch.float64) * 8, torch.tensor([-20.0, 20.0, -25.0], dtype=torch.float64)])
+    x = x.reshape(6, 5).requires_grad_(True)
+    fast = two_hot_nll(logits.log_softmax(-1), x, bins)
+    ref = -(two_hot(x, bins) * logits.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(fast, ref)
+    w = torch.randn(6, 5, dtype=torch.float64)
+    g_fast = torch.autograd.grad((fast * w).sum(), [logits, x])
+    g_ref = torch.autograd.grad((ref * w).sum(), [logits, x])
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b)
+    head = TwoHot(4, 8, 1).double()  # the head's loss and mean go through the same path
+    torch.testing.assert_close(head.loss(logits, symexp(x)), -(two_hot(x, head.bins) * logits.log_softmax(-1)).sum(-1))
+    torch.testing.assert_close(head.mean(logits), symexp((logits.softmax(-1) * head.bins).sum(-1)))
 
 
 def test_two_hot_head_learns_a_constant():
