@@ -170,3 +170,44 @@ def test_cuda_matches_reference(dtype, tol, reverse):
     """On the GPU: what the interpreter cannot check (rounding order, real parallel execution)."""
     compare("cuda", dtype, 1000, reverse, tol, B=4, D=256)
     compare("cuda", dtype, 64, reverse, tol, B=64, D=512)
+
+
+def _aot(*args):
+    """worldmodels.ops.aot in a process of its own: kernels made under the interpreter cannot be compiled."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "worldmodels.ops.aot", *args], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[2], timeout=1200)
+
+
+@pytest.mark.skipif(scan.triton is None, reason="triton not installed")
+def test_kernels_compile_ahead_of_time_for_sm90(tmp_path, monkeypatch):
+    """Each kernel, dtype, h0 and direction at the smallest and largest time tile, to a cubin for sm_90
+    (a fresh Triton cache, so that nothing is reused); the full sweep is the slow test below."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    out = _aot("--arch", "90", "--quick")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "sm_90: 32 kernel variants compiled" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(scan.triton is None, reason="triton not installed")
+def test_every_kernel_variant_compiles_for_sm80_and_sm90(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    out = _aot("--arch", "80,90")
+    assert out.returncode == 0, out.stderr[-2000:]
+    n = len(list(scan.kernel_variants()))
+    assert f"sm_80: {n} kernel variants compiled" in out.stdout and f"sm_90: {n} kernel variants compiled" in out.stdout
+
+
+def test_launch_tiles_are_the_compiled_ones():
+    """The time tile `_launch` picks for any T is one of those the ahead-of-time compile covers."""
+    if scan.triton is None:
+        pytest.skip("triton not installed")
+    tiles = {c["BLOCK_T"] for *_, c in scan.kernel_variants()}
+    for T in [1, 2, 3, 7, 8, 33, 64, 65, 1000]:
+        bt = scan._block_t(T)
+        assert bt in tiles and bt == min(64, scan.triton.next_power_of_2(T))

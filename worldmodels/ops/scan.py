@@ -269,13 +269,38 @@ if triton is not None:
         tl.store(LAST + pid_b * 2 * D + 2 * offs_d + 1, hi, mask=mask_d)
 
 
+BLOCK_D = 32  # channels per program
+MAX_BLOCK_T = 64  # time steps per tile: a power of two up to this, the smallest that holds T
+REAL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # what the real kernel takes
+
+
+def _block_t(T: int) -> int:
+    return min(MAX_BLOCK_T, 1 << max(T - 1, 0).bit_length())
+
+
+def kernel_variants():
+    """Every (name, kernel, signature, constexprs) that `_launch` can run, in the form
+    `triton.compiler.ASTSource` takes: the tests compile each ahead of time for real GPUs, which
+    catches what the CPU interpreter cannot (types, layouts, register limits)."""
+    blocks = [1 << i for i in range(MAX_BLOCK_T.bit_length())]  # 1, 2, ..., MAX_BLOCK_T
+    for kernel, dtypes in ((_scan_kernel, REAL_DTYPES.values()), (_scan_complex_kernel, ["fp32"])):
+        for dt in dtypes:  # complex64 travels as float32 (re, im) pairs
+            sig = {**{n: f"*{dt}" for n in ("A", "X", "H0", "OUT", "LAST")}, "T": "i32", "D": "i32",
+                   **{c: "constexpr" for c in ("HAS_H0", "REVERSE", "BLOCK_T", "BLOCK_D")}}
+            for has_h0 in (False, True):
+                for reverse in (False, True):
+                    for bt in blocks:
+                        const = {"HAS_H0": has_h0, "REVERSE": reverse, "BLOCK_T": bt, "BLOCK_D": BLOCK_D}
+                        name = f"{kernel.__name__}[{dt}, h0={has_h0}, reverse={reverse}, BLOCK_T={bt}]"
+                        yield name, kernel, sig, const
+
+
 def _launch(a: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
     """Run the kernel on contiguous (B, T, D) inputs of one dtype; returns (h, last)."""
     B, T, D = x.shape
     out = torch.empty_like(x)
     last = torch.empty(B, D, dtype=x.dtype, device=x.device)
-    BLOCK_T = min(64, triton.next_power_of_2(max(T, 1)))
-    BLOCK_D = 32
+    BLOCK_T = _block_t(T)
     grid = (B, triton.cdiv(D, BLOCK_D))
     if x.is_complex():
         view = lambda t: torch.view_as_real(t.resolve_conj())
@@ -322,8 +347,9 @@ def linear_scan_triton(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: Te
 def _check_triton(x: Tensor) -> None:
     if triton is None:
         raise RuntimeError("scan backend 'triton' needs the triton package (pip install triton); use backend='ref'")
-    if x.dtype == torch.float64:
-        raise RuntimeError("scan backend 'triton' does not take float64; use backend='ref' or float32")
+    if not x.is_complex() and x.dtype not in REAL_DTYPES:
+        raise RuntimeError(f"scan backend 'triton' takes float32, float16, bfloat16 or complex64, not {x.dtype}; "
+                           "use backend='ref'")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("scan backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                            "import, for the CPU interpreter); use backend='ref' on the CPU")
