@@ -86,6 +86,16 @@ class S4Layer(nn.Module):
         y = 2 * (xs * torch.view_as_complex(self.C).to(cdt)).sum(-1).real + self.D * u  # (B, T, H)
         return y.to(u.dtype), xs
 
+    def step_params(self, cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """(Lambda_bar, B_bar, C) in the complex dtype of the state, made once for a rollout of steps."""
+        return (*(p.to(cdt) for p in self.discrete()), torch.view_as_complex(self.C).to(cdt))
+
+    def step(self, u: Tensor, x: Tensor, params: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """One token u (B, H) from the complex state x (B, H, N): `forward` on T = 1 with no reset."""
+        lam_bar, B_bar, C = params
+        x = lam_bar * x + u.to(x.dtype)[..., None] * B_bar  # (B, H, N)
+        return (2 * (x * C).sum(-1).real + self.D * u).to(u.dtype), x
+
 
 class ChannelReadout(nn.Module):
     """A second per-channel readout of the last S4 layer's state: (..., 2, H, N, 2) -> (..., H). A dense
@@ -124,6 +134,30 @@ class S4Block(nn.Module):
             u = u + self.outs[i](nn.functional.gelu(y))
             states.append(xs)
         return u + self.mlp(self.norm_mlp(u)), {"ssm": as_real(torch.stack(states, 2), u.dtype)}  # (B, T, 2, H, N, 2)
+
+    def stepper(self, x0: dict[str, Tensor]) -> "S4Stepper":
+        return S4Stepper(self, x0)
+
+
+class S4Stepper:
+    """The block one token at a time (see worldmodels/ssm.py): each layer's state stays complex between
+    steps and the discretisation is made once."""
+
+    def __init__(self, block: S4Block, x0: dict[str, Tensor]):
+        x = as_complex(x0["ssm"])  # (B, 2, H, N)
+        self.block, self.x = block, [x[:, 0], x[:, 1]]
+        self.params = [ssm.step_params(x.dtype) for ssm in block.ssms]
+
+    def step(self, u: Tensor) -> Tensor:
+        b = self.block
+        for i in range(2):
+            y, self.x[i] = b.ssms[i].step(b.norms[i](u), self.x[i], self.params[i])
+            u = u + b.outs[i](nn.functional.gelu(y))
+        return u + b.mlp(b.norm_mlp(u))
+
+    def readout_entry(self) -> Tensor:
+        # ChannelReadout reads the last layer only: (B, 1, H, N, 2), a view, instead of stacking both
+        return torch.view_as_real(self.x[1])[:, None]
 
 
 class S4WM(SSMCore):

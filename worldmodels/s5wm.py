@@ -81,6 +81,17 @@ class S5Layer(nn.Module):
         y = (xs @ torch.view_as_complex(self.C).to(cdt).T).real + self.D * u  # (B, T, H)
         return y.to(u.dtype), xs
 
+    def step_params(self, cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """(Lambda_bar, B_bar, C) in the complex dtype of the state, made once for a rollout of steps."""
+        lam_bar, B_bar = self.discrete()
+        return lam_bar.to(cdt), B_bar.to(cdt), torch.view_as_complex(self.C).to(cdt)
+
+    def step(self, u: Tensor, x: Tensor, params: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """One token u (B, H) from the complex state x (B, P): `forward` on T = 1 with no reset."""
+        lam_bar, B_bar, C = params
+        x = lam_bar * x + u.to(x.dtype) @ B_bar.T  # (B, P)
+        return ((x @ C.T).real + self.D * u).to(u.dtype), x
+
 
 class S5Block(nn.Module):
     def __init__(self, H: int, P: int, cfg: S5WMConfig):
@@ -99,6 +110,27 @@ class S5Block(nn.Module):
         y, xs = self.ssm(self.norm1(u), as_complex(x0["ssm"]), reset)
         u = u + self.out(nn.functional.gelu(y))
         return u + self.mlp(self.norm2(u)), {"ssm": as_real(xs, u.dtype)}
+
+    def stepper(self, x0: dict[str, Tensor]) -> "S5Stepper":
+        return S5Stepper(self, x0)
+
+
+class S5Stepper:
+    """The block one token at a time (see worldmodels/ssm.py): the state stays complex between steps and
+    the discretisation is made once."""
+
+    def __init__(self, block: S5Block, x0: dict[str, Tensor]):
+        self.block, self.x = block, as_complex(x0["ssm"])  # (B, P)
+        self.params = block.ssm.step_params(self.x.dtype)
+
+    def step(self, u: Tensor) -> Tensor:
+        b = self.block
+        y, self.x = b.ssm.step(b.norm1(u), self.x, self.params)
+        u = u + b.out(nn.functional.gelu(y))
+        return u + b.mlp(b.norm2(u))
+
+    def readout_entry(self) -> Tensor:
+        return torch.view_as_real(self.x)  # (B, P, 2), a view: the readout flattens it
 
 
 class S5WM(SSMCore):

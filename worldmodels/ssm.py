@@ -20,6 +20,11 @@ as real (re, im) pairs, so that TorchRL collectors can carry them), and has
 `state_readout() -> (entry, module)`: which of its entries the features read, and a module from it
 (..., *shape) to (..., H). The core's state holds each entry for all L blocks, (B, L, *shape), beside
 "stoch" and "h".
+
+Imagination steps each block one token at a time through a stepper (`BlockStepper`: the block's
+forward on T = 1). A block may give a faster one, `stepper(x0)`, that keeps its state in its own form
+between steps (complex, not (re, im) pairs) and makes its discretisation once per rollout; the tests
+hold every such stepper equal to `BlockStepper`.
 """
 from __future__ import annotations
 
@@ -51,7 +56,27 @@ def init_log_dt(n: int, dt_min: float, dt_max: float) -> Tensor:
     return torch.empty(n).uniform_(math.log(dt_min), math.log(dt_max))
 
 
+class BlockStepper:
+    """One block's recurrence one token at a time, from its state x0 {entry: (B, *shape)}: the block's
+    own forward on T = 1 with no reset. `step` takes the block's input (B, H) and returns its output,
+    carrying the state; `readout_entry` is the entry the features read, (B, *shape)."""
+
+    def __init__(self, block: nn.Module, x0: State, readout_key: str):
+        self.block, self.x, self.key = block, x0, readout_key
+
+    def step(self, u: Tensor) -> Tensor:
+        no_reset = torch.zeros(u.shape[0], 1, device=u.device, dtype=u.dtype)
+        u, xs = self.block(u[:, None], self.x, no_reset)
+        self.x = {k: v[:, 0] for k, v in xs.items()}
+        return u[:, 0]
+
+    def readout_entry(self) -> Tensor:
+        return self.x[self.key]
+
+
 class SSMCore(nn.Module):
+    fast_steps = True  # imagination uses the blocks' own steppers where they have one (False: BlockStepper)
+
     def __init__(self, cfg, blocks: list[nn.Module], embed_dim: int, action_dim: int, action_embed: str = "joint"):
         super().__init__()
         self.cfg = cfg
@@ -125,17 +150,19 @@ class SSMCore(nn.Module):
         return torch.cat(parts, -1)
 
     def imagine(self, state: State, policy: Policy, horizon: int):
-        """The blocks' states travel as a list, one per block, between steps (stacking them into the
-        contract's (N, L, ...) layout at every step would copy them, and scatter gradients back)."""
+        """Each block steps through its stepper, which carries its state between steps in whatever form
+        suits it (stacking the states into the contract's (N, L, ...) layout at every step would copy
+        them, and scatter gradients back)."""
         feats = [self.feat(state)]
         actions = [policy(feats[0])]
-        N = feats[0].shape[0]
-        no_reset = torch.zeros(N, 1, device=feats[0].device, dtype=feats[0].dtype)
-        x, z = self._per_block(state), state["stoch"]
+        steppers = [block.stepper(x) if self.fast_steps and hasattr(block, "stepper") else BlockStepper(block, x, self.readout_key)
+                    for block, x in zip(self.blocks, self._per_block(state))]
+        z = state["stoch"]
         for _ in range(horizon):
-            h, xs = self._blocks(x, z[:, None], actions[-1][:, None], no_reset)
-            x, h = [{k: v[:, 0] for k, v in s.items()} for s in xs], h[:, 0]
+            h = self.inp(torch.cat([z.flatten(-2), action_input(actions[-1])], -1))
+            for s in steppers:
+                h = s.step(h)
             z = sample_onehot(unimix_probs(self._logits(self.prior_net, h), self.cfg.unimix))
-            feats.append(self._feat(h, z, x[-1][self.readout_key]))
+            feats.append(self._feat(h, z, steppers[-1].readout_entry()))
             actions.append(policy(feats[-1]))
         return torch.stack(feats, 1), torch.stack(actions, 1)

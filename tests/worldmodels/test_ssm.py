@@ -1,5 +1,5 @@
-"""The state-space cores' imagination (per-block states carried as a list) against stepping the
-contract's stacked state through `_core` one token at a time."""
+"""The state-space cores' imagination (each block stepped by its own stepper, or by the generic
+BlockStepper) against stepping the contract's stacked state through `_core` one token at a time."""
 import pytest
 import torch
 
@@ -35,13 +35,24 @@ def test_imagine_equals_stepping_the_stacked_state(name):
     is_first = torch.zeros(B, T, dtype=torch.float64)
     is_first[:, 0] = 1
     states, _, _ = core.observe(core.initial(B), embed, action, is_first)
-    start = index_state(states, -1)
+    start = {k: v.detach() for k, v in index_state(states, -1).items()}  # gradients from the rollout alone
     weight = torch.randn(core.feat_size, A, dtype=torch.float64, requires_grad=True)
     policy = lambda f: torch.tanh(f @ weight)  # noqa: E731
+    def generic(*x):
+        core.fast_steps = False
+        try:
+            return core.imagine(*x)
+        finally:
+            core.fast_steps = True
+
+    params = [weight, *core.parameters()]
     out = []
-    for imagine in (core.imagine, lambda *x: stepped_imagine(core, *x)):
+    for imagine in (core.imagine, generic, lambda *x: stepped_imagine(core, *x)):
         torch.manual_seed(7)
         feat, act = imagine(start, policy, H)
-        out.append((feat, act, *torch.autograd.grad(feat.sum(), weight)))
-    for x, y in zip(*out):
-        torch.testing.assert_close(x, y)
+        grads = torch.autograd.grad((feat * torch.linspace(-1, 1, feat.shape[-1], dtype=feat.dtype)).sum(), params,
+                                    allow_unused=True)
+        out.append((feat, act, *(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))))
+    for fast, slow, stacked in zip(*out):
+        torch.testing.assert_close(fast, stacked)
+        torch.testing.assert_close(slow, stacked)
