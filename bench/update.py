@@ -7,7 +7,9 @@ Sizes: the presets (xs, s) and two matched to TorchRL's DreamerV3 walker preset 
 deter 320; TorchRL's block GRU reaches its count with deter 512), RSSM only: for another
 `backbone=` the default list drops them and asking for them is an error. With
 `comparator=<path to a TorchRL DreamerV3 timing script>` that script runs in the same session and
-the table gives the ratio.
+the table gives the ratio. `backbone=all` (or a comma-separated list) times every backbone in the
+same run, each at its own xs and s dims (about the same parameter count at each size; the rows give the
+resolved dims and counts).
 """
 from __future__ import annotations
 
@@ -34,18 +36,19 @@ DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 
             "context": False}
 
 
-def time_update(size: str, a: dict) -> dict:
+def time_update(size: str, a: dict, backbone: str | None = None) -> dict:
     from agents.dreamer import Agent, AgentConfig, update
     from worldmodels.model import BACKBONES, ObsSpec, WorldModel
     from worldmodels.nets import NetsConfig
 
+    backbone = backbone or a["backbone"]
     core_over, net_over = PRESETS[size]
-    cfg_cls = BACKBONES[a["backbone"]][1]
-    core_cfg = cfg_cls(**{"size": "xs", **core_over}) if a["backbone"] == "rssm" else cfg_cls(size=core_over.get("size", "xs"))
+    cfg_cls = BACKBONES[backbone][1]
+    core_cfg = cfg_cls(**{"size": "xs", **core_over}) if backbone == "rssm" else cfg_cls(size=core_over.get("size", "xs"))
     nets = NetsConfig(**{"name": "xs", **net_over})
     torch.manual_seed(0)
     dev = torch.device(a["device"])
-    wm = WorldModel(a["backbone"], core_cfg, nets, ObsSpec(pixels=False, obs_dim=24, action_dim=6))
+    wm = WorldModel(backbone, core_cfg, nets, ObsSpec(pixels=False, obs_dim=24, action_dim=6))
     agent = Agent(wm, AgentConfig()).to(dev)
     opts = agent.optimizers()
     B, T = a["batch"], a["seq"]
@@ -80,7 +83,7 @@ def time_update(size: str, a: dict) -> dict:
         times.append((time.perf_counter() - t) * 1e3)
     assert m["train/nonfinite"] == 0, "non-finite loss in the benchmark batch"
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    return {"size": size, "params": params, "dims": dataclasses.asdict(core_cfg), "median_ms": round(statistics.median(times), 1),
+    return {"backbone": backbone, "size": size, "params": params, "dims": dataclasses.asdict(core_cfg), "median_ms": round(statistics.median(times), 1),
             "min_ms": round(min(times), 1), "n": len(times),
             "transitions_per_s": round(B * T * 1e3 / statistics.median(times), 1)}
 
@@ -90,28 +93,36 @@ RSSM_ONLY = ("p025", "p064")  # widths matched to TorchRL's RSSM: no other backb
 
 def main(argv: list[str]) -> dict:
     from agents.config import ConfigError
+    from worldmodels.model import BACKBONES
 
     a = parse(argv, DEFAULTS)
-    sizes = a["sizes"].split(",")
-    if a["backbone"] != "rssm":
-        if "sizes=" in " ".join(argv) and set(sizes) & set(RSSM_ONLY):
-            raise ConfigError(f"sizes {', '.join(RSSM_ONLY)} are RSSM dims matched to TorchRL's; for backbone "
-                              f"{a['backbone']} use sizes=xs,s")
-        sizes = [s for s in sizes if s not in RSSM_ONLY]  # the default list, without the RSSM-only rows
-    unknown = [s for s in sizes if s not in PRESETS]
+    backbones = list(BACKBONES) if a["backbone"] == "all" else a["backbone"].split(",")
+    for b in backbones:
+        if b not in BACKBONES:
+            raise ConfigError(f"unknown backbone '{b}' (choose from {', '.join(BACKBONES)} or all)")
+    asked = a["sizes"].split(",")
+    unknown = [s for s in asked if s not in PRESETS]
     if unknown:
         raise ConfigError(f"unknown size '{unknown[0]}' (choose from {', '.join(PRESETS)})")
+    if "rssm" not in backbones and "sizes=" in " ".join(argv) and set(asked) & set(RSSM_ONLY):
+        raise ConfigError(f"sizes {', '.join(RSSM_ONLY)} are RSSM dims matched to TorchRL's; for backbone "
+                          f"{a['backbone']} use sizes=xs,s")
     rows = []
-    for size in sizes:
-        r = time_update(size, a)
-        rows.append(r)
-        print(f"[update] {a['backbone']} {size}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms", file=sys.stderr)
+    for b in backbones:
+        for size in asked:
+            if size in RSSM_ONLY and b != "rssm":  # widths matched to TorchRL's RSSM: no other backbone has them
+                continue
+            r = time_update(size, a, b)
+            rows.append(r)
+            print(f"[update] {b} {size}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms", file=sys.stderr)
     comp = []
     if a["comparator"]:
         comp = run_comparator(a["comparator"], ["--device", a["device"], "--sizes", a["comparator_sizes"],
                                                 "--repeats", str(a["repeats"]), "--warmup", str(a["warmup"]),
                                                 "--batch", str(a["batch"]), "--seq", str(a["seq"])])
-    table_rows = [[f"longdream {a['backbone']} {r['size']}", f"{r['params'] / 1e6:.2f}M", r["median_ms"], r["transitions_per_s"], ""]
+    rssm = {r["size"]: r["median_ms"] for r in rows if r["backbone"] == "rssm"}
+    table_rows = [[f"longdream {r['backbone']} {r['size']}", f"{r['params'] / 1e6:.2f}M", r["median_ms"], r["transitions_per_s"],
+                   f"{r['median_ms'] / rssm[r['size']]:.2f}x the RSSM's time" if r["backbone"] != "rssm" and r["size"] in rssm else ""]
                   for r in rows]
     for c in comp:
         counts = c.get("params", {})
@@ -122,7 +133,7 @@ def main(argv: list[str]) -> dict:
         for r, tr in zip(rows, table_rows):
             if (r["size"], c["size"]) in MATCHED:
                 ratio = c["median_ms"] / r["median_ms"]
-                tr[4] = f"{ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} than TorchRL {c['size']}"
+                tr[4] = "; ".join(x for x in (tr[4], f"{ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} than TorchRL {c['size']}") if x)
     title = (f"One learner update, B{a['batch']} x T{a['seq']}, H15, 24-dim obs, 6-dim action, eager fp32, "
              f"{machine(a['device'])}; median of {a['repeats']}")
     table = title + "\n\n" + markdown(["system", "params", "median ms", "transitions/s", "ratio"], table_rows)

@@ -16,3 +16,22 @@ def test_update_row_for_a_state_space_backbone(tmp_path):
     rows = json.loads((tmp_path / "update_cpu.json").read_text())["longdream"]
     assert [r["size"] for r in rows] == ["xs"]
     assert rows[0]["dims"]["d_state"] == 32 and rows[0]["params"] > 0  # the S5WM's own xs dims, recorded
+
+
+def test_update_rows_for_every_backbone(tmp_path):
+    """backbone=all: one row per backbone in one run, each with its own dims, and the time against the RSSM's."""
+    from worldmodels.model import BACKBONES
+
+    assert main(["bench", "update", "backbone=all", "sizes=xs", "repeats=1", "warmup=0", "batch=2", "seq=8",
+                 f"out={tmp_path}"]) == 0
+    rows = json.loads((tmp_path / "update_cpu.json").read_text())["longdream"]
+    assert [r["backbone"] for r in rows] == list(BACKBONES)
+    assert len({json.dumps(r["dims"], sort_keys=True) for r in rows}) == len(rows)
+    table = (tmp_path / "update_cpu.md").read_text()
+    assert table.count("the RSSM's time") == len(BACKBONES) - 1
+
+
+def test_unknown_backbone_is_a_one_line_error(capsys):
+    assert main(["bench", "update", "backbone=gru"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown backbone 'gru'" in err and "\n" not in err
