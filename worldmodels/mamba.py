@@ -211,6 +211,34 @@ class MambaBlock(nn.Module):
         y, xs = self.mixer(self.norm(u), x0, reset)
         return u + y, xs
 
+    def stepper(self, x0: dict[str, Tensor]) -> "MambaStepper":
+        return MambaStepper(self, x0)
+
+
+class MambaStepper:
+    """The block one token at a time (see worldmodels/ssm.py), `MambaMixer.step` without resets: the
+    conv window and the SSM state carried as they are, A = -exp(A_log) made once per rollout."""
+
+    def __init__(self, block: MambaBlock, x0: dict[str, Tensor]):
+        self.block, self.window, self.h = block, x0["conv"], x0["ssm"].to(_real(x0["ssm"]))  # (B, D, K-1), (B, D, N)
+        self.A = -block.mixer.A_log.exp().to(self.h.dtype)  # (D, N)
+
+    def step(self, u: Tensor) -> Tensor:
+        m = self.block.mixer
+        x, z = m.in_proj(self.block.norm(u)).chunk(2, -1)  # (B, D) each
+        window = torch.cat([self.window, x[..., None]], -1)  # (B, D, K)
+        x = F.silu((window * m.conv_weight).sum(-1) + m.conv_bias)
+        delta, B, C = m._ssm_inputs(x)
+        dt = F.softplus(delta + m.dt_proj.bias).to(self.h.dtype)  # (B, D)
+        xr = x.to(self.h.dtype)
+        self.h = torch.exp(dt[..., None] * self.A) * self.h + (dt * xr)[..., None] * B.to(self.h.dtype)[:, None, :]
+        y = ((self.h * C.to(self.h.dtype)[:, None, :]).sum(-1) + m.D * xr) * F.silu(z.to(self.h.dtype))
+        self.window = window[..., 1:]
+        return u + m.out_proj(y.to(u.dtype))
+
+    def readout_entry(self) -> Tensor:
+        return self.h  # (B, D, N)
+
 
 class MambaWM(SSMCore):
     def __init__(self, cfg: MambaConfig, embed_dim: int, action_dim: int, action_embed: str = "joint"):
