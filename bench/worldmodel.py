@@ -1,7 +1,8 @@
 """`longdream bench worldmodel`: per backbone, the world-model train step (encoder, core over the
 sequence, heads, KL, backward, optimiser step) against sequence length L at a fixed number of tokens
 per batch (R2I's method: B = tokens / L), and imagination throughput (imagined latent steps per
-second) against the horizon. Peak memory on CUDA. For the Transformer, imagination through its KV
+second) against the horizon. Memory: the bytes autograd saves for the backward of one train step
+(each storage once; on any device) and, on CUDA, the peak allocated. For the Transformer, imagination through its KV
 cache beside re-running the window every step (horizons up to `recompute_max`).
 
     longdream bench worldmodel [backbones=rssm,s5wm] [lengths=64,256,1024,4096] [tokens=4096]
@@ -40,6 +41,21 @@ def _timed(fn, repeats, dev) -> float:
     return statistics.median(times)
 
 
+def saved_for_backward(fn):
+    """Run fn() and return (its result, the bytes of the tensors autograd saved for the backward
+    meanwhile, each storage counted once): the activation memory of a train step on any device."""
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
 def main(argv: list[str]) -> dict:
     from worldmodels.model import BACKBONES, ObsSpec, WorldModel
     from worldmodels.nets import NetsConfig
@@ -69,7 +85,11 @@ def main(argv: list[str]) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             s = _timed(step, a["repeats"], dev)
             mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
+            opt.zero_grad(set_to_none=True)
+            loss, saved = saved_for_backward(lambda: wm.loss(*batch)[0])
+            del loss
             train_rows.append({"backbone": name, "L": L, "B": B, "ms": s * 1e3, "us_per_token": s * 1e6 / (B * L), "peak_mib": mem,
+                               "saved_mib": saved / 2**20,
                                "params": sum(p.numel() for p in wm.parameters()), "dims": dataclasses.asdict(wm.core.cfg)})
             print(f"[worldmodel] {name} L={L} B={B}: {s * 1e3:.1f} ms", flush=True)
         N = a["starts"]
@@ -99,9 +119,9 @@ def main(argv: list[str]) -> dict:
     fmt = lambda v: "-" if v is None else f"{v:.1f}"
     table = (f"World-model train step at {a['tokens']} tokens per batch (B = tokens / L), size {a['size']}, "
              f"{machine(a['device'])}; median of {a['repeats']}\n\n")
-    table += markdown(["backbone", "L", "B", "ms / step", "us / token", "peak MiB"],
-                      [[r["backbone"], r["L"], r["B"], fmt(r["ms"]), f"{r['us_per_token']:.2f}", fmt(r["peak_mib"])]
-                       for r in train_rows])
+    table += markdown(["backbone", "params", "L", "B", "ms / step", "us / token", "saved for backward MiB", "peak MiB"],
+                      [[r["backbone"], f"{r['params'] / 1e6:.2f}M", r["L"], r["B"], fmt(r["ms"]), f"{r['us_per_token']:.2f}",
+                        fmt(r.get("saved_mib")), fmt(r["peak_mib"])] for r in train_rows])
     table += (f"\n\nImagination from {a['starts']} start states (Transformer window {a['window']}, started "
               "from a full window of context)\n\n") + markdown(
         ["backbone", "method", "horizon", "imagined steps / s"],
