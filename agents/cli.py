@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
-BENCHES = ("update", "learning", "scan", "worldmodel", "stress", "checkpoint", "memory")
+BENCHES = ("update", "learning", "scan", "worldmodel", "gpu", "stress", "checkpoint", "memory")
 
 
 def cmd_train(args: list[str]) -> int:

@@ -1,6 +1,9 @@
 """`longdream bench update`: its RSSM-only presets are refused for other backbones, not mislabelled."""
 import json
 
+import pytest
+import torch
+
 from agents.cli import main
 
 
@@ -35,3 +38,21 @@ def test_unknown_backbone_is_a_one_line_error(capsys):
     assert main(["bench", "update", "backbone=gru"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown backbone 'gru'" in err and "\n" not in err
+
+
+def test_bench_gpu_without_cuda_is_a_one_line_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert main(["bench", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs a CUDA device" in err and "\n" not in err
+
+
+def test_bench_gpu_chain_at_toy_sizes(tmp_path):
+    """device=cpu quick=true: the three parts run and land in one report with their wall times."""
+    assert main(["bench", "gpu", "device=cpu", "quick=true", f"out={tmp_path}"]) == 0
+    data = json.loads((tmp_path / "gpu_cpu.json").read_text())
+    assert list(data["parts"]) == ["scan", "update", "worldmodel"]
+    report = (tmp_path / "gpu_cpu.md").read_text()
+    for part in ("scan", "update", "worldmodel"):
+        assert f"## bench {part}" in report and (tmp_path / f"{part}_cpu.json").exists()

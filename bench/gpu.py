@@ -1,0 +1,59 @@
+"""`longdream bench gpu`: the GPU benchmarks in one command and one report. It runs, in one process
+and one session, `bench scan` (the Triton scan against the copy bandwidth, the loop, accelerated-scan
+and TorchRL's lambda-return), `bench update backbone=all` at xs and s (the RSSM also at p064, beside
+TorchRL's DreamerV3 when `comparator=` names its timing script) and `bench worldmodel` (train step
+against L, imagination), then writes gpu_<device>.json / .md: the three tables with the machine, the
+commit and each part's wall time. Sized to take under 10 minutes on one GPU.
+
+    longdream bench gpu [comparator=<torchrl_dv3_update.py>] [out=<folder>]
+
+Without CUDA it is an error; `device=cpu quick=true` runs the same chain at toy sizes (the tests).
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+
+import torch
+
+from bench.report import RESULTS, commit, machine, parse, write
+
+DEFAULTS = {"device": "cuda", "comparator": "", "out": "", "quick": False}
+
+
+def parts(a: dict) -> list[tuple[str, list[str]]]:
+    """(benchmark, its arguments) in the order they run; quick: toy sizes for a check of the chain."""
+    dev = [f"device={a['device']}"]
+    update = ["backbone=all", "sizes=xs,s,p064", "repeats=10", "warmup=3"]
+    worldmodel = ["lengths=64,256,1024,4096,16384", "tokens=16384", "horizons=16,64,256,1024", "starts=1024"]
+    scan = []
+    if a["comparator"]:
+        update.append(f"comparator={a['comparator']}")
+    if a["quick"]:
+        update = ["backbone=all", "sizes=xs", "repeats=1", "warmup=0", "batch=2", "seq=8"]
+        worldmodel = ["lengths=8,16", "tokens=16", "horizons=4", "starts=4", "repeats=1", "recompute_max=4"]
+        scan = ["repeats=1", "loop_repeats=1"]
+    return [("scan", dev + scan), ("update", dev + update), ("worldmodel", dev + worldmodel)]
+
+
+def main(argv: list[str]) -> dict:
+    from agents.config import ConfigError
+
+    a = parse(argv, DEFAULTS)
+    if a["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("bench gpu needs a CUDA device and none is visible here; on a CPU run the parts one by one "
+                          "(bench scan, bench update, bench worldmodel) or check the chain with device=cpu quick=true")
+    folder = Path(a["out"]) if a["out"] else RESULTS
+    tables, data = [], {"machine": machine(a["device"]), "commit": commit(), "parts": {}}
+    for name, args in parts(a):
+        tic = time.time()
+        importlib.import_module(f"bench.{name}").main(args + [f"out={folder}"])
+        wall = time.time() - tic
+        stem = f"{name}_{a['device'].split(':')[0]}"
+        data["parts"][name] = {"args": args, "wall_s": round(wall, 1), "results": f"{stem}.json"}
+        tables.append(f"## bench {name} ({wall / 60:.1f} min; {stem}.json)\n\n" + (folder / f"{stem}.md").read_text())
+    total = sum(p["wall_s"] for p in data["parts"].values())
+    head = f"GPU benchmarks on {data['machine']}, commit {data['commit'] or '-'}, {total / 60:.1f} min in all\n\n"
+    write(f"gpu_{a['device'].split(':')[0]}", data, head + "\n".join(tables), str(folder))
+    return data
