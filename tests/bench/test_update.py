@@ -56,3 +56,13 @@ def test_bench_gpu_chain_at_toy_sizes(tmp_path):
     report = (tmp_path / "gpu_cpu.md").read_text()
     for part in ("scan", "update", "worldmodel"):
         assert f"## bench {part}" in report and (tmp_path / f"{part}_cpu.json").exists()
+
+
+def test_update_actor_grad_option(tmp_path, capsys):
+    """actor_grad=reinforce (the comparator's recipe) is named in the table; a bad value is a one-line error."""
+    assert main(["bench", "update", "sizes=xs", "actor_grad=reinforce", "repeats=1", "warmup=0", "batch=2", "seq=8",
+                 f"out={tmp_path}"]) == 0
+    assert "actor gradient REINFORCE" in (tmp_path / "update_cpu.md").read_text()
+    assert main(["bench", "update", "actor_grad=sometimes"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "actor_grad must be auto, dynamics or reinforce" in err
