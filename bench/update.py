@@ -144,5 +144,6 @@ def main(argv: list[str]) -> dict:
     table = title + "\n\n" + markdown(["system", "params", "median ms", "transitions/s", "ratio"], table_rows)
     args = {**a, "comparator": Path(a["comparator"]).name}  # the script, not where it lay
     data = {"machine": machine(a["device"]), "args": args, "longdream": rows, "comparator": comp}
-    write(f"update_{a['device'].split(':')[0]}", data, table, a["out"] or None)
+    suffix = "_reinforce" if a["actor_grad"] == "reinforce" else ""  # a second results file, beside the default one
+    write(f"update_{a['device'].split(':')[0]}{suffix}", data, table, a["out"] or None)
     return data

@@ -52,7 +52,7 @@ def test_bench_gpu_chain_at_toy_sizes(tmp_path):
     """device=cpu quick=true: the three parts run and land in one report with their wall times."""
     assert main(["bench", "gpu", "device=cpu", "quick=true", f"out={tmp_path}"]) == 0
     data = json.loads((tmp_path / "gpu_cpu.json").read_text())
-    assert list(data["parts"]) == ["scan", "update", "worldmodel"]
+    assert list(data["parts"]) == ["scan_cpu", "update_cpu", "update_cpu_reinforce", "worldmodel_cpu"]
     report = (tmp_path / "gpu_cpu.md").read_text()
     for part in ("scan", "update", "worldmodel"):
         assert f"## bench {part}" in report and (tmp_path / f"{part}_cpu.json").exists()
@@ -62,7 +62,7 @@ def test_update_actor_grad_option(tmp_path, capsys):
     """actor_grad=reinforce (the comparator's recipe) is named in the table; a bad value is a one-line error."""
     assert main(["bench", "update", "sizes=xs", "actor_grad=reinforce", "repeats=1", "warmup=0", "batch=2", "seq=8",
                  f"out={tmp_path}"]) == 0
-    assert "actor gradient REINFORCE" in (tmp_path / "update_cpu.md").read_text()
+    assert "actor gradient REINFORCE" in (tmp_path / "update_cpu_reinforce.md").read_text()
     assert main(["bench", "update", "actor_grad=sometimes"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "actor_grad must be auto, dynamics or reinforce" in err
