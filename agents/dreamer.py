@@ -39,7 +39,7 @@ from agents.optim import LaProp
 from agents.returns import lambda_return
 from worldmodels.base import flatten_state
 from worldmodels.model import WorldModel
-from worldmodels.nets import TwoHot, mlp, unimix_probs
+from worldmodels.nets import TwoHot, full, mlp, unimix_probs
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,16 @@ class AgentConfig:
     warmup: int = 1000  # laprop: updates over which the learning rate ramps up linearly
     outscale: float = 1.0  # scale of the actor's initial output layer (DreamerV3's current recipe: 0.01)
     eval_sample: bool = False  # evaluate with sampled actions (current recipe) instead of the mode
+    precision: str = "fp32"  # fp32 | bf16: the update's forward passes under bfloat16 autocast (weights,
+    #                          optimiser state, distributions and losses stay float32, as in DreamerV3)
 
     def __post_init__(self):
         if self.actor_grad not in ("auto", "reinforce", "dynamics"):
             raise ValueError(f"agent.actor_grad must be auto, reinforce or dynamics, got '{self.actor_grad}'")
         if self.optimizer not in ("adam", "laprop"):
             raise ValueError(f"agent.optimizer must be adam or laprop, got '{self.optimizer}'")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"agent.precision must be fp32 or bf16, got '{self.precision}'")
 
 
 class Actor(nn.Module):
@@ -88,7 +92,7 @@ class Actor(nn.Module):
             self.net[-1].bias.mul_(cfg.outscale)
 
     def dist(self, feat: Tensor) -> torch.distributions.Distribution:
-        out = self.net(feat)
+        out = full(self.net(feat))  # the distribution's maths in float32, also under bf16 autocast
         if self.discrete:
             probs = unimix_probs(out, self.cfg.unimix)
             return torch.distributions.OneHotCategorical(probs=probs)
@@ -184,7 +188,7 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
         policy = (lambda f: agent.actor.rsample(f.detach())) if dynamics else agent.actor.sample
         feat, action = wm.core.imagine(starts, policy, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
         reward = wm.reward.mean(wm.reward(feat))[:, 1:]  # (N, H) reward on arrival at step t+1
-        cont = torch.sigmoid(wm.cont(feat).squeeze(-1))[:, 1:]  # (N, H)
+        cont = torch.sigmoid(full(wm.cont(feat)).squeeze(-1))[:, 1:]  # (N, H)
     # one critic pass serves the value (through which dynamics gradients reach the actor) and the
     # critic's own loss (which `update` applies to the critic's parameters only)
     critic_logits = agent.critic(feat if dynamics else feat.detach())  # (N, H+1, K)
@@ -256,6 +260,14 @@ def replay_value_loss(agent: Agent, feat: Tensor, batch: dict, boot: Tensor) -> 
     return (weight[:, :-1] * loss).mean()
 
 
+def autocast(agent: Agent):
+    """The context the update's forward passes run in: bfloat16 autocast with agent.precision=bf16
+    (matrix products in bf16; weights, gradients' accumulation, optimiser state, the heads'
+    distributions and the losses in float32), nothing otherwise."""
+    device = next(agent.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=agent.cfg.precision == "bf16")
+
+
 def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) -> tuple[dict[str, Tensor], dict | None]:
     """One learner step: world model, then actor and critic in imagination, then the slow critic.
     A batch with replay context ("start", and "burn" where states are stored every k rows) starts each
@@ -263,16 +275,17 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) ->
     for the replay to refresh; a non-finite loss skips the whole step (states None) so it never
     reaches the weights."""
     cfg = agent.cfg
-    start = agent.wm.context_state(batch["start"], batch.get("burn")) if "start" in batch else None
-    total, terms, states, feat, wm_metrics = agent.wm.loss(
-        batch["obs"], batch["action"], batch["reward"], batch["is_first"], batch["is_terminal"], start=start)
-    starts = {k: v.detach() for k, v in flatten_state(states).items()}  # (B*T, ...)
-    start_cont = 1.0 - batch["is_terminal"].flatten().float()  # (B*T,)
-    ac_losses, ac_metrics, retnorm_state, ret = imagine_losses(agent, starts, start_cont)
-    repval = agent.wm.loss_cfg.repval
-    if repval:
-        boot = ret[:, 0].reshape(batch["reward"].shape)  # (B, T) the imagination return from each row's state
-        ac_losses["repval"] = replay_value_loss(agent, feat, batch, boot)
+    with autocast(agent):
+        start = agent.wm.context_state(batch["start"], batch.get("burn")) if "start" in batch else None
+        total, terms, states, feat, wm_metrics = agent.wm.loss(
+            batch["obs"], batch["action"], batch["reward"], batch["is_first"], batch["is_terminal"], start=start)
+        starts = {k: v.detach() for k, v in flatten_state(states).items()}  # (B*T, ...)
+        start_cont = 1.0 - batch["is_terminal"].flatten().float()  # (B*T,)
+        ac_losses, ac_metrics, retnorm_state, ret = imagine_losses(agent, starts, start_cont)
+        repval = agent.wm.loss_cfg.repval
+        if repval:
+            boot = ret[:, 0].reshape(batch["reward"].shape)  # (B, T) the imagination return from each row's state
+            ac_losses["repval"] = replay_value_loss(agent, feat, batch, boot)
 
     losses = {"wm": total, "actor": ac_losses["actor"], "critic": ac_losses["critic"] + repval * ac_losses.get("repval", 0.0)}
     if not all(torch.isfinite(v) for v in losses.values()):

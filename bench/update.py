@@ -9,7 +9,8 @@ deter 320; TorchRL's block GRU reaches its count with deter 512), RSSM only: for
 `comparator=<path to a TorchRL DreamerV3 timing script>` that script runs in the same session and
 the table gives the ratio: TorchRL's recipe trains the actor by REINFORCE, so `actor_grad=reinforce`
 does the same work (the default, dynamics gradients for these continuous actions, adds a backward
-pass through the 15 imagined steps). `backbone=all` (or a comma-separated list) times every backbone in the
+pass through the 15 imagined steps). `precision=bf16` runs the forward passes under bfloat16 autocast
+(agent.precision). `backbone=all` (or a comma-separated list) times every backbone in the
 same run, each at its own xs and s dims (about the same parameter count at each size; the rows give the
 resolved dims and counts).
 """
@@ -35,7 +36,7 @@ PRESETS = {
 MATCHED = {("p064", "size1m"), ("s", "size12m")}  # (ours, TorchRL's) at about the same parameter count
 DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
             "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "",
-            "context": False, "actor_grad": "auto"}
+            "context": False, "actor_grad": "auto", "precision": "fp32"}
 
 
 def time_update(size: str, a: dict, backbone: str | None = None) -> dict:
@@ -51,7 +52,7 @@ def time_update(size: str, a: dict, backbone: str | None = None) -> dict:
     torch.manual_seed(0)
     dev = torch.device(a["device"])
     wm = WorldModel(backbone, core_cfg, nets, ObsSpec(pixels=False, obs_dim=24, action_dim=6))
-    agent = Agent(wm, AgentConfig(actor_grad=a["actor_grad"])).to(dev)
+    agent = Agent(wm, AgentConfig(actor_grad=a["actor_grad"], precision=a["precision"])).to(dev)
     opts = agent.optimizers()
     B, T = a["batch"], a["seq"]
     g = torch.Generator().manual_seed(0)
@@ -100,6 +101,8 @@ def main(argv: list[str]) -> dict:
     a = parse(argv, DEFAULTS)
     if a["actor_grad"] not in ("auto", "dynamics", "reinforce"):
         raise ConfigError(f"actor_grad must be auto, dynamics or reinforce, got '{a['actor_grad']}'")
+    if a["precision"] not in ("fp32", "bf16"):
+        raise ConfigError(f"precision must be fp32 or bf16, got '{a['precision']}'")
     backbones = list(BACKBONES) if a["backbone"] == "all" else a["backbone"].split(",")
     for b in backbones:
         if b not in BACKBONES:
@@ -139,11 +142,12 @@ def main(argv: list[str]) -> dict:
                 ratio = c["median_ms"] / r["median_ms"]
                 tr[4] = "; ".join(x for x in (tr[4], f"{ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} than TorchRL {c['size']}") if x)
     grad = {"auto": "dynamics", "dynamics": "dynamics", "reinforce": "REINFORCE"}[a["actor_grad"]]
-    title = (f"One learner update, B{a['batch']} x T{a['seq']}, H15, 24-dim obs, 6-dim action, actor gradient {grad}, eager fp32, "
+    title = (f"One learner update, B{a['batch']} x T{a['seq']}, H15, 24-dim obs, 6-dim action, actor gradient {grad}, eager {'fp32' if a['precision'] == 'fp32' else 'bf16 autocast'}, "
              f"{machine(a['device'])}; median of {a['repeats']}")
     table = title + "\n\n" + markdown(["system", "params", "median ms", "transitions/s", "ratio"], table_rows)
     args = {**a, "comparator": Path(a["comparator"]).name}  # the script, not where it lay
     data = {"machine": machine(a["device"]), "args": args, "longdream": rows, "comparator": comp}
-    suffix = "_reinforce" if a["actor_grad"] == "reinforce" else ""  # a second results file, beside the default one
+    # other settings than the defaults get results files of their own, beside the default one
+    suffix = ("_reinforce" if a["actor_grad"] == "reinforce" else "") + ("_bf16" if a["precision"] == "bf16" else "")
     write(f"update_{a['device'].split(':')[0]}{suffix}", data, table, a["out"] or None)
     return data

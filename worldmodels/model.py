@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from worldmodels.base import State, index_state
 from worldmodels.nets import (ConvDecoder, ConvEncoder, MultiDecoder, MultiEncoder, NetsConfig, TwoHot, VectorDecoder,
-                              VectorEncoder, mlp)
+                              VectorEncoder, full, mlp)
 from worldmodels.mamba import MambaConfig, MambaWM
 from worldmodels.rssm import RSSM, RSSMConfig
 from worldmodels.s4wm import S4WM, S4WMConfig
@@ -97,7 +97,7 @@ class WorldModel(nn.Module):
             "dec": self.decoder.loss(self.decoder(feat), obs),  # (B, T)
             "reward": self.reward.loss(self.reward(feat), reward),  # (B, T)
             "cont": F.binary_cross_entropy_with_logits(
-                self.cont(feat).squeeze(-1), 1.0 - is_terminal.float(), reduction="none"),  # (B, T)
+                full(self.cont(feat)).squeeze(-1), 1.0 - is_terminal.float(), reduction="none"),  # (B, T)
             "dyn": kl["dyn"].clamp(min=self.loss_cfg.free_bits),
             "rep": kl["rep"].clamp(min=self.loss_cfg.free_bits),
         }

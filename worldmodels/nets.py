@@ -56,6 +56,13 @@ def fill_size(cfg, sizes: dict[str, dict], size: str) -> None:
             object.__setattr__(cfg, key, value)
 
 
+def full(x: Tensor) -> Tensor:
+    """x in float32 where bf16 autocast (agent.precision) left it in half precision; float32 and float64
+    as they are. Heads pass their outputs through it, so that distributions and losses are computed
+    in full precision, as DreamerV3 does."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def symlog(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
 
@@ -87,7 +94,7 @@ class TwoHot(nn.Module):
         self.register_buffer("bins", torch.linspace(low, high, bins))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)  # (..., K) logits
+        return full(self.net(x))  # (..., K) logits, in float32 also under bf16 autocast
 
     def mean(self, logits: Tensor) -> Tensor:
         return symexp(logits.softmax(-1) @ self.bins.to(logits.dtype))  # (...)
@@ -217,7 +224,7 @@ class VectorDecoder(nn.Module):
         self.net = mlp(feat, units, max(layers, 1), obs_dim)
 
     def forward(self, feat: Tensor) -> Tensor:
-        return self.net(feat)  # (..., O) prediction in symlog space
+        return full(self.net(feat))  # (..., O) prediction in symlog space
 
     def loss(self, pred: Tensor, obs: Tensor) -> Tensor:
         return (pred - symlog(obs)).pow(2).sum(-1)  # (...)
@@ -314,7 +321,7 @@ class ConvDecoder(nn.Module):
     def forward(self, feat: Tensor) -> Tensor:
         lead = feat.shape[:-1]
         x = self.proj(feat.reshape(-1, feat.shape[-1])).reshape(-1, self.top, 4, 4)
-        return self.net(x).reshape(*lead, -1, self.size, self.size)  # (..., C, size, size), pixels centred on 0
+        return full(self.net(x)).reshape(*lead, -1, self.size, self.size)  # (..., C, size, size), pixels centred on 0
 
     def loss(self, pred: Tensor, obs: Tensor) -> Tensor:
         target = obs.float() / 255.0 - 0.5

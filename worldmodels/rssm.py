@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State, reset_state
-from worldmodels.nets import XS_LATENT, action_input, categorical_kl, fill_size, mlp, sample_onehot, token_in, unimix_probs
+from worldmodels.nets import XS_LATENT, action_input, categorical_kl, fill_size, full, mlp, sample_onehot, token_in, unimix_probs
 
 SIZES = {
     "xs": dict(deter=64, hidden=64, **XS_LATENT),
@@ -73,7 +73,7 @@ class RSSM(nn.Module):
         return {k: torch.zeros(batch_size, *s, device=p.device, dtype=p.dtype) for k, s in self.state_shapes().items()}
 
     def _logits(self, net: nn.Module, x: Tensor) -> Tensor:
-        return net(x).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)  # (B, S, K)
+        return full(net(x)).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)  # (B, S, K)
 
     def _img_step(self, state: State, action: Tensor) -> Tensor:
         x = self.img_in(torch.cat([state["stoch"].flatten(1), action_input(action)], -1))  # (B, hidden)

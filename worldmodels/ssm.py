@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State
-from worldmodels.nets import action_input, categorical_kl, mlp, sample_onehot, token_in, unimix_probs
+from worldmodels.nets import action_input, categorical_kl, full, mlp, sample_onehot, token_in, unimix_probs
 
 
 def complex_dtype(x: Tensor) -> torch.dtype:
@@ -101,7 +101,7 @@ class SSMCore(nn.Module):
         return {k: torch.zeros(batch_size, *s, device=p.device, dtype=p.dtype) for k, s in self.state_shapes().items()}
 
     def _logits(self, net: nn.Module, x: Tensor) -> Tensor:
-        return net(x).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)
+        return full(net(x)).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)
 
     def _per_block(self, state: State) -> list[State]:
         """The blocks' entries of a state (B, L, *shape) as one state {entry: (B, *shape)} per block."""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State
-from worldmodels.nets import XS_LATENT, action_input, categorical_kl, fill_size, mlp, sample_onehot, token_in, unimix_probs
+from worldmodels.nets import XS_LATENT, action_input, categorical_kl, fill_size, full, mlp, sample_onehot, token_in, unimix_probs
 
 SIZES = {
     "xs": {"d_model": 64, "heads": 2, "layers": 2, "window": 64, "hidden": 64, **XS_LATENT},
@@ -140,7 +140,7 @@ class TSSM(nn.Module):
         return {k: torch.zeros(batch_size, *s, device=p.device, dtype=p.dtype) for k, s in self.state_shapes().items()}
 
     def _logits(self, net: nn.Module, x: Tensor) -> Tensor:
-        return net(x).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)
+        return full(net(x)).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)
 
     def _core(self, state: State, z_prev: Tensor, action: Tensor, first: Tensor) -> tuple[Tensor, State]:
         """Tokens for (B, T) steps after `state`: h (B, T, D) and the cache after every step."""
