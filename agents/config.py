@@ -119,12 +119,25 @@ def register_defaults() -> None:
     cs.store(name="loss_defaults", node={"loss": field_defaults(LossConfig)})
 
 
+OPEN = ("env.kwargs", "env.shift", "env.shift_range")  # dicts whose keys the user chooses
+
+
+def open_keys(override: str) -> str:
+    """`env.kwargs.g=9.0` (a key of a dict whose keys are the user's, such as env.shift) as Hydra's
+    add-or-override `++env.kwargs.g=9.0`, so that it needs no `+` whether or not the key exists yet."""
+    key = override.split("=", 1)[0]
+    if "=" in override and any(key.startswith(d + ".") or key == d for d in OPEN):
+        return "++" + override
+    return override
+
+
 def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     register_defaults()
+    overrides = [open_keys(o) for o in overrides]
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             return hydra_compose(config_name=config_name, overrides=overrides)

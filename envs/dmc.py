@@ -18,8 +18,13 @@ def make_dmc(cfg, seed: int, render: bool) -> EnvBase:
     if (domain, task) not in suite.ALL_TASKS:
         raise EnvError(f"unknown dm-control task '{name}'; list valid ones with `longdream envs`")
     size = cfg.image_size or 64
+    env = suite.load(domain, task, task_kwargs={"random": seed})
+    if cfg.shift or cfg.shift_range:
+        from envs.shift import wrap_dmc
+
+        env = wrap_dmc(env, cfg.id, dict(cfg.shift), {k: list(v) for k, v in dict(cfg.shift_range).items()}, seed)
     # DMControlEnv forwards render_kwargs to the task and fails; the wrapper renders at the size directly.
-    return DMControlWrapper(suite.load(domain, task, task_kwargs={"random": seed}), from_pixels=cfg.pixels or render,
+    return DMControlWrapper(env, from_pixels=cfg.pixels or render,
                             pixels_only=cfg.pixels, render_kwargs={"height": size, "width": size}, frame_skip=cfg.action_repeat)
 
 

@@ -60,12 +60,17 @@ def make_gymnasium(cfg, render: bool = False):
     if render:
         kwargs["render_mode"] = "rgb_array"
     try:
-        return gymnasium.make(name, **kwargs)
+        env = gymnasium.make(name, **kwargs)
     except gymnasium.error.DependencyNotInstalled as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EnvError(f"env '{cfg.id}' needs a package that is not installed: {first}") from None
     except (TypeError, ValueError) as e:
         raise EnvError(f"env '{cfg.id}' does not take env.kwargs={dict(cfg.kwargs)}: {str(e).splitlines()[0]}") from None
+    if cfg.shift or cfg.shift_range:
+        from envs.shift import wrap_gym
+
+        env = wrap_gym(env, cfg.id, dict(cfg.shift), {k: list(v) for k, v in dict(cfg.shift_range).items()})
+    return env
 
 
 def make_gym(cfg, seed: int, render: bool) -> EnvBase:

@@ -40,6 +40,8 @@ class EnvConfig:
     image_size: int = 0  # side of the model's square images: 0 keeps an env's own square power-of-two side, else 64
     grayscale: bool = False  # image observations as one gray channel
     atari: AtariOptions = field(default_factory=AtariOptions)  # the Atari suite's options (envs/atari.py)
+    shift: dict = field(default_factory=dict)  # {parameter: scale} of the physics (envs/shift.py), e.g. {m: 1.5}
+    shift_range: dict = field(default_factory=dict)  # {parameter: [low, high]}: a scale drawn for every episode
 
     def __post_init__(self):
         if isinstance(self.atari, dict):
@@ -53,6 +55,9 @@ class EnvConfig:
             raise EnvError(f"env.action_repeat must be >= 1, got {self.action_repeat}")
         if self.time_limit < 1:
             raise EnvError(f"env.time_limit must be >= 1, got {self.time_limit}")
+        from envs.shift import check
+
+        check(dict(self.shift), {k: list(v) for k, v in dict(self.shift_range).items()})
 
 
 def _suite(env_id: str):
@@ -68,6 +73,9 @@ def _suite(env_id: str):
 
 def make_env(cfg: EnvConfig, seed: int = 0, render: bool = False) -> TransformedEnv:
     """`render` adds rendered frames under "pixels" to a state-based env (for videos)."""
+    if (cfg.shift or cfg.shift_range) and cfg.id.startswith("atari:"):
+        raise EnvError(f"env '{cfg.id}' has no physical parameters to shift (env.shift needs Pendulum-v1, "
+                       "a MuJoCo env or a dm-control task)")
     base = _suite(cfg.id)(cfg, seed, render)
     transforms = []
     obs_spec = base.observation_spec
