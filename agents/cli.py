@@ -1,10 +1,12 @@
-"""`longdream train | eval | bench | envs` - the command line.
+"""`longdream train | eval | adapt | probe | bench | envs` - the command line.
 
     longdream train [key=value ...]          train (an existing run_dir resumes)
     longdream eval run_dir=<path> episodes=<n>   evaluate a saved agent and write a video
+    longdream adapt run_dir=<path> shift.<p>=<scale> [mode=frozen|context|gradient]
+                                             deploy a saved agent on shifted dynamics (agents/adapt.py)
     longdream probe [key=value ...]          memory-probe protocol: task=<name> world_model=<name>, or
                                              suite=memory|memory_cpu|smoke; suite=bsuite_memory: online memory RL
-    longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel, checkpoint, stress, memory
+    longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel, gpu, checkpoint, stress, memory
     longdream envs                           list environment ids
 
 Every command takes `threads=N`: torch's intra-op threads (default: the cores this process may use).
@@ -133,7 +135,15 @@ def set_threads(args: list[str]) -> list[str]:
     return rest
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "bench": cmd_bench, "envs": cmd_envs}
+def cmd_adapt(args: list[str]) -> int:
+    from agents.adapt import main as adapt_main
+
+    adapt_main(args)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "adapt": cmd_adapt, "probe": cmd_probe, "bench": cmd_bench,
+            "envs": cmd_envs}
 
 
 def main(argv: list[str] | None = None) -> int:

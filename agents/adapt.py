@@ -1,0 +1,225 @@
+"""`longdream adapt`: deploy a trained agent where the dynamics changed, and measure how it copes.
+
+    longdream adapt run_dir=<trained run> shift.<p>=<scale> [mode=frozen|context|gradient]
+                    [episodes=10] [updates=50] [horizon=16] [context=8] [seed=0] [out=<folder>]
+
+`shift.<p>` scales a physical parameter as `env.shift` does (envs/shift.py). Every episode is one
+row: its return, and the world model's open-loop prediction error on it (windows of the episode:
+observe `context` steps from a fresh state, imagine `horizon` under the true actions; mean squared
+error of the decoded observation over the imagined steps), measured before any update it triggers.
+Modes:
+- frozen: the agent as trained; its state restarts with every episode;
+- context: the model's state runs on across episodes (an episode start is not a reset), so what it
+  has seen of the new dynamics stays in its memory; no gradient step;
+- gradient: after each episode, `updates` world-model steps on windows of the episodes seen so far
+  (the run's batch size and sequence length), rolled back where the error on the latest episode grew.
+With `reference=true` (the default) it first measures the trained agent on the unshifted env and a
+random policy on the shifted one, and each row's `recovered_fraction` is (return - random) /
+(in-distribution return - random). Writes adapt.json / adapt.md under `out` (default:
+<run_dir>/adapt/<mode>-<shift>).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "horizon": 16, "context": 8, "seed": 0,
+            "out": "", "reference": True, "device": "cpu"}
+MODES = ("frozen", "context", "gradient")
+
+
+def parse(argv: list[str]) -> tuple[dict, dict]:
+    """The options and the shift {parameter: scale}; one-line errors for anything else."""
+    from agents.config import ConfigError
+
+    opts, shift = dict(DEFAULTS), {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"adapt takes key=value arguments, got '{arg}'")
+        if key.startswith("shift."):
+            try:
+                shift[key[len("shift."):]] = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number (a scale of the parameter), got '{value}'") from None
+        elif key in DEFAULTS:
+            kind = type(DEFAULTS[key])
+            try:
+                opts[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a {kind.__name__}, got '{value}'") from None
+        else:
+            raise ConfigError(f"unknown adapt option '{key}' (valid: {', '.join(sorted(DEFAULTS))}, shift.<parameter>)")
+    if not opts["run_dir"]:
+        raise ConfigError("usage: longdream adapt run_dir=<trained run> shift.<parameter>=<scale> [mode=frozen|context|gradient]")
+    if opts["mode"] not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{opts['mode']}'")
+    if not shift:
+        raise ConfigError("adapt needs a shift, e.g. shift.m=1.5 (the parameters an env has: see envs/shift.py)")
+    for k in ("episodes", "horizon", "context"):
+        if opts[k] < 1:
+            raise ConfigError(f"{k} must be at least 1, got {opts[k]}")
+    return opts, shift
+
+
+class CarryState:
+    """Wraps the policy so that its recurrent state runs on across episodes: at an episode start the
+    state and previous action of the last step stand in for the primer's zeros, and is_init is cleared."""
+
+    def __init__(self, policy):
+        self.policy, self.carry = policy, None
+
+    def __call__(self, td):
+        if self.carry is not None and bool(td["is_init"].all()):
+            td["is_init"] = torch.zeros_like(td["is_init"])
+            for k, v in self.carry.items():
+                td[k] = v.clone()
+        td = self.policy(td)
+        keys = ["prev_action"] + [f"state_{k}" for k in self.policy.state_keys]
+        self.carry = {k: td["next", k].clone() for k in keys}
+        return td
+
+
+def episode_arrays(td, obs_key: str) -> dict:
+    """One episode (T rows) in the replay's layout: obs t, the action into it, the reward and
+    terminal flag of arriving at it, is_first at the start."""
+    T = td.shape[0]
+    reward = torch.zeros(T)
+    reward[1:] = td["next", "reward"].reshape(T)[:-1].float()
+    term = torch.zeros(T)
+    term[1:] = td["next", "terminated"].reshape(T)[:-1].float()
+    first = torch.zeros(T)
+    first[0] = 1
+    return {"obs": td[obs_key].float(), "action": td["prev_action"].float(), "reward": reward, "is_terminal": term,
+            "is_first": first, "return": float(td["next", "reward"].sum())}
+
+
+def windows(ep: dict, length: int, stride: int) -> dict | None:
+    """Every window of `length` rows of an episode, `stride` apart, each starting an episode (B, length, ...)."""
+    T = ep["obs"].shape[0]
+    starts = list(range(0, T - length + 1, stride))
+    if not starts:
+        return None
+    out = {k: torch.stack([ep[k][s:s + length] for s in starts]) for k in ("obs", "action", "reward", "is_terminal")}
+    out["is_first"] = torch.zeros(len(starts), length)
+    out["is_first"][:, 0] = 1
+    return out
+
+
+@torch.no_grad()
+def prediction_error(wm, ep: dict, context: int, horizon: int) -> float:
+    w = windows(ep, context + horizon, horizon)
+    if w is None:
+        return float("nan")
+    pred = wm.open_loop(w["obs"], w["action"], w["is_first"], context)
+    return float((pred[:, context:] - w["obs"][:, context:]).pow(2).mean())
+
+
+def adapt_wm(agent, opt, episodes: list[dict], updates: int, batch: int, seq: int, rng) -> None:
+    """`updates` world-model steps on random windows of the episodes seen so far."""
+    from agents.dreamer import autocast
+
+    pool = [w for ep in episodes if (w := windows(ep, seq, 1)) is not None]
+    if not pool:
+        return
+    rows = [(i, j) for i, w in enumerate(pool) for j in range(w["obs"].shape[0])]
+    for _ in range(updates):
+        pick = [rows[k] for k in rng.integers(len(rows), size=batch)]
+        b = {k: torch.stack([pool[i][k][j] for i, j in pick]) for k in pool[0]}
+        with autocast(agent):
+            loss = agent.wm.loss(b["obs"], b["action"], b["reward"], b["is_first"], b["is_terminal"])[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(agent.wm.parameters(), agent.cfg.wm_clip)
+        opt.step()
+
+
+def main(argv: list[str]) -> dict:
+    from agents import checkpoint
+    from agents.config import ConfigError, load_config
+    from agents.policy import EVAL, RANDOM
+    from agents.train import _collect_env, build_agent
+    from bench.report import commit, machine, markdown, write
+
+    opts, shift = parse(argv)
+    run_dir = Path(opts["run_dir"])
+    if not (run_dir / "overrides.json").exists():
+        raise ConfigError(f"'{run_dir}' is not a longdream run directory (no overrides.json); pass the run_dir of a training run")
+    cfg, _ = load_config([f"run_dir={run_dir}"])
+    ckpt = checkpoint.latest(run_dir)
+    if ckpt is None:
+        raise checkpoint.CheckpointError(f"no checkpoint in '{run_dir}'; train first")
+    shifted = dataclasses.replace(cfg.env, shift={**dict(cfg.env.shift), **shift}, shift_range={})
+    _collect_env(shifted, opts["seed"], {}).close()  # a shift the env does not have fails here, in one line
+    agent, policy, shapes = build_agent(cfg, opts["device"])
+    agent.load_state_dict(checkpoint.load(ckpt)[0]["agent"])
+    obs_key = policy.obs_keys[0]
+    if len(policy.obs_keys) > 1:
+        raise ConfigError("adapt measures one observation key; this run's model reads several")
+    torch.manual_seed(opts["seed"])
+    rng = np.random.default_rng(opts["seed"])
+    tag = "-".join(f"{k}{v:g}" for k, v in sorted(shift.items()))
+    out = Path(opts["out"]) if opts["out"] else run_dir / "adapt" / f"{opts['mode']}-{tag}"
+
+    def run_episodes(env_cfg, n, mode, act=None):
+        env = _collect_env(env_cfg, opts["seed"] + 50_000, shapes)
+        policy.mode.fill_(mode)
+        eps = [episode_arrays(env.rollout(cfg.env.time_limit, policy=act or policy, break_when_any_done=True), obs_key)
+               for _ in range(n)]
+        env.close()
+        return eps
+
+    tic = time.time()
+    ref = {}
+    if opts["reference"]:
+        n = opts["episodes"]
+        ref["in_distribution"] = float(np.mean([e["return"] for e in run_episodes(cfg.env, n, EVAL)]))
+        ref["random"] = float(np.mean([e["return"] for e in run_episodes(shifted, n, RANDOM)]))
+
+    act = CarryState(policy) if opts["mode"] == "context" else policy
+    opt = agent.optimizers()["wm"] if opts["mode"] == "gradient" else None
+    env = _collect_env(shifted, opts["seed"], shapes)
+    policy.mode.fill_(EVAL)
+    rows, seen, steps = [], [], 0
+    for i in range(opts["episodes"]):
+        ep = episode_arrays(env.rollout(cfg.env.time_limit, policy=act, break_when_any_done=True), obs_key)
+        steps += ep["obs"].shape[0]
+        err = prediction_error(agent.wm, ep, opts["context"], opts["horizon"])
+        row = {"episode": i, "env_steps": steps, "return": ep["return"], "pred_error": err}
+        if ref:
+            span = ref["in_distribution"] - ref["random"]
+            row["recovered_fraction"] = (ep["return"] - ref["random"]) / span if abs(span) > 1e-8 else float("nan")
+        seen.append(ep)
+        if opt is not None and opts["updates"]:
+            before = copy.deepcopy(agent.wm.state_dict()), copy.deepcopy(opt.state_dict())
+            adapt_wm(agent, opt, seen, opts["updates"], cfg.train.batch_size, cfg.train.seq_len, rng)
+            after = prediction_error(agent.wm, ep, opts["context"], opts["horizon"])
+            row["rolled_back"] = bool(after > err)
+            if row["rolled_back"]:  # the steps made the model worse on what it just saw: undo them
+                agent.wm.load_state_dict(before[0])
+                opt.load_state_dict(before[1])
+        rows.append(row)
+        print(f"[adapt] {opts['mode']} episode {i}: return {ep['return']:.1f}, prediction error {err:.4f}", flush=True)
+    env.close()
+
+    meta = {"mode": opts["mode"], "backbone": cfg.backbone,
+            "shift": shift, "seed": opts["seed"], "env": cfg.env.id, "checkpoint": ckpt.name, "reference": ref,
+            "options": {k: opts[k] for k in ("episodes", "updates", "horizon", "context")}, "wall_s": round(time.time() - tic, 1),
+            "machine": machine(opts["device"]), "commit": commit()}
+    for r in rows:
+        r.update({k: meta[k] for k in ("mode", "backbone", "shift", "seed")})
+    head = (f"adapt: {meta['backbone']} on {cfg.env.id} shifted by {tag}, mode {opts['mode']}, seed {opts['seed']}"
+            + (f"; in-distribution return {ref['in_distribution']:.1f}, random on the shift {ref['random']:.1f}" if ref else "") + "\n\n")
+    cols = ["episode", "env steps", "return", "prediction error"] + (["recovered"] if ref else []) \
+        + (["rolled back"] if opt is not None else [])
+    table = head + markdown(cols, [[r["episode"], r["env_steps"], f"{r['return']:.1f}", f"{r['pred_error']:.4f}",
+                                    *([f"{r['recovered_fraction']:.2f}"] if ref else []),
+                                    *(["yes" if r.get("rolled_back") else "no"] if opt is not None else [])] for r in rows])
+    data = {**meta, "rows": rows}
+    write("adapt", data, table, str(out))
+    return data

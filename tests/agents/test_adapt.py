@@ -1,0 +1,95 @@
+"""`longdream adapt`: every mode runs on a tiny budget and writes its rows, the context mode carries the
+model's state over episode starts, gradient steps fit the shifted data, and bad input is one line."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from tensordict import TensorDict
+
+from agents.adapt import CarryState, adapt_wm, episode_arrays, prediction_error
+from agents.cli import main
+
+FAST = ["size=xs", "prefill=100", "train_ratio=16", "batch_size=4", "seq_len=8", "log_every=50",
+        "eval_episodes=1", "eval_every=0", "progress=false", "collect_every=8"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("adapt") / "pendulum"
+    assert main(["train", "env=pendulum", "env.time_limit=40", "steps=300", f"run_dir={run}", *FAST]) == 0
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["frozen", "context", "gradient"])
+def test_each_mode_writes_a_row_per_episode(run, tmp_path, mode):
+    out = tmp_path / mode
+    assert main(["adapt", f"run_dir={run}", "shift.m=1.5", f"mode={mode}", "episodes=2", "updates=2", "horizon=8",
+                 "context=4", f"out={out}"]) == 0
+    data = json.loads((out / "adapt.json").read_text())
+    assert [r["episode"] for r in data["rows"]] == [0, 1] and [r["env_steps"] for r in data["rows"]] == [40, 80]
+    for r in data["rows"]:
+        assert {"mode", "backbone", "shift", "seed", "env_steps", "recovered_fraction", "pred_error"} <= set(r)
+        assert r["mode"] == mode and r["shift"] == {"m": 1.5} and np.isfinite(r["pred_error"])
+    assert ("rolled_back" in data["rows"][0]) == (mode == "gradient")
+    assert set(data["reference"]) == {"in_distribution", "random"}
+
+
+class Echo:
+    """A stand-in policy whose next state is its input state plus one."""
+    state_keys = ["h"]
+
+    def __call__(self, td):
+        td["next", "prev_action"] = td["prev_action"] + 1
+        td["next", "state_h"] = td["state_h"] + 1
+        return td
+
+
+def test_context_mode_carries_the_state_over_an_episode_start():
+    carry = CarryState(Echo())
+    step = lambda first, h: TensorDict({"is_init": torch.tensor([first]), "prev_action": torch.zeros(1),  # noqa: E731
+                                        "state_h": torch.full((1,), h)}, [])
+    carry(step(True, 0.0))  # the first episode starts from the primer's zeros
+    td = carry(step(False, 1.0))
+    assert td["next", "state_h"].item() == 2.0
+    td = carry(step(True, 0.0))  # a new episode: the last state stands in for the zeros, no reset
+    assert not td["is_init"].any() and td["state_h"].item() == 2.0 and td["next", "state_h"].item() == 3.0
+
+
+@pytest.mark.slow
+def test_gradient_steps_lower_the_error_on_the_shifted_data(run):
+    from agents import checkpoint
+    from agents.config import load_config
+    from agents.train import _collect_env, build_agent
+
+    cfg, _ = load_config([f"run_dir={run}"])
+    agent, policy, shapes = build_agent(cfg, "cpu")
+    agent.load_state_dict(checkpoint.load(checkpoint.latest(run))[0]["agent"])
+    env_cfg = type(cfg.env)(**{**cfg.env.__dict__, "shift": {"m": 2.0, "l": 1.5}})
+    env = _collect_env(env_cfg, 0, shapes)
+    torch.manual_seed(0)
+    eps = [episode_arrays(env.rollout(40, policy=policy, break_when_any_done=True), "observation") for _ in range(3)]
+
+    def error():  # the imagined latents are sampled: the same draws before and after
+        torch.manual_seed(1)
+        return np.mean([prediction_error(agent.wm, ep, 4, 8) for ep in eps])
+
+    before = error()
+    adapt_wm(agent, torch.optim.Adam(agent.wm.parameters(), 1e-3), eps, 100, 8, 8, np.random.default_rng(0))
+    after = error()
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["shift.m=1.5"], "usage: longdream adapt run_dir="),
+    (["run_dir=RUN", "mode=sometimes", "shift.m=1.5"], "mode must be one of frozen, context, gradient"),
+    (["run_dir=RUN"], "adapt needs a shift"),
+    (["run_dir=RUN", "shift.mass=2"], "has no parameter 'mass' to shift (it has: g, m, l)"),
+    (["run_dir=RUN", "shift.m=heavy"], "shift.m must be a number"),
+    (["run_dir=RUN", "speed=3", "shift.m=2"], "unknown adapt option 'speed'"),
+])
+def test_bad_input_is_one_line(run, capsys, args, msg):
+    assert main(["adapt", *[a.replace("RUN", str(run)) for a in args]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "\n" not in err
