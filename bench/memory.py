@@ -10,7 +10,8 @@ Settings come from configs/probe.yaml (`sweep_*`). Training windows are `seq_len
 memory length: with replay context (the default) a window starts from the model state stored with
 its first row, so the cue seen at an episode's start reaches its end through the stored states.
 Results accumulate in bsuite_memory.json / .md (a run replaces the row of the same backbone, length,
-seed, steps and overrides) beside success.png.
+seed, steps and overrides) beside success.png. `report_only=true` writes them from the runs already
+finished and trains nothing.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> dict:
     runs = Path(probe.out) / "bsuite_memory"
     folder = runs if out_given else RESULTS
     extra = [str(o) for o in probe.sweep_extra]
-    rows = []
+    rows, missing = [], []
     for b in backbones:
         for L in probe.sweep_lengths:
             run = runs / f"{b}-len{L}-seed{probe.seed}"
@@ -66,6 +67,9 @@ def main(argv: list[str]) -> dict:
                 rows.append(json.loads(done.read_text()))
                 print(f"[memory] bsuite memory_len={L} {b}: done before, result reused", flush=True)
                 continue
+            if probe.report_only:  # report what has finished, train nothing
+                missing.append(f"{b} memory_len={L}")
+                continue
             tic = time.time()
             res = train(cfg)
             agent = build_agent(cfg, "cpu")[0]
@@ -82,6 +86,10 @@ def main(argv: list[str]) -> dict:
                          "machine": machine(probe.device), "date": time.strftime("%Y-%m-%d"), "commit": commit()})
             done.write_text(json.dumps(rows[-1], indent=1))
             print(f"[memory] bsuite memory_len={L} {b}: success {success:.2f} ({rows[-1]['wall_s'] / 60:.1f} min)", flush=True)
+    if missing:
+        print("[memory] report_only: not finished yet, left out: " + ", ".join(missing), flush=True)
+    if probe.report_only and not rows:
+        raise ConfigError(f"report_only: no finished sweep run under {runs} (run the sweep first)")
     rows = merge(folder / "bsuite_memory.json", rows)
     data = {"runs": rows}
     table = report(rows)

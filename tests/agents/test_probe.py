@@ -145,6 +145,12 @@ def test_bsuite_memory_sweep_reports_success_per_length(tmp_path, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out.count("done before, result reused") == 4
     assert json.loads((out / "bsuite_memory.json").read_text())["runs"] == runs
+    # report_only: a length not run yet is listed and left out, nothing trains
+    capsys.readouterr()
+    longer = [a if not a.startswith("sweep_lengths=") else "sweep_lengths=[1,3,5]" for a in argv]
+    assert main(longer + ["report_only=true"]) == 0
+    assert "not finished yet, left out: rssm memory_len=5, s5wm memory_len=5" in capsys.readouterr().out
+    assert not (out / "rssm-len5-seed0").exists()
 
 
 def test_settings_key_follows_what_shapes_a_run():
