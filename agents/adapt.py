@@ -15,8 +15,8 @@ Modes:
   (the run's batch size and sequence length), rolled back where the error on the latest episode grew.
 With `reference=true` (the default) it first measures the trained agent on the unshifted env and a
 random policy on the shifted one, and each row's `recovered_fraction` is (return - random) /
-(in-distribution return - random). Writes adapt.json / adapt.md under `out` (default:
-<run_dir>/adapt/<mode>-<shift>).
+(in-distribution return - random). Writes adapt.json / adapt.md, adapt.png (return and error against
+env steps) and TensorBoard scalars (tb/) under `out` (default: <run_dir>/adapt/<mode>-<shift>).
 """
 from __future__ import annotations
 
@@ -221,5 +221,41 @@ def main(argv: list[str]) -> dict:
                                     *([f"{r['recovered_fraction']:.2f}"] if ref else []),
                                     *(["yes" if r.get("rolled_back") else "no"] if opt is not None else [])] for r in rows])
     data = {**meta, "rows": rows}
-    write("adapt", data, table, str(out))
+    folder = write("adapt", data, table, str(out))
+    plot(rows, ref, folder / "adapt.png", head.split(";")[0])
+    log_scalars(rows, folder / "tb")
     return data
+
+
+def plot(rows: list[dict], ref: dict, path: Path, title: str) -> None:
+    """Return (with the in-distribution and random references) and prediction error against env steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["env_steps"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(steps, [r["return"] for r in rows], marker="o", label="shifted")
+    for name, style in (("in_distribution", "--"), ("random", ":")):
+        if name in ref:
+            a.axhline(ref[name], ls=style, color="gray", label=name.replace("_", "-"))
+    a.set(xlabel="env steps", ylabel="episode return")
+    a.legend(fontsize=7)
+    b.plot(steps, [r["pred_error"] for r in rows], marker="o", color="C1")
+    b.set(xlabel="env steps", ylabel="open-loop prediction error")
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_scalars(rows: list[dict], logdir: Path) -> None:
+    """adapt/return, adapt/pred_error (and adapt/recovered_fraction) against env steps, for TensorBoard."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(logdir)) as w:
+        for r in rows:
+            for k in ("return", "pred_error", "recovered_fraction"):
+                if k in r and np.isfinite(r[k]):
+                    w.add_scalar(f"adapt/{k}", r[k], r["env_steps"])

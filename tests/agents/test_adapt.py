@@ -34,6 +34,7 @@ def test_each_mode_writes_a_row_per_episode(run, tmp_path, mode):
         assert r["mode"] == mode and r["shift"] == {"m": 1.5} and np.isfinite(r["pred_error"])
     assert ("rolled_back" in data["rows"][0]) == (mode == "gradient")
     assert set(data["reference"]) == {"in_distribution", "random"}
+    assert (out / "adapt.png").stat().st_size > 0 and any((out / "tb").iterdir())
 
 
 class Echo:
