@@ -12,7 +12,11 @@ Modes:
 - context: the model's state runs on across episodes (an episode start is not a reset), so what it
   has seen of the new dynamics stays in its memory; no gradient step;
 - gradient: after each episode, `updates` world-model steps on windows of the episodes seen so far
-  (the run's batch size and sequence length), rolled back where the error on the latest episode grew.
+  (the run's batch size and sequence length), rolled back where the error on the latest episode grew;
+- retrain: the reference, a new agent trained from scratch on the shifted env with the run's settings
+  for the env steps of `episodes` full episodes; its rows are its training episodes (no prediction
+  error) and a last one, the eval return after training.
+Env steps count env frames (agent steps x action repeat), as training does.
 With `reference=true` (the default) it first measures the trained agent on the unshifted env and a
 random policy on the shifted one, and each row's `recovered_fraction` is (return - random) /
 (in-distribution return - random). Writes adapt.json / adapt.md, adapt.png (return and error against
@@ -21,6 +25,7 @@ env steps) and TensorBoard scalars (tb/) under `out` (default: <run_dir>/adapt/<
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 import time
 from pathlib import Path
@@ -30,7 +35,7 @@ import torch
 
 DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "horizon": 16, "context": 8, "seed": 0,
             "out": "", "reference": True, "device": "cpu"}
-MODES = ("frozen", "context", "gradient")
+MODES = ("frozen", "context", "gradient", "retrain")
 
 
 def parse(argv: list[str]) -> tuple[dict, dict]:
@@ -144,7 +149,6 @@ def main(argv: list[str]) -> dict:
     from agents.config import ConfigError, load_config
     from agents.policy import EVAL, RANDOM
     from agents.train import _collect_env, build_agent
-    from bench.report import commit, machine, markdown, write
 
     opts, shift = parse(argv)
     run_dir = Path(opts["run_dir"])
@@ -181,6 +185,9 @@ def main(argv: list[str]) -> dict:
         ref["in_distribution"] = float(np.mean([e["return"] for e in run_episodes(cfg.env, n, EVAL)]))
         ref["random"] = float(np.mean([e["return"] for e in run_episodes(shifted, n, RANDOM)]))
 
+    if opts["mode"] == "retrain":
+        rows = retrain(run_dir, shift, opts["episodes"] * cfg.env.time_limit * cfg.env.action_repeat, out, opts["seed"], ref)
+        return finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, None)
     act = CarryState(policy) if opts["mode"] == "context" else policy
     opt = agent.optimizers()["wm"] if opts["mode"] == "gradient" else None
     env = _collect_env(shifted, opts["seed"], shapes)
@@ -188,12 +195,9 @@ def main(argv: list[str]) -> dict:
     rows, seen, steps = [], [], 0
     for i in range(opts["episodes"]):
         ep = episode_arrays(env.rollout(cfg.env.time_limit, policy=act, break_when_any_done=True), obs_key)
-        steps += ep["obs"].shape[0]
+        steps += ep["obs"].shape[0] * cfg.env.action_repeat
         err = prediction_error(agent.wm, ep, opts["context"], opts["horizon"])
-        row = {"episode": i, "env_steps": steps, "return": ep["return"], "pred_error": err}
-        if ref:
-            span = ref["in_distribution"] - ref["random"]
-            row["recovered_fraction"] = (ep["return"] - ref["random"]) / span if abs(span) > 1e-8 else float("nan")
+        row = {"episode": i, "env_steps": steps, "return": ep["return"], "pred_error": err, **recovered(ep["return"], ref)}
         seen.append(ep)
         if opt is not None and opts["updates"]:
             before = copy.deepcopy(agent.wm.state_dict()), copy.deepcopy(opt.state_dict())
@@ -206,6 +210,44 @@ def main(argv: list[str]) -> dict:
         rows.append(row)
         print(f"[adapt] {opts['mode']} episode {i}: return {ep['return']:.1f}, prediction error {err:.4f}", flush=True)
     env.close()
+    return finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, opt)
+
+
+def recovered(ret: float, ref: dict) -> dict:
+    """{"recovered_fraction": (return - random) / (in-distribution - random)} where the references exist."""
+    if not ref:
+        return {}
+    span = ref["in_distribution"] - ref["random"]
+    return {"recovered_fraction": (ret - ref["random"]) / span if abs(span) > 1e-8 else float("nan")}
+
+
+def retrain(run_dir: Path, shift: dict, budget: int, out: Path, seed: int, ref: dict) -> list[dict]:
+    """Train a new agent with the run's settings on the shifted env for `budget` env steps; its training
+    episodes (from its TensorBoard log) and its eval return after training, as rows."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from agents.config import _key, load_config
+    from agents.train import train
+
+    saved = json.loads((run_dir / "overrides.json").read_text())
+    overrides = [o for o in saved if _key(o) not in ("run_dir", "steps", "seed")] + \
+        [f"run_dir={out / 'retrain'}", f"steps={budget}", f"seed={seed}"] + [f"env.shift.{k}={v}" for k, v in shift.items()]
+    cfg, _ = load_config(overrides)
+    res = train(cfg)
+    ea = EventAccumulator(str(out / "retrain" / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    episodes = ea.Scalars("episode/return") if "episode/return" in ea.Tags()["scalars"] else []
+    rows = [{"episode": i, "env_steps": e.step, "return": e.value, "pred_error": float("nan"), **recovered(e.value, ref)}
+            for i, e in enumerate(episodes)]
+    final = float(res["eval_return_after"])
+    rows.append({"episode": len(rows), "env_steps": res["env_steps"], "return": final, "pred_error": float("nan"),
+                 "eval": True, **recovered(final, ref)})
+    return rows
+
+
+def finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, opt) -> dict:
+    """The rows with the run's metadata: adapt.json / .md, the plot and TensorBoard scalars."""
+    from bench.report import commit, machine, markdown, write
 
     meta = {"mode": opts["mode"], "backbone": cfg.backbone,
             "shift": shift, "seed": opts["seed"], "env": cfg.env.id, "checkpoint": ckpt.name, "reference": ref,
@@ -217,7 +259,8 @@ def main(argv: list[str]) -> dict:
             + (f"; in-distribution return {ref['in_distribution']:.1f}, random on the shift {ref['random']:.1f}" if ref else "") + "\n\n")
     cols = ["episode", "env steps", "return", "prediction error"] + (["recovered"] if ref else []) \
         + (["rolled back"] if opt is not None else [])
-    table = head + markdown(cols, [[r["episode"], r["env_steps"], f"{r['return']:.1f}", f"{r['pred_error']:.4f}",
+    table = head + markdown(cols, [[f"{r['episode']} (eval)" if r.get("eval") else r["episode"], r["env_steps"],
+                                    f"{r['return']:.1f}", f"{r['pred_error']:.4f}",
                                     *([f"{r['recovered_fraction']:.2f}"] if ref else []),
                                     *(["yes" if r.get("rolled_back") else "no"] if opt is not None else [])] for r in rows])
     data = {**meta, "rows": rows}

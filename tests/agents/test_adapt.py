@@ -94,3 +94,13 @@ def test_bad_input_is_one_line(run, capsys, args, msg):
     assert main(["adapt", *[a.replace("RUN", str(run)) for a in args]]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_retrain_reference_trains_a_new_agent_for_the_same_env_steps(run, tmp_path):
+    out = tmp_path / "retrain"
+    assert main(["adapt", f"run_dir={run}", "shift.m=1.5", "mode=retrain", "episodes=4", "reference=false",
+                 f"out={out}"]) == 0
+    rows = json.loads((out / "adapt.json").read_text())["rows"]
+    assert rows[-1]["eval"] and rows[-1]["env_steps"] >= 4 * 40 and len(rows) >= 2
+    assert (out / "retrain" / "checkpoints").is_dir()  # a run of its own, beside the report
