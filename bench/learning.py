@@ -1,18 +1,25 @@
-"""`longdream bench learning`: train on Pendulum-v1 from state for a fixed env-step budget and report
-the mean eval return over 10 episodes, with wall time and machine. Target: >= -300 after 20K env
-steps (DreamerV3-class agents get there).
+"""`longdream bench learning`: train for a fixed env-step budget on one or several tasks, per backbone
+and seed, and report the mean eval return over 10 episodes, with wall time and machine. Pendulum's
+target: >= -300 after 20K env steps (DreamerV3-class agents get there).
 
-    longdream bench learning [backbones=rssm,s5wm] [steps=20000] [seeds=0] [device=cpu]
-                             [preset=pendulum_cpu] [extra="k=v k=v"]
+    longdream bench learning [tasks=pendulum,hopper] [backbones=rssm,s5wm] [steps=20000] [seeds=0,1]
+                             [suite=<name>] [device=cpu] [preset=pendulum_cpu] [extra="k=v k=v"]
+
+`tasks` are env configs (configs/env/<name>.yaml; `env=` is the one-task spelling); one run per task,
+backbone and seed. The results file is bench/results/learning_<suite>.json / .md (suite: the task's
+name where there is one, else `suite=`), with a PNG per task of eval return against env steps (the
+runs' periodic evals: mean over seeds per backbone, the band from the worst to the best seed).
+
+A benchmark resumes: each finished run is merged into the results file at once, a later invocation
+skips the runs whose row is there (`rerun=true` measures them again), and a run that was stopped
+continues from its last checkpoint. A run replaces the row of the same (env, backbone, seed, steps,
+preset, extra, dims) and keeps the others (`merge=false` starts afresh), so seeds measured on
+different days add up. Each row records its own machine, date, eval episodes and torch threads; the
+summary averages over seeds. `merge_from=a.json,b.json` trains nothing: it folds results files
+written elsewhere with `out=` (runs made side by side) into this one.
 
 The default preset (configs/preset/pendulum_cpu.yaml) sizes the updates for a CPU; `preset=none`
 gives the DreamerV3 defaults of configs/train.yaml (B16 x T64, train ratio 512).
-
-Results accumulate: a run replaces the row of the same (env, backbone, seed, steps, preset, extra)
-in the existing results file and keeps the others (`merge=false` starts afresh), so seeds measured
-on different days add up. Each row records its own machine, date, eval episodes and torch threads;
-the summary averages over seeds. `merge_from=a.json,b.json` trains nothing: it folds results files
-written elsewhere with `out=` (runs made side by side) into this one.
 """
 from __future__ import annotations
 
@@ -26,67 +33,145 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.report import RESULTS, commit, machine, markdown, parse, write
+from bench.report import RESULTS, commit, machine, markdown, parse, portable, write
 
-DEFAULTS = {"backbones": "", "steps": 20000, "seeds": "0", "device": "cpu", "env": "pendulum",
+DEFAULTS = {"backbones": "", "steps": 20000, "seeds": "0", "device": "cpu", "env": "pendulum", "tasks": "", "suite": "",
             "preset": "pendulum_cpu", "episodes": 10, "extra": "", "out": "", "keep": False, "merge": True,
-            "merge_from": ""}
+            "merge_from": "", "rerun": False}
 TARGETS = {"pendulum": -300.0, "pendulum_dict": -300.0}  # eval return to reach after 20K env steps, where an issue set one
 
 
 def main(argv: list[str]) -> dict:
-    from agents.config import load_config
-    from agents.train import build_agent, evaluate, train
+    from agents.config import ConfigError, load_config
 
     from worldmodels.model import BACKBONES
 
     a = parse(argv, DEFAULTS)
+    tasks = a["tasks"].split(",") if a["tasks"] else [a["env"]]
+    if len(tasks) > 1 and not a["suite"]:
+        raise ConfigError("several tasks need a suite=<name> for their results file (learning_<name>.json)")
+    name = f"learning_{a['suite'] or tasks[0]}"
+    folder = Path(a["out"]) if a["out"] else RESULTS
     if a["merge_from"]:  # no training: fold results files written elsewhere (out=...) into this one
         rows = [r for path in a["merge_from"].split(",") for r in _rows(json.loads(Path(path).read_text()))]
-        rows = merge(Path(a["out"]) if a["out"] else RESULTS, f"learning_{a['env']}", rows)
-        data = {"args": a, "target": TARGETS.get(a["env"]), "runs": rows}
-        write(f"learning_{a['env']}", data, report(rows, a["episodes"]), a["out"] or None)
-        return data
+        return _write(a, name, folder, merge(folder, name, rows), tasks)
+    backbones = a["backbones"].split(",") if a["backbones"] else list(BACKBONES)
+    done = {_key(r) for r in _rows(json.loads((folder / f"{name}.json").read_text()))} \
+        if a["merge"] and not a["rerun"] and (folder / f"{name}.json").exists() else set()
     rows = []
-    for backbone in a["backbones"].split(",") if a["backbones"] else list(BACKBONES):
-        for seed in [int(s) for s in a["seeds"].split(",")]:
-            # runs with other settings get their own directory, so that they can run side by side
-            tag = "-" + hashlib.sha1(f"{a['preset']} {a['extra']}".encode()).hexdigest()[:6] if a["extra"] else ""
-            run = Path(a["out"] or "runs/bench") / f"learning-{a['env']}-{backbone}-seed{seed}{tag}"
-            shutil.rmtree(run, ignore_errors=True)
-            overrides = [f"preset={a['preset']}", f"env={a['env']}", f"world_model={backbone}", f"steps={a['steps']}", f"seed={seed}",
-                         f"device={a['device']}", f"run_dir={run}", "progress=false", *a["extra"].split()]
-            cfg, _ = load_config(overrides)
-            tic = time.time()
-            res = train(cfg)
-            wall = time.time() - tic
-            returns = [res["eval_return_after"]]
-            from agents import checkpoint
+    for task in tasks:
+        for backbone in backbones:
+            for seed in [int(s) for s in a["seeds"].split(",")]:
+                row = run_one(a, task, backbone, seed, done, load_config)
+                if row is None:
+                    continue
+                rows.append(row)
+                if a["merge"]:  # each finished run lands in the results at once: a stopped benchmark keeps it
+                    _write(a, name, folder, merge(folder, name, [row]), tasks, quiet=True)
+    all_rows = merge(folder, name, rows) if a["merge"] else rows
+    return _write(a, name, folder, all_rows, tasks)
 
-            agent, policy, shapes = build_agent(cfg, cfg.train.device)
-            if a["episodes"] > 1:  # the loop's final eval uses eval_episodes; report exactly `episodes`
-                agent.load_state_dict(checkpoint.load(checkpoint.latest(run))[0]["agent"])
-                returns = evaluate(cfg, policy, shapes, a["episodes"], seed + 40_000)
-            params = {"world_model": sum(p.numel() for p in agent.wm.parameters()),
-                      "actor": sum(p.numel() for p in agent.actor.parameters()),
-                      "critic": sum(p.numel() for p in agent.critic.parameters())}
-            rows.append({"backbone": backbone, "seed": seed, "env_steps": res["env_steps"], "updates": res["updates"],
-                         "eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns)),
-                         "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1), "episodes": len(returns),
-                         "threads": torch.get_num_threads(), "params": params, "dims": dataclasses.asdict(cfg.core),
-                         "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
-                         "replay_context": cfg.train.replay_context, "commit": commit(),
-                         "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
-                         "loss": dataclasses.asdict(cfg.loss),
-                         "env": a["env"], "steps": a["steps"], "preset": a["preset"], "extra": a["extra"],
-                         "machine": machine(a["device"]), "date": time.strftime("%Y-%m-%d"), "overrides": overrides})
-            if not a["keep"]:
-                shutil.rmtree(run, ignore_errors=True)
-    if a["merge"]:
-        rows = merge(Path(a["out"]) if a["out"] else RESULTS, f"learning_{a['env']}", rows)
-    data = {"args": a, "target": TARGETS.get(a["env"]), "runs": rows}
-    write(f"learning_{a['env']}", data, report(rows, a["episodes"]), a["out"] or None)
+
+def run_one(a: dict, task: str, backbone: str, seed: int, done: set, load_config) -> dict | None:
+    """Train one (task, backbone, seed), evaluate it, and return its row; None where the results
+    already hold it. A run directory left by a stopped run resumes from its checkpoint."""
+    from agents import checkpoint
+    from agents.train import build_agent, evaluate, train
+
+    # runs with other settings get their own directory, so that they can run side by side
+    tag = "-" + hashlib.sha1(f"{a['preset']} {a['extra']}".encode()).hexdigest()[:6] if a["extra"] else ""
+    run = Path(a["out"] or "runs/bench") / f"learning-{task}-{backbone}-seed{seed}{tag}"
+    overrides = [f"preset={a['preset']}", f"env={task}", f"world_model={backbone}", f"steps={a['steps']}", f"seed={seed}",
+                 f"device={a['device']}", f"run_dir={run}", "progress=false", *a["extra"].split()]
+    cfg, _ = load_config(overrides)
+    key = (task, backbone, seed, a["steps"], a["preset"], a["extra"], cfg.train.replay_context,
+           json.dumps(dataclasses.asdict(cfg.core), sort_keys=True))
+    if key in done:
+        print(f"[learning] {task} {backbone} seed {seed}: in the results already (rerun=true measures it again)", flush=True)
+        return None
+    if run.exists() and checkpoint.latest(run) is None:  # a run stopped before its first checkpoint: start afresh
+        shutil.rmtree(run, ignore_errors=True)
+    tic = time.time()
+    res = train(cfg)
+    wall = time.time() - tic
+    returns = [res["eval_return_after"]]
+    agent, policy, shapes = build_agent(cfg, cfg.train.device)
+    if a["episodes"] > 1:  # the loop's final eval uses eval_episodes; report exactly `episodes`
+        agent.load_state_dict(checkpoint.load(checkpoint.latest(run))[0]["agent"])
+        returns = evaluate(cfg, policy, shapes, a["episodes"], seed + 40_000)
+    params = {"world_model": sum(p.numel() for p in agent.wm.parameters()),
+              "actor": sum(p.numel() for p in agent.actor.parameters()),
+              "critic": sum(p.numel() for p in agent.critic.parameters())}
+    row = {"backbone": backbone, "seed": seed, "env_steps": res["env_steps"], "updates": res["updates"],
+           "eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns)),
+           "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1), "episodes": len(returns),
+           "threads": torch.get_num_threads(), "params": params, "dims": dataclasses.asdict(cfg.core),
+           "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
+           "replay_context": cfg.train.replay_context, "commit": commit(),
+           "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
+           "loss": dataclasses.asdict(cfg.loss), "curve": eval_curve(run / "tb"),
+           "env": task, "steps": a["steps"], "preset": a["preset"], "extra": a["extra"],
+           "machine": machine(a["device"]), "date": time.strftime("%Y-%m-%d"), "overrides": overrides}
+    if not a["keep"]:
+        shutil.rmtree(run, ignore_errors=True)
+    return row
+
+
+def eval_curve(logdir: Path) -> list[list[float]]:
+    """[env steps, eval return] of a run's periodic evaluations, from its TensorBoard log."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    ea.Reload()
+    if "eval/return" not in ea.Tags()["scalars"]:
+        return []
+    return [[e.step, e.value] for e in ea.Scalars("eval/return")]
+
+
+def _write(a: dict, name: str, folder: Path, rows: list[dict], tasks: list[str], quiet: bool = False) -> dict:
+    data = {"args": a, "target": {t: TARGETS.get(t) for t in tasks}, "runs": rows}
+    if quiet:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(portable(data), indent=1))
+        return data
+    table = report(rows, a["episodes"])
+    for task in sorted({r["env"] for r in rows}):
+        png = f"{name}_{task}.png" if len(tasks) > 1 or task != name.removeprefix("learning_") else f"{name}.png"
+        if plot_curves([r for r in rows if r["env"] == task], folder / png, task):
+            table += f"\n\n![{task}: eval return against env steps]({png})"
+    write(name, data, table, a["out"] or None)
     return data
+
+
+def plot_curves(rows: list[dict], path: Path, task: str) -> bool:
+    """Eval return against env steps, one line per backbone (mean over seeds at each eval step) and the
+    band from the worst to the best seed; False where no row has a curve."""
+    curves = [r for r in rows if r.get("curve")]
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for b in sorted({r["backbone"] for r in curves}):
+        runs = [dict((int(s), v) for s, v in r["curve"]) for r in curves if r["backbone"] == b]
+        steps = sorted(set.intersection(*(set(c) for c in runs)))
+        if not steps:
+            continue
+        vals = np.array([[c[s] for s in steps] for c in runs])
+        ax.plot(steps, vals.mean(0), marker="o", ms=3, label=f"{b} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.2)
+    target = TARGETS.get(task)
+    if target is not None:
+        ax.axhline(target, ls="--", color="gray", lw=1)
+    ax.set(xlabel="env steps", ylabel="eval return", title=task)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _key(row: dict) -> tuple:
@@ -122,6 +207,14 @@ def _rows(data: dict) -> list[dict]:
 
 
 def report(rows: list[dict], episodes: int) -> str:
+    """The table and per-backbone summary of each task, one section per task where there are several."""
+    envs = list(dict.fromkeys(r["env"] for r in rows))
+    if len(envs) <= 1:
+        return _report_task(rows, episodes)
+    return "\n\n".join(f"## {e}\n\n" + _report_task([r for r in rows if r["env"] == e], episodes) for e in envs)
+
+
+def _report_task(rows: list[dict], episodes: int) -> str:
     target = TARGETS.get(rows[0]["env"]) if rows else None
     met = lambda m: "-" if target is None else "yes" if m >= target else "no"  # noqa: E731
     rows = sorted(rows, key=lambda r: (r["backbone"], _latent(r), r["replay_context"], r["extra"], r["seed"]))

@@ -2,6 +2,8 @@
 shows each row's overrides and eval episodes."""
 import json
 
+import pytest
+
 from bench import learning
 
 
@@ -43,3 +45,31 @@ def test_results_files_hold_no_local_paths(tmp_path):
     assert got["video"] == "t/v.gif" and got["params"] == "0.27M/0.04M/0.05M"
     for f in RESULTS.glob("*.json"):
         assert portable(json.loads(f.read_text())) == json.loads(f.read_text()), f"{f.name} holds a local path"
+
+
+@pytest.mark.slow
+def test_several_tasks_resume_and_curves(tmp_path, capsys):
+    """Two tasks in one invocation: a row each with its eval curve, a PNG per task, one results file;
+    a second invocation finds both rows and trains nothing."""
+    extra = ("prefill=64 batch_size=2 seq_len=8 train_ratio=16 collect_every=8 log_every=64 eval_every=100 "
+             "eval_episodes=1 checkpoint_every=100000 env.time_limit=50")
+    argv = ["tasks=pendulum,cartpole", "suite=toy", "backbones=rssm", "steps=200", "preset=quickstart", f"extra={extra}",
+            "episodes=1", f"out={tmp_path}"]
+    data = learning.main(argv)
+    runs = data["runs"]
+    assert [(r["env"], r["backbone"]) for r in runs] == [("pendulum", "rssm"), ("cartpole", "rssm")]
+    assert all(len(r["curve"]) >= 2 and r["curve"][-1][0] >= 100 for r in runs)
+    for task in ("pendulum", "cartpole"):
+        assert (tmp_path / f"learning_toy_{task}.png").exists()
+    assert "## pendulum" in (tmp_path / "learning_toy.md").read_text()
+    capsys.readouterr()
+    again = learning.main(argv)
+    assert capsys.readouterr().out.count("in the results already") == 2
+    assert [r["eval_return_mean"] for r in again["runs"]] == [r["eval_return_mean"] for r in runs]
+
+
+def test_several_tasks_need_a_suite_name():
+    from agents.config import ConfigError
+
+    with pytest.raises(ConfigError, match="several tasks need a suite"):
+        learning.main(["tasks=pendulum,cartpole"])
