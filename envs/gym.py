@@ -59,6 +59,8 @@ def make_gymnasium(cfg, render: bool = False):
     kwargs = dict(cfg.kwargs)
     if render:
         kwargs["render_mode"] = "rgb_array"
+    if cfg.trial > 1:  # each episode of a trial ends at the time limit, inside the trial
+        kwargs.setdefault("max_episode_steps", cfg.time_limit * cfg.action_repeat)
     try:
         env = gymnasium.make(name, **kwargs)
     except gymnasium.error.DependencyNotInstalled as e:
@@ -69,7 +71,7 @@ def make_gymnasium(cfg, render: bool = False):
     if cfg.shift or cfg.shift_range:
         from envs.shift import wrap_gym
 
-        env = wrap_gym(env, cfg.id, dict(cfg.shift), {k: list(v) for k, v in dict(cfg.shift_range).items()})
+        env = wrap_gym(env, cfg.id, dict(cfg.shift), {k: list(v) for k, v in dict(cfg.shift_range).items()}, cfg.trial)
     return env
 
 

@@ -42,6 +42,7 @@ class EnvConfig:
     atari: AtariOptions = field(default_factory=AtariOptions)  # the Atari suite's options (envs/atari.py)
     shift: dict = field(default_factory=dict)  # {parameter: scale} of the physics (envs/shift.py), e.g. {m: 1.5}
     shift_range: dict = field(default_factory=dict)  # {parameter: [low, high]}: a scale drawn for every episode
+    trial: int = 1  # > 1: that many episodes of one shift_range draw make one episode (envs/shift.py; gymnasium)
 
     def __post_init__(self):
         if isinstance(self.atari, dict):
@@ -58,6 +59,12 @@ class EnvConfig:
         from envs.shift import check
 
         check(dict(self.shift), {k: list(v) for k, v in dict(self.shift_range).items()})
+        if self.trial < 1:
+            raise EnvError(f"env.trial must be >= 1, got {self.trial}")
+        if self.trial > 1 and not self.shift_range:
+            raise EnvError("env.trial > 1 needs env.shift_range (a trial is several episodes of one draw of the dynamics)")
+        if self.trial > 1 and (self.id.startswith("dmc:") or self.id.startswith("atari:")):
+            raise EnvError("env.trial > 1 is for gymnasium envs (Pendulum-v1, MuJoCo v5); dm-control and Atari have no trials")
 
 
 def _suite(env_id: str):
@@ -87,7 +94,8 @@ def make_env(cfg: EnvConfig, seed: int = 0, render: bool = False) -> Transformed
             transforms.append(CatTensors(keys + (["observation"] if "observation" in obs_spec.keys() else []),
                                          out_key="observation", del_keys=True))
         transforms.append(DoubleToFloat())
-    transforms += [StepCounter(max_steps=cfg.time_limit), InitTracker(), RewardSum()]
+    # time_limit is per episode; a trial of several episodes is one episode to the agent
+    transforms += [StepCounter(max_steps=cfg.time_limit * cfg.trial), InitTracker(), RewardSum()]
     return TransformedEnv(base, Compose(*transforms))
 
 

@@ -3,6 +3,7 @@ for every episode (`env.shift_range`, domain randomisation).
 
     env.shift={m: 1.5, l: 1.5}                  Pendulum-v1 with 1.5x the mass and the length
     env.shift_range={mass: [0.75, 1.25]}        every episode draws one scale in the range (uniform)
+    env.trial=3                                 gymnasium: 3 episodes of the same draw make one (RL^2)
 
 Parameters, as scales of the env's own values:
 - gymnasium Pendulum-v1: `g`, `m`, `l` (the attributes its step reads);
@@ -92,14 +93,19 @@ def gym_params(env) -> dict:
     return {}
 
 
-def wrap_gym(env, env_id: str, shift: dict, ranges: dict):
-    """The gymnasium env with its dynamics shifted; ranged parameters are drawn at every reset."""
+def wrap_gym(env, env_id: str, shift: dict, ranges: dict, trial: int = 1):
+    """The gymnasium env with its dynamics shifted; ranged parameters are drawn at every reset. With
+    trial = k > 1, k episodes of the env make one (a trial, as in RL^2): where an episode ends before
+    the k-th, the env resets within the trial (the next observation is the new start; no termination
+    reaches the agent), and the ranged parameters are drawn once per trial, so that a recurrent model
+    trained on trials learns to tell the dynamics from what it has seen of them."""
     import gymnasium
 
     class Shifted(gymnasium.Wrapper):
         def __init__(self, env):
             super().__init__(env)
             self.shifter = Shifter(env_id, gym_params(env), shift, ranges, seed=0)
+            self.left = trial
 
         @property
         def shift(self) -> dict:
@@ -109,7 +115,16 @@ def wrap_gym(env, env_id: str, shift: dict, ranges: dict):
             if seed is not None:
                 self.shifter.rng = np.random.default_rng(seed)
             self.shifter.episode()
+            self.left = trial
             return self.env.reset(seed=seed, options=options)
+
+        def step(self, action):
+            obs, reward, terminated, truncated, info = self.env.step(action)
+            if (terminated or truncated) and self.left > 1:  # the next episode of the trial, same dynamics
+                self.left -= 1
+                obs, info = self.env.reset()
+                return obs, reward, False, False, {**info, "trial_episode_end": True}
+            return obs, reward, terminated, truncated, info
 
     return Shifted(env)
 

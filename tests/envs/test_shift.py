@@ -75,3 +75,34 @@ def test_shift_from_the_command_line():
     assert dict(cfg.env.shift) == {"m": 1.5} and {k: list(v) for k, v in dict(cfg.env.shift_range).items()} == {"l": [0.5, 1.5]}
     cfg, _ = load_config(["env=bsuite_memory_len", "env.kwargs.memory_length=30"])  # an existing key still overrides
     assert cfg.env.kwargs["memory_length"] == 30
+
+
+def test_a_trial_is_several_episodes_of_one_draw():
+    """env.trial=3: two inner episode ends pass as ordinary steps, the third ends the trial; the drawn
+    mass holds within the trial and is drawn anew for the next one."""
+    env = make_gymnasium(EnvConfig(id="Pendulum-v1", shift_range={"m": [0.5, 2.0]}, trial=3, time_limit=20))
+    env.reset(seed=0)
+    m0, ends, last = env.unwrapped.m, [], None
+    for t in range(60):
+        obs, _, terminated, truncated, info = env.step(np.zeros(1, dtype=np.float32))
+        assert env.unwrapped.m == m0
+        if info.get("trial_episode_end"):
+            ends.append(t)
+        if terminated or truncated:
+            last = t
+            break
+    assert ends == [19, 39] and last == 59
+    env.reset()
+    assert env.unwrapped.m != m0
+    for kwargs, msg in [(dict(trial=2), "env.trial > 1 needs env.shift_range"),
+                        (dict(trial=0), "env.trial must be >= 1"),
+                        (dict(id="dmc:cartpole-swingup", trial=2, shift_range={"mass": [1, 2]}), "is for gymnasium envs")]:
+        with pytest.raises(EnvError, match=msg):
+            EnvConfig(**{"id": "Pendulum-v1", **kwargs})
+
+
+def test_trial_episode_length_for_the_agent():
+    """Through TorchRL, a trial of 2 episodes of 15 steps is one episode of 30 agent steps."""
+    env = make_env(EnvConfig(id="Pendulum-v1", shift_range={"m": [0.5, 2.0]}, trial=2, time_limit=15), seed=0)
+    td = env.rollout(100, break_when_any_done=True)
+    assert td.shape[0] == 30
