@@ -50,7 +50,7 @@ def main(argv: list[str]) -> dict:
     tasks = a["tasks"].split(",") if a["tasks"] else [a["env"]]
     if len(tasks) > 1 and not a["suite"]:
         raise ConfigError("several tasks need a suite=<name> for their results file (learning_<name>.json)")
-    name = f"learning_{a['suite'] or tasks[0]}"
+    name = f"learning_{(a['suite'] or tasks[0]).replace('/', '_')}"
     folder = Path(a["out"]) if a["out"] else RESULTS
     if a["merge_from"]:  # no training: fold results files written elsewhere (out=...) into this one
         rows = [r for path in a["merge_from"].split(",") for r in _rows(json.loads(Path(path).read_text()))]
@@ -80,7 +80,7 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set, load_config
 
     # runs with other settings get their own directory, so that they can run side by side
     tag = "-" + hashlib.sha1(f"{a['preset']} {a['extra']}".encode()).hexdigest()[:6] if a["extra"] else ""
-    run = Path(a["out"] or "runs/bench") / f"learning-{task}-{backbone}-seed{seed}{tag}"
+    run = Path(a["out"] or "runs/bench") / f"learning-{task.replace('/', '_')}-{backbone}-seed{seed}{tag}"
     overrides = [f"preset={a['preset']}", f"env={task}", f"world_model={backbone}", f"steps={a['steps']}", f"seed={seed}",
                  f"device={a['device']}", f"run_dir={run}", "progress=false", *a["extra"].split()]
     cfg, _ = load_config(overrides)
@@ -136,7 +136,7 @@ def _write(a: dict, name: str, folder: Path, rows: list[dict], tasks: list[str],
         return data
     table = report(rows, a["episodes"])
     for task in sorted({r["env"] for r in rows}):
-        png = f"{name}_{task}.png" if len(tasks) > 1 or task != name.removeprefix("learning_") else f"{name}.png"
+        png = f"{name}_{task.replace('/', '_')}.png" if len(tasks) > 1 or task != name.removeprefix("learning_") else f"{name}.png"
         if plot_curves([r for r in rows if r["env"] == task], folder / png, task):
             table += f"\n\n![{task}: eval return against env steps]({png})"
     write(name, data, table, a["out"] or None)
