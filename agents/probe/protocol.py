@@ -12,7 +12,7 @@
    - reward-prediction accuracy during observation and during imagination: a prediction is right when
      it is within 0.5 of the true reward; counted at the reward events (steps with a non-zero reward,
      and each sequence's last step, where a task such as Distracting Memory pays 1 or 0).
-4. Write metrics.json, TensorBoard scalars and an imagination video (truth | model | error) per run;
+4. Write metrics.json, the trained weights (world_model.pt), TensorBoard scalars and an imagination video (truth | model | error) per run;
    a suite writes a markdown table (backbones x tasks) and PNG plots of generation error against the
    imagination step.
 """
@@ -322,6 +322,8 @@ def run_one(raw) -> dict:
                    nets=dataclasses.asdict(nets),
                    run_s=round(time.time() - started, 1), settings=settings_key(raw), threads=torch.get_num_threads(),
                    machine=machine(probe.device), date=time.strftime("%Y-%m-%d"), commit=commit())
+    torch.save(wm.state_dict(), run_dir / "world_model.pt")  # the trained weights, for later diagnostics
+    metrics["weights"] = "world_model.pt"
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"[probe] {task.name} {task.kwargs} {backbone}: gen MSE {metrics['gen_mse']:.1f}, "
           f"recon MSE {metrics['recon_mse']:.1f}, reward acc observe {metrics['reward_acc_observe']:.3f} / posterior "

@@ -82,6 +82,8 @@ def test_smoke_suite_writes_table_plots_and_videos(tmp_path):
         assert len(r["gen_mse_per_step"]) == r["query"] and r["gen_mse"] >= 0
         assert 0 <= r["reward_acc_imagine"] <= 1
         assert (tmp_path / r["video"]).exists() or __import__("pathlib").Path(r["video"]).exists()
+        weights = torch.load(tmp_path / r["run_dir"] / r["weights"], weights_only=True)
+        assert sum(v.numel() for v in weights.values()) >= r["params"]  # the trained world model: parameters and buffers
     # report_only: the finished runs are reported, a missing one is listed, nothing is trained
     (tmp_path / r["run_dir"] / "metrics.json").unlink()
     assert main(["probe", "suite=smoke", f"out={tmp_path}", "report_only=true", "progress=false"]) == 0
