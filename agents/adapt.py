@@ -247,7 +247,7 @@ def retrain(run_dir: Path, shift: dict, budget: int, out: Path, seed: int, ref: 
 
 def finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, opt) -> dict:
     """The rows with the run's metadata: adapt.json / .md, the plot and TensorBoard scalars."""
-    from bench.report import commit, machine, markdown, write
+    from agents.machine import commit, machine, markdown, portable
 
     meta = {"mode": opts["mode"], "backbone": cfg.backbone,
             "shift": shift, "seed": opts["seed"], "env": cfg.env.id, "checkpoint": ckpt.name, "reference": ref,
@@ -264,7 +264,12 @@ def finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, opt) -> dict:
                                     *([f"{r['recovered_fraction']:.2f}"] if ref else []),
                                     *(["yes" if r.get("rolled_back") else "no"] if opt is not None else [])] for r in rows])
     data = {**meta, "rows": rows}
-    folder = write("adapt", data, table, str(out))
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapt.json").write_text(json.dumps(portable({"date": time.strftime("%Y-%m-%d"), **data}), indent=1))
+    (folder / "adapt.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwritten: {folder / 'adapt.json'}, {folder / 'adapt.md'}")
     plot(rows, ref, folder / "adapt.png", head.split(";")[0])
     log_scalars(rows, folder / "tb")
     return data

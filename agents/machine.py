@@ -1,6 +1,7 @@
 """Where a result was measured: the machine (GPU name, or CPU model and cores) and the code's commit.
 Every benchmark row and memory-probe run records both; `portable` keeps local paths out of results files.
-`keep_freed_memory` sets up glibc's allocator for the learner's large, short-lived tensors."""
+`keep_freed_memory` sets up glibc's allocator for the learner's large, short-lived tensors; `markdown`
+is the results tables' format."""
 from __future__ import annotations
 
 import ctypes
@@ -91,3 +92,10 @@ def portable(obj, base: Path | None = None):
         return path.name
 
     return _ABSOLUTE.sub(short, obj)
+
+
+def markdown(header: list[str], rows: list[list]) -> str:
+    """A markdown table: the header, then one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

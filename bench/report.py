@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from agents.machine import commit, keep_freed_memory, machine, portable  # noqa: F401  (re-exported for the benchmarks)
+from agents.machine import commit, keep_freed_memory, machine, markdown, portable  # noqa: F401  (re-exported for the benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,12 +38,6 @@ def write(name: str, data: dict, table: str, out: str | None = None) -> Path:
     print(table)
     print(f"\nwritten: {folder / (name + '.json')}, {folder / (name + '.md')}")
     return folder
-
-
-def markdown(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def run_comparator(script: str, args: list[str]) -> list[dict]:
