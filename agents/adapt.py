@@ -25,8 +25,8 @@ env steps) and TensorBoard scalars (tb/) under `out` (default: <run_dir>/adapt/<
 from __future__ import annotations
 
 import copy
-import json
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -126,16 +126,19 @@ def prediction_error(wm, ep: dict, context: int, horizon: int) -> float:
 
 
 def adapt_wm(agent, opt, episodes: list[dict], updates: int, batch: int, seq: int, rng) -> None:
-    """`updates` world-model steps on random windows of the episodes seen so far."""
+    """`updates` world-model steps on random windows of `seq` rows of the episodes seen so far, each
+    window starting an episode; windows are sliced where they are drawn, not built all at once."""
     from agents.dreamer import autocast
 
-    pool = [w for ep in episodes if (w := windows(ep, seq, 1)) is not None]
-    if not pool:
+    starts = [(ep, s) for ep in episodes for s in range(ep["obs"].shape[0] - seq + 1)]
+    if not starts:
         return
-    rows = [(i, j) for i, w in enumerate(pool) for j in range(w["obs"].shape[0])]
+    first = torch.zeros(batch, seq)
+    first[:, 0] = 1
     for _ in range(updates):
-        pick = [rows[k] for k in rng.integers(len(rows), size=batch)]
-        b = {k: torch.stack([pool[i][k][j] for i, j in pick]) for k in pool[0]}
+        pick = [starts[k] for k in rng.integers(len(starts), size=batch)]
+        b = {k: torch.stack([ep[k][s:s + seq] for ep, s in pick]) for k in ("obs", "action", "reward", "is_terminal")}
+        b["is_first"] = first
         with autocast(agent):
             loss = agent.wm.loss(b["obs"], b["action"], b["reward"], b["is_first"], b["is_terminal"])[0]
         opt.zero_grad(set_to_none=True)
@@ -158,7 +161,7 @@ def main(argv: list[str]) -> dict:
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise checkpoint.CheckpointError(f"no checkpoint in '{run_dir}'; train first")
-    shifted = dataclasses.replace(cfg.env, shift={**dict(cfg.env.shift), **shift}, shift_range={})
+    shifted = dataclasses.replace(cfg.env, shift={**cfg.env.shift, **shift}, shift_range={})
     _collect_env(shifted, opts["seed"], {}).close()  # a shift the env does not have fails here, in one line
     agent, policy, shapes = build_agent(cfg, opts["device"])
     agent.load_state_dict(checkpoint.load(ckpt)[0]["agent"])
@@ -170,10 +173,10 @@ def main(argv: list[str]) -> dict:
     tag = "-".join(f"{k}{v:g}" for k, v in sorted(shift.items()))
     out = Path(opts["out"]) if opts["out"] else run_dir / "adapt" / f"{opts['mode']}-{tag}"
 
-    def run_episodes(env_cfg, n, mode, act=None):
+    def run_episodes(env_cfg, n, mode):
         env = _collect_env(env_cfg, opts["seed"] + 50_000, shapes)
         policy.mode.fill_(mode)
-        eps = [episode_arrays(env.rollout(cfg.env.time_limit, policy=act or policy, break_when_any_done=True), obs_key)
+        eps = [episode_arrays(env.rollout(cfg.env.time_limit, policy=policy, break_when_any_done=True), obs_key)
                for _ in range(n)]
         env.close()
         return eps

@@ -42,7 +42,7 @@ TARGETS = {"pendulum": -300.0, "pendulum_dict": -300.0}  # eval return to reach 
 
 
 def main(argv: list[str]) -> dict:
-    from agents.config import ConfigError, load_config
+    from agents.config import ConfigError
 
     from worldmodels.model import BACKBONES
 
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> dict:
     tasks = a["tasks"].split(",") if a["tasks"] else [a["env"]]
     if len(tasks) > 1 and not a["suite"]:
         raise ConfigError("several tasks need a suite=<name> for their results file (learning_<name>.json)")
-    name = f"learning_{(a['suite'] or tasks[0]).replace('/', '_')}"
+    name = f"learning_{_safe(a['suite'] or tasks[0])}"
     folder = Path(a["out"]) if a["out"] else RESULTS
     if a["merge_from"]:  # no training: fold results files written elsewhere (out=...) into this one
         rows = [r for path in a["merge_from"].split(",") for r in _rows(json.loads(Path(path).read_text()))]
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> dict:
     for task in tasks:
         for backbone in backbones:
             for seed in [int(s) for s in a["seeds"].split(",")]:
-                row = run_one(a, task, backbone, seed, done, load_config)
+                row = run_one(a, task, backbone, seed, done)
                 if row is None:
                     continue
                 rows.append(row)
@@ -72,20 +72,26 @@ def main(argv: list[str]) -> dict:
     return _write(a, name, folder, all_rows, tasks)
 
 
-def run_one(a: dict, task: str, backbone: str, seed: int, done: set, load_config) -> dict | None:
+def _safe(task: str) -> str:
+    """A task's name in file names: dm-control configs are dmc/<task>."""
+    return task.replace("/", "_")
+
+
+def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | None:
     """Train one (task, backbone, seed), evaluate it, and return its row; None where the results
     already hold it. A run directory left by a stopped run resumes from its checkpoint."""
     from agents import checkpoint
+    from agents.config import load_config
     from agents.train import build_agent, evaluate, train
 
     # runs with other settings get their own directory, so that they can run side by side
     tag = "-" + hashlib.sha1(f"{a['preset']} {a['extra']}".encode()).hexdigest()[:6] if a["extra"] else ""
-    run = Path(a["out"] or "runs/bench") / f"learning-{task.replace('/', '_')}-{backbone}-seed{seed}{tag}"
+    run = Path(a["out"] or "runs/bench") / f"learning-{_safe(task)}-{backbone}-seed{seed}{tag}"
     overrides = [f"preset={a['preset']}", f"env={task}", f"world_model={backbone}", f"steps={a['steps']}", f"seed={seed}",
                  f"device={a['device']}", f"run_dir={run}", "progress=false", *a["extra"].split()]
     cfg, _ = load_config(overrides)
-    key = (task, backbone, seed, a["steps"], a["preset"], a["extra"], cfg.train.replay_context,
-           json.dumps(dataclasses.asdict(cfg.core), sort_keys=True))
+    key = _key({"env": task, "backbone": backbone, "seed": seed, "steps": a["steps"], "preset": a["preset"],
+                "extra": a["extra"], "replay_context": cfg.train.replay_context, "dims": dataclasses.asdict(cfg.core)})
     if key in done:
         print(f"[learning] {task} {backbone} seed {seed}: in the results already (rerun=true measures it again)", flush=True)
         return None
@@ -136,7 +142,7 @@ def _write(a: dict, name: str, folder: Path, rows: list[dict], tasks: list[str],
         return data
     table = report(rows, a["episodes"])
     for task in sorted({r["env"] for r in rows}):
-        png = f"{name}_{task.replace('/', '_')}.png" if len(tasks) > 1 or task != name.removeprefix("learning_") else f"{name}.png"
+        png = f"{name}.png" if len(tasks) == 1 and name == f"learning_{_safe(task)}" else f"{name}_{_safe(task)}.png"
         if plot_curves([r for r in rows if r["env"] == task], folder / png, task):
             table += f"\n\n![{task}: eval return against env steps]({png})"
     write(name, data, table, a["out"] or None)

@@ -22,7 +22,7 @@ def make_dmc(cfg, seed: int, render: bool) -> EnvBase:
     if cfg.shift or cfg.shift_range:
         from envs.shift import wrap_dmc
 
-        env = wrap_dmc(env, cfg.id, dict(cfg.shift), {k: list(v) for k, v in dict(cfg.shift_range).items()}, seed)
+        env = wrap_dmc(env, cfg.id, cfg.shift, cfg.shift_range, seed)
     # DMControlEnv forwards render_kwargs to the task and fails; the wrapper renders at the size directly.
     return DMControlWrapper(env, from_pixels=cfg.pixels or render,
                             pixels_only=cfg.pixels, render_kwargs={"height": size, "width": size}, frame_skip=cfg.action_repeat)

@@ -71,7 +71,7 @@ def make_gymnasium(cfg, render: bool = False):
     if cfg.shift or cfg.shift_range:
         from envs.shift import wrap_gym
 
-        env = wrap_gym(env, cfg.id, dict(cfg.shift), {k: list(v) for k, v in dict(cfg.shift_range).items()}, cfg.trial)
+        env = wrap_gym(env, cfg.id, cfg.shift, cfg.shift_range, cfg.trial)
     return env
 
 

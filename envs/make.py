@@ -58,7 +58,13 @@ class EnvConfig:
             raise EnvError(f"env.time_limit must be >= 1, got {self.time_limit}")
         from envs.shift import check
 
-        check(dict(self.shift), {k: list(v) for k, v in dict(self.shift_range).items()})
+        # plain dicts and lists from here on (Hydra hands over its own containers)
+        object.__setattr__(self, "shift", dict(self.shift))
+        object.__setattr__(self, "shift_range", {k: list(v) for k, v in dict(self.shift_range).items()})
+        check(self.shift, self.shift_range)
+        if (self.shift or self.shift_range) and self.id.startswith("atari:"):
+            raise EnvError(f"env '{self.id}' has no physical parameters to shift (env.shift needs Pendulum-v1, "
+                           "a MuJoCo env or a dm-control task)")
         if self.trial < 1:
             raise EnvError(f"env.trial must be >= 1, got {self.trial}")
         if self.trial > 1 and not self.shift_range:
@@ -80,9 +86,6 @@ def _suite(env_id: str):
 
 def make_env(cfg: EnvConfig, seed: int = 0, render: bool = False) -> TransformedEnv:
     """`render` adds rendered frames under "pixels" to a state-based env (for videos)."""
-    if (cfg.shift or cfg.shift_range) and cfg.id.startswith("atari:"):
-        raise EnvError(f"env '{cfg.id}' has no physical parameters to shift (env.shift needs Pendulum-v1, "
-                       "a MuJoCo env or a dm-control task)")
     base = _suite(cfg.id)(cfg, seed, render)
     transforms = []
     obs_spec = base.observation_spec

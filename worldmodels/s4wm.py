@@ -78,23 +78,27 @@ class S4Layer(nn.Module):
         B, T, H = u.shape
         N = self.N
         cdt = complex_dtype(u)
-        lam_bar, B_bar = (p.to(cdt) for p in self.discrete())
+        lam_bar, B_bar, C = self.step_params(cdt)
         bu = u.to(cdt)[..., None] * B_bar  # (B, T, H, N)
         a = lam_bar.reshape(1, 1, H * N).expand(B, T, -1)
         xs = linear_scan(a, bu.reshape(B, T, H * N), h0=x0.to(cdt).reshape(B, H * N), reset=reset)
         xs = xs.reshape(B, T, H, N)
-        y = 2 * (xs * torch.view_as_complex(self.C).to(cdt)).sum(-1).real + self.D * u  # (B, T, H)
-        return y.to(u.dtype), xs
+        return self._out(xs, C, u), xs
+
+    def _out(self, x: Tensor, C: Tensor, u: Tensor) -> Tensor:
+        """y = 2 Re(C . x) + D u from the states x (..., H, N) and the inputs u (..., H)."""
+        return (2 * (x * C).sum(-1).real + self.D * u).to(u.dtype)
 
     def step_params(self, cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """(Lambda_bar, B_bar, C) in the complex dtype of the state, made once for a rollout of steps."""
+        """(Lambda_bar, B_bar, C) in the complex dtype of the state: once per forward, or once for a
+        rollout of steps."""
         return (*(p.to(cdt) for p in self.discrete()), torch.view_as_complex(self.C).to(cdt))
 
     def step(self, u: Tensor, x: Tensor, params: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """One token u (B, H) from the complex state x (B, H, N): `forward` on T = 1 with no reset."""
         lam_bar, B_bar, C = params
         x = lam_bar * x + u.to(x.dtype)[..., None] * B_bar  # (B, H, N)
-        return (2 * (x * C).sum(-1).real + self.D * u).to(u.dtype), x
+        return self._out(x, C, u), x
 
 
 class ChannelReadout(nn.Module):

@@ -73,16 +73,20 @@ class S5Layer(nn.Module):
 
     def forward(self, u: Tensor, x0: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
         B, T, H = u.shape
-        lam_bar, B_bar = self.discrete()
         cdt = complex_dtype(u)
-        bu = u.to(cdt) @ B_bar.to(cdt).T  # (B, T, P)
-        a = lam_bar.to(cdt).expand(B, T, -1)  # (B, T, P)
+        lam_bar, B_bar, C = self.step_params(cdt)
+        bu = u.to(cdt) @ B_bar.T  # (B, T, P)
+        a = lam_bar.expand(B, T, -1)  # (B, T, P)
         xs = linear_scan(a, bu, h0=x0.to(cdt), reset=reset)  # (B, T, P)
-        y = (xs @ torch.view_as_complex(self.C).to(cdt).T).real + self.D * u  # (B, T, H)
-        return y.to(u.dtype), xs
+        return self._out(xs, C, u), xs
+
+    def _out(self, x: Tensor, C: Tensor, u: Tensor) -> Tensor:
+        """y = Re(C x) + D u from the states x (..., P) and the inputs u (..., H)."""
+        return ((x @ C.T).real + self.D * u).to(u.dtype)
 
     def step_params(self, cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """(Lambda_bar, B_bar, C) in the complex dtype of the state, made once for a rollout of steps."""
+        """(Lambda_bar, B_bar, C) in the complex dtype of the state: once per forward, or once for a
+        rollout of steps."""
         lam_bar, B_bar = self.discrete()
         return lam_bar.to(cdt), B_bar.to(cdt), torch.view_as_complex(self.C).to(cdt)
 
@@ -90,7 +94,7 @@ class S5Layer(nn.Module):
         """One token u (B, H) from the complex state x (B, P): `forward` on T = 1 with no reset."""
         lam_bar, B_bar, C = params
         x = lam_bar * x + u.to(x.dtype) @ B_bar.T  # (B, P)
-        return ((x @ C.T).real + self.D * u).to(u.dtype), x
+        return self._out(x, C, u), x
 
 
 class S5Block(nn.Module):
