@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
-BENCHES = ("update", "learning", "scan", "worldmodel", "gpu", "stress", "checkpoint", "memory")
+BENCHES = ("update", "learning", "scan", "worldmodel", "gpu", "stress", "checkpoint", "memory", "collect")
 
 
 def cmd_train(args: list[str]) -> int:
@@ -41,6 +41,8 @@ def cmd_train(args: list[str]) -> int:
     except OSError as err:
         raise os_error(run_dir, err) from None
     res = train(cfg)
+    if res.get("rank"):  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     before = res.get("eval_return_before")
     print(f"\ntrained {res['env_steps']} env steps, {res['updates']} updates in {res['wall_s']:.0f} s")
     if before is not None:
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("torchrl").setLevel(logging.WARNING)
     from agents.checkpoint import CheckpointError
+    from agents.collect import CollectorError
     from agents.config import ConfigError
     from agents.replay import ReplayError
     from agents.runlock import RunDirError
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     commit()  # results record the code this process started with, even if the checkout moves on meanwhile
     try:
         return COMMANDS[argv[0]](set_threads(argv[1:]))
-    except (ConfigError, EnvError, CheckpointError, ReplayError, RunDirError) as e:
+    except (ConfigError, EnvError, CheckpointError, ReplayError, RunDirError, CollectorError) as e:
         print(f"longdream: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

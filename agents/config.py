@@ -30,7 +30,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # Keys that may differ between a checkpoint and the command that resumes it.
 RESUMABLE_KEYS = {"steps", "run_dir", "device", "eval_every", "eval_episodes", "log_every", "video_every",
-                  "checkpoint_every", "progress"}
+                  "checkpoint_every", "progress", "collector", "ray"}
+RAY_KEYS = {"address", "cpus_per_worker", "memory_gb", "start_timeout", "log_to_driver"}
 
 
 class ConfigError(ValueError):
@@ -43,7 +44,9 @@ class TrainConfig:
     seed: int
     device: str
     run_dir: str
-    envs: int  # env processes; more than one runs a MultiSyncCollector
+    envs: int  # env streams: env processes (collector=local, more than one: MultiSyncCollector) or Ray actors
+    collector: str  # local | ray (agents/collect.py)
+    ray: dict  # collector=ray: address (join a cluster; None: start a local one), cpus_per_worker, memory_gb, ...
     prefill: int  # random-policy env steps before learning starts
     train_ratio: float  # replayed steps (B x T per update) per agent step
     batch_size: int  # B
@@ -162,6 +165,11 @@ def build(cfg: DictConfig) -> Config:
     train = _build(TrainConfig, OmegaConf.create(top), "")
     if train.steps < 0 or train.batch_size < 1 or train.seq_len < 2 or train.envs < 1:
         raise ConfigError("steps must be >= 0, batch_size >= 1, seq_len >= 2 and envs >= 1")
+    if train.collector not in ("local", "ray"):
+        raise ConfigError(f"collector must be local or ray, got '{train.collector}'")
+    unknown = sorted(set(train.ray) - RAY_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key 'ray.{unknown[0]}' (valid: {', '.join(sorted(RAY_KEYS))})")
     if train.replay_context_every < 0 or train.replay_context_every > train.seq_len:
         raise ConfigError(f"replay_context_every must be between 0 (chosen by the state's size) and seq_len ({train.seq_len})")
     name, core, nets = build_model(cfg)

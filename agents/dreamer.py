@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from agents import distributed
 from agents.optim import LaProp
 from agents.returns import lambda_return
 from worldmodels.base import flatten_state
@@ -129,7 +130,7 @@ class ReturnNorm(nn.Module):
     def propose(self, returns: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The scale after seeing `returns`, and the EMA state to `commit` once the step is taken
         (a skipped, non-finite step must not move it)."""
-        flat = returns.detach().flatten().float()
+        flat = distributed.gather(returns.detach().flatten().float())  # every rank's returns under data parallelism
         low = torch.quantile(flat, self.cfg.retnorm_low)
         high = torch.quantile(flat, self.cfg.retnorm_high)
         d = self.cfg.retnorm_decay
@@ -288,7 +289,7 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) ->
             ac_losses["repval"] = replay_value_loss(agent, feat, batch, boot)
 
     losses = {"wm": total, "actor": ac_losses["actor"], "critic": ac_losses["critic"] + repval * ac_losses.get("repval", 0.0)}
-    if not all(torch.isfinite(v) for v in losses.values()):
+    if not distributed.all_true(all(torch.isfinite(v) for v in losses.values()), total.device):  # on every rank
         return {"train/nonfinite": torch.ones(())}, None
 
     for opt in opts.values():
@@ -297,6 +298,7 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) ->
     for name, v in losses.items():  # each loss trains its own module only (dynamics gradients reach further)
         # the actor's loss and the critic's share the critic's pass over the rollout: keep it for the latter
         v.backward(inputs=list(clips[name][0].parameters()), retain_graph=name == "actor")
+    distributed.average_grads([p for mod, _ in clips.values() for p in mod.parameters()])  # data parallel: the ranks' mean
     if cfg.optimizer == "laprop":  # AGC inside the optimiser bounds each tensor's update instead
         clips = {name: (mod, float("inf")) for name, (mod, _) in clips.items()}
     norms = {name: nn.utils.clip_grad_norm_(mod.parameters(), clip) for name, (mod, clip) in clips.items()}

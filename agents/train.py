@@ -6,6 +6,7 @@ steps x action repeat) and are what `steps`, `prefill`, `eval_every` and `log_ev
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -18,7 +19,8 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from agents import checkpoint
+from agents import checkpoint, distributed
+from agents.collect import CollectorError, make_collector
 from agents.config import Config, ConfigError, compose, config_mismatch
 from agents.dreamer import Agent, update
 from agents.policy import EVAL, EXPLORE, RANDOM, DreamerPolicy
@@ -83,34 +85,61 @@ def evaluate(cfg: Config, policy: DreamerPolicy, shapes: dict, episodes: int, se
     return returns
 
 
+def shard_dir(run_dir: Path, group: distributed.Group) -> Path:
+    """Where a data-parallel rank keeps its lock, replay shard and checkpoints: the run directory itself
+    for rank 0 (and a single process), run_dir/ranks/<r> for the others."""
+    return run_dir if group.main else run_dir / "ranks" / str(group.rank)
+
+
+class _NoWriter:
+    """TensorBoard on rank 0 only: the other ranks' writer."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def train(cfg: Config) -> dict:
     t = cfg.train
-    run_dir = Path(t.run_dir)
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
-    torch.manual_seed(t.seed)
-    np.random.seed(t.seed)
+    group = distributed.setup(t.device)  # one process unless launched by torchrun (agents/distributed.py)
+    if group.world > 1 and t.device.startswith("cuda"):
+        t = dataclasses.replace(t, device=f"cuda:{group.local_rank}")
+        cfg = dataclasses.replace(cfg, train=t)
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    np.random.seed(t.seed + group.rank)
 
+    run_dir = shard_dir(Path(t.run_dir), group)
     lock = RunLock(run_dir).acquire()  # one process per run_dir; released however this one ends
     try:
-        return _train(cfg, lock)
+        return _train(cfg, lock, group, run_dir)
     finally:
         lock.release()
+        if group.world > 1:
+            distributed.teardown()
 
 
-def _train(cfg: Config, lock: RunLock) -> dict:
+def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) -> dict:
     t = cfg.train
-    run_dir, device = Path(t.run_dir), t.device
+    device, world = t.device, group.world
     if lock.previous is not None:
         tqdm.write(f"run_dir {run_dir}: took over the lock of process {lock.previous}, which is no longer running")
     agent, policy, shapes = build_agent(cfg, device)
+    distributed.broadcast_module(agent)  # rank 0's weights everywhere (the same seed made them already)
+    if group.rank:  # each rank draws its own windows and imagination noise
+        torch.manual_seed(t.seed + 7919 * group.rank)
     opts = agent.optimizers()
-    replay = Replay(t.replay_capacity, t.batch_size, t.seq_len, run_dir / "replay", policy.obs_keys, t.envs,
+    replay = Replay(max(t.replay_capacity // world, t.envs * t.seq_len), t.batch_size, t.seq_len, run_dir / "replay", policy.obs_keys, t.envs,
                     state_shapes=agent.wm.core.state_shapes(), context=t.replay_context, every=t.replay_context_every)
     counters = {"env_steps": 0, "agent_steps": 0, "updates": 0, "updates_due": 0.0, "episodes": 0,
                 "nonfinite": 0, "last_log": 0, "last_eval": 0, "last_video": 0}
 
     ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
+    step = int(ckpt.name.split("-")[1]) if ckpt is not None else -1
+    if len(set(distributed.gather(torch.tensor([step])).tolist())) > 1:  # every rank resumes from the same step
+        raise ConfigError(f"the data-parallel ranks of {t.run_dir} hold checkpoints of different steps (a run stopped "
+                          "while checkpointing, or another number of processes); resume with the number of processes "
+                          "it ran with, or start a new run_dir")
     if ckpt is not None:
         saved = OmegaConf.load(run_dir / "config.yaml")
         own = run_dir / "overrides.json"  # the run's own command line, under today's defaults
@@ -139,10 +168,10 @@ def _train(cfg: Config, lock: RunLock) -> dict:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(run_dir / "tb", purge_step=counters["env_steps"] or None)
+    writer = SummaryWriter(run_dir / "tb", purge_step=counters["env_steps"] or None) if group.main else _NoWriter()
     writer.add_text("config", "```yaml\n" + OmegaConf.to_yaml(cfg.raw) + "\n```", counters["env_steps"])
     results = {"run_dir": str(run_dir)}
-    if ckpt is None:
+    if ckpt is None and group.main:
         results["eval_return_before"] = float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 10_000)))
         writer.add_scalar("eval/return", results["eval_return_before"], 0)
 
@@ -151,33 +180,23 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                    "counters": dict(counters), "rng": checkpoint.rng_state()}
         checkpoint.save(run_dir, counters["env_steps"], payload, replay)
 
-    make_fn = functools.partial(_collect_env, cfg.env, t.seed + counters["episodes"], shapes)
+    make_fn = functools.partial(_collect_env, cfg.env, primer_shapes=shapes)
     policy.mode.fill_(RANDOM if counters["env_steps"] < t.prefill else EXPLORE)
-    if t.envs == 1:
-        from torchrl.collectors import Collector
-
-        collector = Collector(make_fn, policy, frames_per_batch=t.collect_every, total_frames=-1,
-                              policy_device=device, env_device="cpu", storing_device="cpu")
-    else:
-        from torchrl.collectors import MultiSyncCollector
-
-        collector = MultiSyncCollector([make_fn] * t.envs, policy, frames_per_batch=t.collect_every * t.envs,
-                                       total_frames=-1, policy_device=device, env_device="cpu", storing_device="cpu",
-                                       cat_results="stack")
+    collector = make_collector(t, make_fn, policy, device, t.seed + counters["episodes"], group.rank)
 
     repeat, tokens = cfg.env.action_repeat, t.batch_size * t.seq_len
     metrics, recent_returns = defaultdict(list), []
     clock = {"start": time.time(), "ckpt": time.time(), "train": 0.0, "log": time.time(), "log_steps": counters["env_steps"]}
-    bar = tqdm(total=t.steps, initial=min(counters["env_steps"], t.steps), unit="step", disable=not t.progress,
-               dynamic_ncols=True, desc="train")
+    bar = tqdm(total=t.steps, initial=min(counters["env_steps"], t.steps), unit="step",
+               disable=not (t.progress and group.main), dynamic_ncols=True, desc="train")
     try:
         for data in collector if counters["env_steps"] < t.steps else []:
             # --- store ---
             replay.add(data)
-            n = data.numel()
-            counters["agent_steps"] += n
-            counters["env_steps"] += n * repeat
-            bar.update(n * repeat)
+            n = data.numel()  # this rank's agent steps; every rank collects as many
+            counters["agent_steps"] += n * world
+            counters["env_steps"] += n * repeat * world
+            bar.update(n * repeat * world)
             done = data["next", "done"].reshape(-1)
             for ret, length in zip(data["next", "episode_reward"].reshape(-1)[done].tolist(),
                                    data["next", "step_count"].reshape(-1)[done].tolist()):
@@ -221,22 +240,29 @@ def _train(cfg: Config, lock: RunLock) -> dict:
                 metrics.clear()
             if agent.wm.spec.pixels and t.video_every and step - counters["last_video"] >= t.video_every and replay.ready():
                 counters["last_video"] = step
-                write_open_loop(agent, replay, writer, step, device)
+                if group.main:
+                    write_open_loop(agent, replay, writer, step, device)
             if t.eval_every and step - counters["last_eval"] >= t.eval_every and step < t.steps:
                 counters["last_eval"] = step
-                writer.add_scalar("eval/return", float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + step))), step)
-            if time.time() - clock["ckpt"] >= t.checkpoint_every:
+                if group.main:
+                    writer.add_scalar("eval/return", float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + step))), step)
+            if distributed.broadcast_flags([time.time() - clock["ckpt"] >= t.checkpoint_every])[0]:  # rank 0's clock
                 clock["ckpt"] = time.time()
                 save_checkpoint()
             last = np.mean(recent_returns[-10:]) if recent_returns else math.nan
             bar.set_postfix(ret=f"{last:.1f}", updates=counters["updates"], refresh=False)
             if step >= t.steps:
                 break
+    except CollectorError:  # a collection worker died: keep what was learnt, then stop with its one-line error
+        save_checkpoint()
+        raise
     finally:
         collector.shutdown()
         bar.close()
 
     save_checkpoint()
+    if not group.main:  # rank 0 evaluates and reports
+        return {"rank": group.rank, "env_steps": counters["env_steps"], "updates": counters["updates"]}
     video = run_dir / "videos" / f"eval-{counters['env_steps']}"
     results["eval_returns_after"] = evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 20_000, video=video)
     results["eval_return_after"] = float(np.mean(results["eval_returns_after"]))

@@ -7,8 +7,12 @@ collapses after about 20-30 steps of memory, R2I holds about 90).
                            [sweep_episodes=100] [sweep_extra=[preset=...]] [seed=0] [out=...]
 
 Settings come from configs/probe.yaml (`sweep_*`). Training windows are `seq_len` long whatever the
-memory length: with replay context (the default) a window starts from the model state stored with
-its first row, so the cue seen at an episode's start reaches its end through the stored states.
+memory length, unless `sweep_cover=true`: with replay context (the default) a window starts from the
+model state stored with its first row, so the cue seen at an episode's start reaches its end through
+the stored states, but no gradient crosses a window's start, so nothing teaches the model to keep the
+cue unless one window holds both the cue and the reward it decides. `sweep_cover=true` makes every
+window span two episodes (seq_len = 2(L + 1) rounded up to 16) at about the same tokens per update
+(batch_size = max(2, batch_size x seq_len / that)); its runs are named `<backbone>-len<L>-seed<s>-cover`.
 Results accumulate in bsuite_memory.json / .md (a run replaces the row of the same backbone, length,
 seed, steps and overrides) beside success.png. `report_only=true` writes them from the runs already
 finished and trains nothing.
@@ -48,15 +52,17 @@ def main(argv: list[str]) -> dict:
     folder = runs if out_given else RESULTS
     extra = [str(o) for o in probe.sweep_extra]
     rows, missing = [], []
+    base = load_config([*extra, "env=bsuite_memory_len"])[0].train
     for b in backbones:
         for L in probe.sweep_lengths:
-            run = runs / f"{b}-len{L}-seed{probe.seed}"
+            run = runs / f"{b}-len{L}-seed{probe.seed}{'-cover' if probe.sweep_cover else ''}"
+            window = cover_window(L, base.batch_size, base.seq_len) if probe.sweep_cover else []
             # the same number of training episodes at every length, or the same env steps
             steps = probe.sweep_train_episodes * (L + 1) if probe.sweep_train_episodes else probe.sweep_steps
             scale = [f"loss.reward={L + 1}"] if probe.sweep_reward_by_length else []
             settings = ["env=bsuite_memory_len", f"env.kwargs.memory_length={L}", f"world_model={b}", f"size={raw.size.name}",
                         f"steps={steps}", f"seed={probe.seed}", f"device={probe.device}", f"run_dir={run}",
-                        f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}", *extra, *scale]
+                        f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}", *extra, *window, *scale]
             cfg, overrides = load_config(settings)
             if probe.sweep_updates_per_episode:  # the same updates per episode at every length: the ratio falls with L
                 t = cfg.train
@@ -77,7 +83,7 @@ def main(argv: list[str]) -> dict:
             rows.append({"backbone": b, "memory_length": int(L), "success": success, "seed": probe.seed,
                          "env_steps": res["env_steps"], "updates": res["updates"], "wall_s": round(time.time() - tic, 1),
                          "episodes": probe.sweep_episodes, "steps": steps, "extra": " ".join(extra),
-                         "reward_by_length": probe.sweep_reward_by_length,
+                         "reward_by_length": probe.sweep_reward_by_length, "cover": probe.sweep_cover,
                          "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
                          "replay_context": cfg.train.replay_context, "dims": dataclasses.asdict(cfg.core),
                          "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
@@ -100,9 +106,21 @@ def main(argv: list[str]) -> dict:
     return data
 
 
+def cover_window(L: int, batch_size: int, seq_len: int) -> list[str]:
+    """Overrides for windows that span two episodes of memory length L (each L + 1 steps), so that every
+    window holds a whole episode, at about the tokens per update of batch_size x seq_len."""
+    T = -(-2 * (L + 1) // 16) * 16
+    return [f"batch_size={max(2, batch_size * seq_len // T)}", f"seq_len={T}"]
+
+
 def _label(r: dict) -> str:
-    """The row's settings beyond the defaults: its overrides, and the reward scale where it grows with L."""
-    return " ".join(x for x in (r["extra"], "loss.reward=L+1" if r.get("reward_by_length") else "") if x)
+    """The row's settings beyond the defaults: its overrides, the windows where they cover the memory,
+    the reward scale where it grows with L, and the training budget (episodes where it is the same at
+    every L)."""
+    n = r["steps"] // (r["memory_length"] + 1)
+    budget = f"{n} episodes" if n * (r["memory_length"] + 1) == r["steps"] else f"{r['steps']} steps"
+    return " ".join(x for x in (r["extra"], "seq_len=2(L+1)" if r.get("cover") else "",
+                                "loss.reward=L+1" if r.get("reward_by_length") else "", budget) if x)
 
 
 def _key(r: dict) -> tuple:
@@ -125,10 +143,10 @@ def report(rows: list[dict]) -> str:
                       [[b, extra or "-", *[_cell([r["success"] for r in rows if (r["backbone"], _label(r), r["memory_length"])
                                                   == (b, extra, L)]) for L in lengths]] for b, extra in groups]),
              "", "Runs:", "",
-             markdown(["backbone", "memory length", "seed", "success", "env steps", "updates", "seq_len", "replay context",
+             markdown(["backbone", "memory length", "seed", "success", "env steps", "updates", "batch", "seq_len", "replay context",
                        "params", "wall time", "machine", "date"],
                       [[r["backbone"], r["memory_length"], r["seed"], f"{r['success']:.2f}", r["env_steps"], r["updates"],
-                        r["seq_len"], "yes" if r["replay_context"] else "no", f"{r['params'] / 1e6:.2f}M",
+                        r.get("batch_size", "-"), r["seq_len"], "yes" if r["replay_context"] else "no", f"{r['params'] / 1e6:.2f}M",
                         f"{r['wall_s'] / 60:.1f} min", r["machine"], r["date"]] for r in rows])]
     return "\n".join(lines)
 

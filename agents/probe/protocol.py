@@ -62,6 +62,7 @@ class ProbeConfig:
     sweep_updates_per_episode: float
     sweep_reward_by_length: bool
     sweep_episodes: int
+    sweep_cover: bool
     sweep_extra: list
 
 
