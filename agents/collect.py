@@ -78,8 +78,10 @@ class RayCollection:
             ray.get([c.__ray_ready__.remote() for c in self.collector.remote_collectors],
                     timeout=float(opts.get("start_timeout", 600)))
         except ConnectionError as e:
-            raise CollectorError(f"cannot join the Ray cluster at ray.address={opts.get('address')} ({e}); "
-                                 "start it (ray start --head) or leave ray.address unset for a local one") from None
+            raise CollectorError(f"cannot join the Ray cluster at ray.address={opts.get('address')} ({e}); start it "
+                                 "(ray start --head), or leave ray.address unset for a local one; a cluster with "
+                                 "token authentication needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or "
+                                 "~/.ray/auth_token)") from None
         except (ray.exceptions.RayError, TimeoutError) as e:
             self.shutdown()
             raise CollectorError(f"Ray collection workers did not start ({type(e).__name__}); "

@@ -135,6 +135,41 @@ def test_ray_collection_with_two_local_workers():
     assert batches[5]["next", "state_deter"].abs().sum() == 0
 
 
+@pytest.mark.slow
+def test_train_joins_a_running_ray_cluster(tmp_path):
+    """`ray.address=` joins a cluster started with `ray start --head` and token authentication (as on a
+    real cluster), trains through it and leaves it running; without the token the run stops with the
+    one-line error that says what to set."""
+    pytest.importorskip("ray")
+    import secrets
+
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    start = [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+             "--disable-usage-stats"]
+    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    try:
+        address = f"127.0.0.1:{port}"
+        run = tmp_path / "run"
+        cmd = [sys.executable, "-m", "agents.cli", "train", "preset=quickstart", "env=cartpole", "prefill=200",
+               "batch_size=4", "seq_len=8", "eval_episodes=1", "progress=false", f"run_dir={run}", "threads=1",
+               "steps=300", "collector=ray", "envs=2", f"ray.address={address}"]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert "trained 3" in r.stdout and (run / "checkpoints" / "latest").exists()
+        r = subprocess.run([ray_cli, "status", f"--address={address}"], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and "2.0 CPU" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]  # still up
+        no_token = {**env, "RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": ""}
+        denied = [a.replace(str(run), str(tmp_path / "denied")) for a in cmd]
+        r = subprocess.run(denied, cwd=ROOT, env=no_token, capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and "Traceback" not in r.stderr
+        assert "cannot join the Ray cluster" in r.stderr and "RAY_AUTH_MODE=token" in r.stderr
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=300)
+
 def test_collector_settings_are_checked(capsys):
     from agents.cli import main
 
