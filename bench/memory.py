@@ -69,7 +69,7 @@ def main(argv: list[str]) -> dict:
                 ratio = probe.sweep_updates_per_episode * t.batch_size * t.seq_len / (L + 1)
                 cfg, overrides = load_config(settings + [f"train_ratio={ratio:g}"])
             done = run / "result.json"
-            if done.exists() and json.loads(done.read_text()).get("overrides") == overrides:  # a sweep resumes
+            if done.exists() and _same_run(json.loads(done.read_text()).get("overrides"), overrides):  # a sweep resumes
                 rows.append(json.loads(done.read_text()))
                 print(f"[memory] bsuite memory_len={L} {b}: done before, result reused", flush=True)
                 continue
@@ -106,6 +106,13 @@ def main(argv: list[str]) -> dict:
     return data
 
 
+def _same_run(stored: list[str] | None, overrides: list[str]) -> bool:
+    """The same settings, whatever the progress bar's."""
+    def keep(o):
+        return [x for x in o or [] if not x.startswith("progress=")]
+    return stored is not None and keep(stored) == keep(overrides)
+
+
 def cover_window(L: int, batch_size: int, seq_len: int) -> list[str]:
     """Overrides for windows that span two episodes of memory length L (each L + 1 steps), so that every
     window holds a whole episode, at about the tokens per update of batch_size x seq_len."""
@@ -113,14 +120,18 @@ def cover_window(L: int, batch_size: int, seq_len: int) -> list[str]:
     return [f"batch_size={max(2, batch_size * seq_len // T)}", f"seq_len={T}"]
 
 
-def _label(r: dict) -> str:
+def _parts(r: dict) -> tuple[str, ...]:
     """The row's settings beyond the defaults: its overrides, the windows where they cover the memory,
     the reward scale where it grows with L, and the training budget (episodes where it is the same at
     every L)."""
     n = r["steps"] // (r["memory_length"] + 1)
     budget = f"{n} episodes" if n * (r["memory_length"] + 1) == r["steps"] else f"{r['steps']} steps"
-    return " ".join(x for x in (r["extra"], "seq_len=2(L+1)" if r.get("cover") else "",
-                                "loss.reward=L+1" if r.get("reward_by_length") else "", budget) if x)
+    return tuple(x for x in (*r["extra"].split(), "seq_len=2(L+1)" if r.get("cover") else "",
+                             "loss.reward=L+1" if r.get("reward_by_length") else "", budget) if x)
+
+
+def _label(r: dict) -> str:
+    return " ".join(_parts(r))
 
 
 def _key(r: dict) -> tuple:
@@ -161,15 +172,22 @@ def plot(rows: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for b, extra in dict.fromkeys((r["backbone"], _label(r)) for r in rows):
+    shared = set.intersection(*(set(_parts(r)) for r in rows))  # said once, in the title
+    groups = list(dict.fromkeys((r["backbone"], _label(r)) for r in rows))
+    variants = list(dict.fromkeys(label for _, label in groups))
+    parts = {_label(r): _parts(r) for r in rows}
+    colours = {b: f"C{i}" for i, b in enumerate(dict.fromkeys(b for b, _ in groups))}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for b, extra in groups:
         lengths = sorted({r["memory_length"] for r in rows if (r["backbone"], _label(r)) == (b, extra)})
         means = [np.mean([r["success"] for r in rows if (r["backbone"], _label(r), r["memory_length"]) == (b, extra, L)])
                  for L in lengths]
-        ax.plot(lengths, means, marker="o", label=b + (f" {extra}" if extra else ""))
-    ax.set(xscale="log", xlabel="memory length", ylabel="success rate", ylim=(0, 1.05), title="BSuite memory_len")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        own = [x for x in parts[extra] if x not in shared]
+        ax.plot(lengths, means, marker="o", color=colours[b], linestyle=("-", "--", ":", "-.")[variants.index(extra) % 4],
+                label=" ".join([b, *own]))
+    ax.set(xscale="log", xlabel="memory length", ylabel="success rate", ylim=(0, 1.05))
+    ax.set_title("BSuite memory_len\n" + " ".join(x for x in _parts(rows[0]) if x in shared), fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
