@@ -1,9 +1,11 @@
-"""`longdream train | eval | adapt | probe | bench | envs` - the command line.
+"""`longdream train | eval | adapt | dataset | probe | bench | envs` - the command line.
 
     longdream train [key=value ...]          train (an existing run_dir resumes)
     longdream eval run_dir=<path> episodes=<n>   evaluate a saved agent and write a video
     longdream adapt run_dir=<path> shift.<p>=<scale> [mode=frozen|context|gradient]
                                              deploy a saved agent on shifted dynamics (agents/adapt.py)
+    longdream dataset kind=replay|policy|random (run_dir=<run> | env=<env>)
+                                             write a Minari dataset from a run (agents/offline/dataset.py)
     longdream probe [key=value ...]          memory-probe protocol: task=<name> world_model=<name>, or
                                              suite=memory|memory_cpu|smoke; suite=bsuite_memory: online memory RL
     longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel, gpu, checkpoint, stress, memory
@@ -40,6 +42,18 @@ def cmd_train(args: list[str]) -> int:
             (run_dir / "overrides.json").write_text(json.dumps([o for o in overrides if _key(o) != "run_dir"]))
     except OSError as err:
         raise os_error(run_dir, err) from None
+    if cfg.train.algo == "decision":
+        from agents.offline.decision import train as train_decision
+
+        res = train_decision(cfg, cfg.decision)
+        score = res["normalized_score"]
+        print(f"\ntrained {res['method']} on {res['dataset']}: {res['updates']} updates in {res['wall_s']:.0f} s, "
+              f"{res['params'] / 1e6:.2f}M params")
+        print(f"eval return {res['eval_return']:.1f} (target {res['target_return']:.1f}, dataset mean "
+              f"{res['dataset_mean_return']:.1f})" + (f", normalized score {score:.1f}" if score is not None else ""))
+        print(f"logs:       tensorboard --logdir {res['tensorboard']}")
+        print(f"checkpoint: {res['checkpoint']}")
+        return 0
     res = train(cfg)
     if res.get("rank"):  # a data-parallel rank other than 0: rank 0 reports
         return 0
@@ -106,6 +120,13 @@ def cmd_probe(args: list[str]) -> int:
     return 0
 
 
+def cmd_dataset(args: list[str]) -> int:
+    from agents.offline.dataset import main as dataset_main
+
+    dataset_main(args)
+    return 0
+
+
 def cmd_envs(args: list[str]) -> int:
     from envs.make import list_envs
 
@@ -144,8 +165,8 @@ def cmd_adapt(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "adapt": cmd_adapt, "probe": cmd_probe, "bench": cmd_bench,
-            "envs": cmd_envs}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "adapt": cmd_adapt, "dataset": cmd_dataset, "probe": cmd_probe,
+            "bench": cmd_bench, "envs": cmd_envs}
 
 
 def main(argv: list[str] | None = None) -> int:

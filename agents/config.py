@@ -22,6 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from agents.dreamer import AgentConfig
+from agents.offline.decision import DecisionConfig
 from envs.make import EnvConfig
 from worldmodels.model import BACKBONES, LossConfig
 from worldmodels.nets import NET_SIZES, NetsConfig
@@ -61,6 +62,9 @@ class TrainConfig:
     video_every: int  # env steps between open-loop videos (pixel envs)
     checkpoint_every: float  # seconds between checkpoints
     progress: bool  # show a progress bar
+    algo: str  # dreamer | decision (a return-conditioned sequence policy trained offline: agents/offline/decision.py)
+    offline: str | None  # a Minari dataset id to learn from alone (agents/offline/dataset.py)
+    offline_root: str | None  # where that dataset lives (default: Minari's)
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class Config:
     agent: AgentConfig
     loss: LossConfig
     raw: DictConfig  # the resolved config, saved to the run directory
+    decision: object = None  # DecisionConfig (agents/offline/decision.py)
 
     def __post_init__(self):
         if self.backbone not in BACKBONES or not isinstance(self.core, BACKBONES[self.backbone][1]):
@@ -120,6 +125,7 @@ def register_defaults() -> None:
     cs.store(name="env_defaults", node={"env": field_defaults(EnvConfig)})
     cs.store(name="agent_defaults", node={"agent": field_defaults(AgentConfig)})
     cs.store(name="loss_defaults", node={"loss": field_defaults(LossConfig)})
+    cs.store(name="decision_defaults", node={"decision": field_defaults(DecisionConfig)})
 
 
 OPEN = ("env.kwargs", "env.shift", "env.shift_range")  # dicts whose keys the user chooses
@@ -161,7 +167,7 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
 
 
 def build(cfg: DictConfig) -> Config:
-    top = {k: v for k, v in cfg.items() if k not in ("env", "world_model", "size", "agent", "loss")}
+    top = {k: v for k, v in cfg.items() if k not in ("env", "world_model", "size", "agent", "loss", "decision")}
     train = _build(TrainConfig, OmegaConf.create(top), "")
     if train.steps < 0 or train.batch_size < 1 or train.seq_len < 2 or train.envs < 1:
         raise ConfigError("steps must be >= 0, batch_size >= 1, seq_len >= 2 and envs >= 1")
@@ -172,9 +178,17 @@ def build(cfg: DictConfig) -> Config:
         raise ConfigError(f"unknown config key 'ray.{unknown[0]}' (valid: {', '.join(sorted(RAY_KEYS))})")
     if train.replay_context_every < 0 or train.replay_context_every > train.seq_len:
         raise ConfigError(f"replay_context_every must be between 0 (chosen by the state's size) and seq_len ({train.seq_len})")
+    if train.algo not in ("dreamer", "decision"):
+        raise ConfigError(f"algo must be dreamer or decision, got '{train.algo}'")
+    if train.algo == "decision" and not train.offline:
+        raise ConfigError("algo=decision learns from a dataset: pass offline=<dataset id> (make one with `longdream dataset`)")
+    if train.algo == "dreamer" and train.offline:
+        raise ConfigError("offline training of the Dreamer agent is not built yet; algo=decision learns from offline=<dataset>")
     name, core, nets = build_model(cfg)
+    decision = _build(DecisionConfig, cfg.decision, "decision") if "decision" in cfg else None
     return Config(train=train, env=_build(EnvConfig, cfg.env, "env"), backbone=name, core=core, nets=nets,
-                  agent=_build(AgentConfig, cfg.agent, "agent"), loss=_build(LossConfig, cfg.loss, "loss"), raw=cfg)
+                  agent=_build(AgentConfig, cfg.agent, "agent"), loss=_build(LossConfig, cfg.loss, "loss"), raw=cfg,
+                  decision=decision)
 
 
 def build_model(cfg: DictConfig) -> tuple[str, object, NetsConfig]:

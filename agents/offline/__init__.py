@@ -1,0 +1,1 @@
+"""Offline learning: datasets in Minari's format (dataset.py) and learners that read them."""
