@@ -58,7 +58,13 @@ def cmd_train(args: list[str]) -> int:
     if res.get("rank"):  # a data-parallel rank other than 0: rank 0 reports
         return 0
     before = res.get("eval_return_before")
-    print(f"\ntrained {res['env_steps']} env steps, {res['updates']} updates in {res['wall_s']:.0f} s")
+    if cfg.train.offline:
+        score = res["normalized_score"]
+        print(f"\ntrained offline on {res['dataset']} (dataset mean return {res['dataset_mean_return']:.1f}): "
+              f"{res['updates']} updates, no env steps but evaluation, in {res['wall_s']:.0f} s"
+              + (f"; normalized score {score:.1f}" if score is not None else ""))
+    else:
+        print(f"\ntrained {res['env_steps']} env steps, {res['updates']} updates in {res['wall_s']:.0f} s")
     if before is not None:
         print(f"eval return: before {before:.1f} -> after {res['eval_return_after']:.1f}")
     else:

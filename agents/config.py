@@ -30,7 +30,7 @@ from worldmodels.nets import NET_SIZES, NetsConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # Keys that may differ between a checkpoint and the command that resumes it.
-RESUMABLE_KEYS = {"steps", "run_dir", "device", "eval_every", "eval_episodes", "log_every", "video_every",
+RESUMABLE_KEYS = {"steps", "offline_updates", "run_dir", "device", "eval_every", "eval_episodes", "log_every", "video_every",
                   "checkpoint_every", "progress", "collector", "ray"}
 RAY_KEYS = {"address", "cpus_per_worker", "memory_gb", "start_timeout", "log_to_driver"}
 
@@ -65,6 +65,7 @@ class TrainConfig:
     algo: str  # dreamer | decision (a return-conditioned sequence policy trained offline: agents/offline/decision.py)
     offline: str | None  # a Minari dataset id to learn from alone (agents/offline/dataset.py)
     offline_root: str | None  # where that dataset lives (default: Minari's)
+    offline_updates: int  # offline Dreamer: learner steps to train for (eval_every / log_every count updates too)
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,8 @@ def build(cfg: DictConfig) -> Config:
         raise ConfigError(f"algo must be dreamer or decision, got '{train.algo}'")
     if train.algo == "decision" and not train.offline:
         raise ConfigError("algo=decision learns from a dataset: pass offline=<dataset id> (make one with `longdream dataset`)")
-    if train.algo == "dreamer" and train.offline:
-        raise ConfigError("offline training of the Dreamer agent is not built yet; algo=decision learns from offline=<dataset>")
+    if train.offline_updates < 0:
+        raise ConfigError(f"offline_updates must be >= 0, got {train.offline_updates}")
     name, core, nets = build_model(cfg)
     decision = _build(DecisionConfig, cfg.decision, "decision") if "decision" in cfg else None
     return Config(train=train, env=_build(EnvConfig, cfg.env, "env"), backbone=name, core=core, nets=nets,

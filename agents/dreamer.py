@@ -29,6 +29,7 @@ imagination returns of those same states (`replay_returns`), with the slow-criti
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,9 @@ class AgentConfig:
     eval_sample: bool = False  # evaluate with sampled actions (current recipe) instead of the mode
     precision: str = "fp32"  # fp32 | bf16: the update's forward passes under bfloat16 autocast (weights,
     #                          optimiser state, distributions and losses stay float32, as in DreamerV3)
+    penalty: float = 0.0  # > 0: imagined rewards minus penalty x the disagreement of an ensemble of one-step
+    #                       latent predictors (MOPO/MOReL-style, against model exploitation offline)
+    ensemble: int = 5  # members of that ensemble
 
     def __post_init__(self):
         if self.actor_grad not in ("auto", "reinforce", "dynamics"):
@@ -79,6 +83,8 @@ class AgentConfig:
             raise ValueError(f"agent.optimizer must be adam or laprop, got '{self.optimizer}'")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"agent.precision must be fp32 or bf16, got '{self.precision}'")
+        if self.penalty < 0 or self.ensemble < 2:
+            raise ValueError("agent.penalty must be >= 0 and agent.ensemble >= 2 (a disagreement needs two members)")
 
 
 class Actor(nn.Module):
@@ -153,17 +159,47 @@ class Agent(nn.Module):
         self.critic = TwoHot(feat, nets.units, nets.layers, nets.bins)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.retnorm = ReturnNorm(cfg)
+        self.ensemble = (Ensemble(feat, spec.action_dim, math.prod(wm.core.state_shapes()["stoch"]), nets.units, cfg.ensemble)
+                         if cfg.penalty > 0 else None)
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         c = self.cfg
         if c.optimizer == "laprop":
             mods = {"wm": self.wm, "actor": self.actor, "critic": self.critic}
+            if self.ensemble is not None:
+                mods["ensemble"] = self.ensemble
             return {k: LaProp(m.parameters(), lr=c.lr, agc=c.agc, warmup=c.warmup) for k, m in mods.items()}
-        return {
+        opts = {
             "wm": torch.optim.Adam(self.wm.parameters(), lr=c.wm_lr, eps=1e-8),
             "actor": torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr, eps=1e-5),
             "critic": torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5),
         }
+        if self.ensemble is not None:
+            opts["ensemble"] = torch.optim.Adam(self.ensemble.parameters(), lr=c.wm_lr, eps=1e-8)
+        return opts
+
+
+class Ensemble(nn.Module):
+    """K one-step predictors of the next latent z_{t+1} (its class probabilities) from sg(feat_t) and
+    a_t, each an MLP from its own initialisation, trained on replayed transitions. Where they disagree
+    (the std over members, averaged over the latent's entries), the world model's imagination has left
+    the data: the offline agent's imagined reward is lowered there (agent.penalty)."""
+
+    def __init__(self, feat: int, action_dim: int, out: int, units: int, members: int):
+        super().__init__()
+        self.members = nn.ModuleList(nn.Sequential(nn.Linear(feat + action_dim, units), nn.LayerNorm(units), nn.SiLU(),
+                                                   nn.Linear(units, units), nn.LayerNorm(units), nn.SiLU(),
+                                                   nn.Linear(units, out)) for _ in range(members))
+
+    def forward(self, feat: Tensor, action: Tensor) -> Tensor:
+        x = torch.cat([feat, action], -1)
+        return torch.stack([m(x) for m in self.members])  # (K, ..., out)
+
+    def loss(self, feat: Tensor, action: Tensor, target: Tensor) -> Tensor:
+        return (self(feat, action) - target).pow(2).sum(-1).mean()
+
+    def disagreement(self, feat: Tensor, action: Tensor) -> Tensor:
+        return self(feat, action).std(0).mean(-1)  # (...)
 
 
 def actor_grad_mode(agent: Agent) -> str:
@@ -190,6 +226,10 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
         feat, action = wm.core.imagine(starts, policy, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
         reward = wm.reward.mean(wm.reward(feat))[:, 1:]  # (N, H) reward on arrival at step t+1
         cont = torch.sigmoid(full(wm.cont(feat)).squeeze(-1))[:, 1:]  # (N, H)
+        if agent.ensemble is not None:  # the step from t to t+1 is as uncertain as the members disagree on it
+            with torch.no_grad():
+                doubt = agent.ensemble.disagreement(feat[:, :-1].detach(), action[:, :-1].detach())  # (N, H)
+            reward = reward - cfg.penalty * doubt
     # one critic pass serves the value (through which dynamics gradients reach the actor) and the
     # critic's own loss (which `update` applies to the critic's parameters only)
     critic_logits = agent.critic(feat if dynamics else feat.detach())  # (N, H+1, K)
@@ -218,6 +258,7 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
 
     metrics = {
         "train/return_scale": scale, "train/imag_return": target.mean(), "train/imag_reward": reward.detach().mean(),
+        **({"train/disagreement": doubt.mean()} if agent.ensemble is not None else {}),
         "train/actor_entropy": ent.mean().detach(), "train/value": value.detach().mean(),
         "train/advantage": adv.abs().mean(),
     }
@@ -288,13 +329,21 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) ->
             boot = ret[:, 0].reshape(batch["reward"].shape)  # (B, T) the imagination return from each row's state
             ac_losses["repval"] = replay_value_loss(agent, feat, batch, boot)
 
+        if agent.ensemble is not None:  # one-step predictors on replayed transitions: sg(feat_t), a_t -> z_{t+1}
+            z = states["stoch"].detach().flatten(-2)  # (B, T, S x C)
+            ac_losses["ensemble"] = agent.ensemble.loss(feat[:, :-1].detach(), batch["action"][:, 1:], z[:, 1:])
+
     losses = {"wm": total, "actor": ac_losses["actor"], "critic": ac_losses["critic"] + repval * ac_losses.get("repval", 0.0)}
+    if agent.ensemble is not None:
+        losses["ensemble"] = ac_losses["ensemble"]
     if not distributed.all_true(all(torch.isfinite(v) for v in losses.values()), total.device):  # on every rank
         return {"train/nonfinite": torch.ones(())}, None
 
     for opt in opts.values():
         opt.zero_grad(set_to_none=True)
     clips = {"wm": (agent.wm, cfg.wm_clip), "actor": (agent.actor, cfg.ac_clip), "critic": (agent.critic, cfg.ac_clip)}
+    if agent.ensemble is not None:
+        clips["ensemble"] = (agent.ensemble, cfg.wm_clip)
     for name, v in losses.items():  # each loss trains its own module only (dynamics gradients reach further)
         # the actor's loss and the critic's share the critic's pass over the rollout: keep it for the latter
         v.backward(inputs=list(clips[name][0].parameters()), retain_graph=name == "actor")

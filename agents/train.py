@@ -110,8 +110,14 @@ def train(cfg: Config) -> dict:
     np.random.seed(t.seed + group.rank)
 
     run_dir = shard_dir(Path(t.run_dir), group)
+    if t.offline and group.world > 1:
+        raise ConfigError("offline training runs in one process; launch it without torchrun")
     lock = RunLock(run_dir).acquire()  # one process per run_dir; released however this one ends
     try:
+        if t.offline:  # learn from a dataset alone (agents/offline/dreamer.py)
+            from agents.offline.dreamer import train_offline
+
+            return train_offline(cfg, run_dir)
         return _train(cfg, lock, group, run_dir)
     finally:
         lock.release()

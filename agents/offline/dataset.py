@@ -298,6 +298,16 @@ def load(name: str, root: str | Path | None = None) -> Dataset:
     return Dataset(name, episodes, info, obs_space, act_space)
 
 
+def load_for(cfg) -> Dataset:
+    """The dataset a training config names (train.offline, train.offline_root), checked against its env."""
+    t = cfg.train
+    ds = load(t.offline, t.offline_root or None)
+    if ds.info.get("env") and ds.info["env"] != cfg.env.id:
+        raise _error(f"dataset '{t.offline}' was made in {ds.info['env']} but env is {cfg.env.id}; "
+                     "pass the env config the dataset was made with")
+    return ds
+
+
 # --- the command ----------------------------------------------------------------------------------
 
 def parse(argv: list[str]) -> dict:

@@ -299,15 +299,11 @@ def train(cfg, dcfg: DecisionConfig) -> dict:
     from tqdm import tqdm
 
     from agents import checkpoint
-    from agents.config import ConfigError
-    from agents.offline.dataset import load
+    from agents.offline.dataset import load_for
     from agents.train import _collect_env
 
     t = cfg.train
-    ds = load(t.offline, t.offline_root or None)
-    if ds.info.get("env") and ds.info["env"] != cfg.env.id:
-        raise ConfigError(f"dataset '{t.offline}' was made in {ds.info['env']} but env is {cfg.env.id}; "
-                          "pass the env config the dataset was made with")
+    ds = load_for(cfg)
     torch.manual_seed(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
     data = Episodes(ds, dcfg.return_scale)

@@ -76,6 +76,22 @@ def test_dataset_round_trip(tmp_path, discrete):
         np.testing.assert_array_equal(g["truncations"].numpy(), e.truncated)
 
 
+def count_env_steps(monkeypatch) -> list:
+    """Every env the training code makes counts its steps into the returned list."""
+    import agents.train as T
+
+    steps, make = [], T._collect_env
+
+    def counting(*a, **k):
+        env = make(*a, **k)
+        step = env.step
+        env.step = lambda td: (steps.append(1), step(td))[1]
+        return env
+
+    monkeypatch.setattr(T, "_collect_env", counting)
+    return steps
+
+
 def stub_policy():
     return SimpleNamespace(agent=SimpleNamespace(wm=SimpleNamespace(spec=SimpleNamespace(discrete=False))),
                            to_env=lambda a: a)
@@ -274,7 +290,6 @@ def test_loss_ignores_padding_and_drops_to_zero_on_a_copyable_target(discrete):
 def test_decision_training_steps_the_env_only_to_evaluate(tmp_path, monkeypatch):
     """algo=decision learns from the dataset: the only env steps are its evaluation episodes; it
     checkpoints, writes its result row and resumes from the checkpoint."""
-    import agents.train as T
     from agents.config import load_config
     from agents.offline.decision import train
 
@@ -291,16 +306,7 @@ def test_decision_training_steps_the_env_only_to_evaluate(tmp_path, monkeypatch)
     act = gym.spaces.Box(-2.0, 2.0, (1,), np.float32)
     D.write("test/pendulum/toy-v0", eps, obs, act, {"kind": "random", "env": "Pendulum-v1", "obs_key": "observation",
                                                      "ref_random": -1000.0, "ref_expert": 0.0}, root=tmp_path)
-    steps = []
-    make = T._collect_env
-
-    def counting(*a, **k):
-        env = make(*a, **k)
-        step = env.step
-        env.step = lambda td: (steps.append(1), step(td))[1]
-        return env
-
-    monkeypatch.setattr(T, "_collect_env", counting)
+    steps = count_env_steps(monkeypatch)
     overrides = ["env=pendulum", "algo=decision", "offline=test/pendulum/toy-v0", f"offline_root={tmp_path}",
                  f"run_dir={tmp_path / 'run'}", "progress=false", "decision.d_model=16", "decision.layers=1",
                  "decision.d_state=4", "decision.batch_size=8", "decision.context=10", "decision.eval_every=3",
@@ -312,3 +318,91 @@ def test_decision_training_steps_the_env_only_to_evaluate(tmp_path, monkeypatch)
     assert row["method"] == "decision-ssm" and row["normalized_score"] == pytest.approx(100 * (row["eval_return"] + 1000) / 1000)
     cfg, _ = load_config(overrides + ["decision.updates=7"])
     assert train(cfg, cfg.decision)["updates"] == 7  # resumed: two more updates
+
+
+# --- the Dreamer agent offline ----------------------------------------------------------------------
+
+def pendulum_dataset(root, n=3, T=200, seed=0):
+    import gymnasium as gym
+
+    rng = np.random.default_rng(seed)
+    eps = [D.Episode(obs=rng.normal(size=(T + 1, 3)).astype(np.float32), action=rng.uniform(-2, 2, (T, 1)).astype(np.float32),
+                     reward=rng.normal(size=T).astype(np.float32), terminated=np.zeros(T, bool), truncated=np.arange(T) == T - 1)
+           for _ in range(n)]
+    D.write("test/pendulum/toy-v0", eps, gym.spaces.Box(-np.inf, np.inf, (3,), np.float32),
+            gym.spaces.Box(-2.0, 2.0, (1,), np.float32), {"kind": "random", "env": "Pendulum-v1", "obs_key": "observation"},
+            root=root)
+    return eps
+
+
+def test_dataset_rows_in_the_replay_are_the_online_layout(tmp_path):
+    """Each episode becomes T + 1 replay rows: every observation, the action into it in the actor's
+    units (none into the first), the reward on arrival, is_first at the start, is_terminal at a termination."""
+    from agents.config import load_config
+    from agents.offline.dreamer import fill
+    from agents.replay import Replay
+    from agents.train import build_agent
+
+    eps = pendulum_dataset(tmp_path, n=2, T=6)
+    eps[1].terminated[-1], eps[1].truncated[-1] = True, False
+    cfg, _ = load_config(["env=pendulum", "preset=quickstart"])
+    agent, policy, _ = build_agent(cfg, "cpu")
+    rp = Replay(100, 1, 2, tmp_path / "replay", policy.obs_keys, context=False)
+    assert fill(rp, D.Dataset("x-v0", eps, {"obs_key": "observation"}, None, None), policy) == 14
+    rows = rp.rows[torch.arange(len(rp))]
+    for k, ep in enumerate(eps):
+        r = rows[7 * k:7 * (k + 1)]
+        np.testing.assert_array_equal(r["obs"].numpy(), ep.obs)
+        assert r["action"][0].abs().sum() == 0
+        np.testing.assert_allclose(r["action"][1:, 0].numpy(), ep.action[:, 0] / 2, rtol=1e-6)  # [-2, 2] -> [-1, 1]
+        np.testing.assert_allclose(r["reward"][1:].numpy(), ep.reward, rtol=1e-6)
+        assert r["reward"][0] == 0 and r["is_first"].tolist() == [True] + [False] * 6
+        assert r["is_terminal"].tolist() == [False] * 6 + [k == 1]
+
+
+def test_penalty_lowers_imagined_rewards_by_the_ensembles_disagreement():
+    from agents.config import load_config
+    from agents.dreamer import imagine_losses
+    from agents.train import build_agent
+
+    cfg, _ = load_config(["env=pendulum", "preset=quickstart", "agent.penalty=2.5"])
+    agent = build_agent(cfg, "cpu")[0]
+    N = 8
+    starts = {k: v for k, v in agent.wm.core.initial(N).items()}
+    torch.manual_seed(0)
+    _, with_penalty, *_ = imagine_losses(agent, starts, torch.ones(N))
+    ensemble, agent.ensemble = agent.ensemble, None
+    torch.manual_seed(0)
+    _, plain, *_ = imagine_losses(agent, starts, torch.ones(N))
+    agent.ensemble = ensemble
+    doubt = float(with_penalty["train/disagreement"])
+    assert doubt > 0
+    # the penalty of the step from t to t+1 is the disagreement on (feat_t, a_t)
+    seen, imagine, disagreement = {}, agent.wm.core.imagine, agent.ensemble.disagreement
+    agent.wm.core.imagine = lambda *a: seen.setdefault("rollout", imagine(*a))
+    agent.ensemble.disagreement = lambda f, a: seen.setdefault("asked", (f, a)) and disagreement(f, a)
+    imagine_losses(agent, starts, torch.ones(N))
+    (feat, action), (f, a) = seen["rollout"], seen["asked"]
+    assert torch.equal(f, feat[:, :-1].detach()) and torch.equal(a, action[:, :-1].detach())
+    assert float(with_penalty["train/imag_reward"]) == pytest.approx(float(plain["train/imag_reward"]) - 2.5 * doubt, rel=1e-5, abs=1e-6)
+
+
+def test_offline_dreamer_steps_the_env_only_to_evaluate(tmp_path, monkeypatch):
+    """`train offline=<dataset>`: the ensemble and the other modules learn from the dataset's rows; the
+    only env steps are the evaluations (before, at eval_every updates, after); it resumes."""
+    import agents.train as T
+    from agents.config import load_config
+
+    pendulum_dataset(tmp_path)
+    steps = count_env_steps(monkeypatch)
+    args = ["env=pendulum", "preset=quickstart", "offline=test/pendulum/toy-v0", f"offline_root={tmp_path}",
+            f"run_dir={tmp_path / 'run'}", "progress=false", "eval_episodes=1", "eval_every=4", "agent.penalty=1",
+            "batch_size=4", "seq_len=8"]
+    cfg, _ = load_config(args + ["offline_updates=6"])
+    res = T.train(cfg)
+    assert res["updates"] == 6 and res["env_steps"] == 0
+    assert len(steps) == 3 * 200  # evaluations before, at update 4 and after: one 200-step episode each
+    assert res["method"] == "dreamer-offline-penalty"
+    cfg, _ = load_config(args + ["offline_updates=8"])
+    assert T.train(cfg)["updates"] == 8
+    assert len(steps) == 3 * 200 + 200  # resumed: no evaluation before, one after
