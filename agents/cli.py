@@ -8,7 +8,8 @@
                                              write a Minari dataset from a run (agents/offline/dataset.py)
     longdream probe [key=value ...]          memory-probe protocol: task=<name> world_model=<name>, or
                                              suite=memory|memory_cpu|smoke; suite=bsuite_memory: online memory RL
-    longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel, gpu, checkpoint, stress, memory
+    longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel, gpu, checkpoint, stress, memory,
+                                             collect, offline
     longdream envs                           list environment ids
 
 Every command takes `threads=N`: torch's intra-op threads (default: the cores this process may use).
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
-BENCHES = ("update", "learning", "scan", "worldmodel", "gpu", "stress", "checkpoint", "memory", "collect")
+BENCHES = ("update", "learning", "scan", "worldmodel", "gpu", "stress", "checkpoint", "memory", "collect", "offline")
 
 
 def cmd_train(args: list[str]) -> int:

@@ -302,9 +302,12 @@ def load_for(cfg) -> Dataset:
     """The dataset a training config names (train.offline, train.offline_root), checked against its env."""
     t = cfg.train
     ds = load(t.offline, t.offline_root or None)
-    if ds.info.get("env") and ds.info["env"] != cfg.env.id:
-        raise _error(f"dataset '{t.offline}' was made in {ds.info['env']} but env is {cfg.env.id}; "
-                     "pass the env config the dataset was made with")
+    made = ds.info.get("env_config") or ({"id": ds.info["env"]} if ds.info.get("env") else {})
+    now = dataclasses.asdict(cfg.env)
+    differ = [k for k in ("id", "action_repeat", "time_limit", "pixels", "kwargs") if k in made and made[k] != now.get(k)]
+    if differ:
+        raise _error(f"dataset '{t.offline}' was made with env {', '.join(f'{k}={made[k]}' for k in differ)} but this "
+                     f"run has {', '.join(f'{k}={now.get(k)}' for k in differ)}; pass the env settings it was made with")
     return ds
 
 
