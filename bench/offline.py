@@ -87,6 +87,7 @@ def main(argv: list[str]) -> dict:
                        "normalized_score": res["normalized_score"], "eval_return": ret,
                        "dataset_mean_return": res["dataset_mean_return"], "params": res["params"],
                        "updates": res["updates"], "wall_s": round(time.time() - tic, 1), "threads": torch.get_num_threads(),
+                       "act_ms_per_step": res.get("act_ms_per_step"),
                        "machine": machine(cfg.train.device), "date": time.strftime("%Y-%m-%d"), "commit": commit(),
                        "overrides": ov}
                 rows.append(row)
@@ -123,7 +124,9 @@ def report(rows: list[dict]) -> str:
         markdown(["method", *datasets, "mean"], score), "",
         "Eval return (mean over seeds) beside the dataset's own mean return:", "",
         markdown(["dataset", "dataset mean", *methods], ret), "", "Runs:", "",
-        markdown(["method", "dataset", "seed", "score", "return", "params", "updates", "wall time", "machine", "date"],
+        markdown(["method", "dataset", "seed", "score", "return", "params", "updates", "acting (ms/step, env included)",
+                  "wall time", "machine", "date"],
                  [[r["method"], r["dataset"], r["seed"], "-" if r["normalized_score"] is None else f"{r['normalized_score']:.1f}",
-                   f"{r['eval_return']:.1f}", f"{r['params'] / 1e6:.2f}M", r["updates"], f"{r['wall_s'] / 60:.1f} min",
+                   f"{r['eval_return']:.1f}", f"{r['params'] / 1e6:.2f}M", r["updates"],
+                   "-" if r.get("act_ms_per_step") is None else f"{r['act_ms_per_step']:.2f}", f"{r['wall_s'] / 60:.1f} min",
                    r["machine"], r["date"]] for r in rows])])

@@ -330,8 +330,15 @@ def train(cfg, dcfg: DecisionConfig) -> dict:
     env = _collect_env(cfg.env, t.seed + 40_000, {})
     obs_key = ds.info.get("obs_key", "observation")
 
+    step_times = []  # one entry per acting step (the final evaluation's give the time per step)
+
     def evaluate(n: int) -> list[float]:
-        return [run_episode(model, data, env, obs_key, target, cfg.env.time_limit) for _ in range(n)]
+        out = []
+        for _ in range(n):
+            trace = {}
+            out.append(run_episode(model, data, env, obs_key, target, cfg.env.time_limit, trace=trace))
+            step_times.extend(trace["reward"])
+        return out
 
     def save():
         checkpoint.save(run_dir, counters["updates"], {"agent": model.state_dict(), "opt": opt.state_dict(),
@@ -367,7 +374,10 @@ def train(cfg, dcfg: DecisionConfig) -> dict:
     bar.close()
     counters["wall_s"] += time.time() - tic
     save()
+    tic = time.perf_counter()
+    steps_before = len(step_times)
     returns = evaluate(dcfg.eval_episodes)
+    act_ms = 1000 * (time.perf_counter() - tic) / max(len(step_times) - steps_before, 1)
     env.close()
     writer.add_scalar("eval/return", float(np.mean(returns)), counters["updates"])
     writer.close()
@@ -376,7 +386,8 @@ def train(cfg, dcfg: DecisionConfig) -> dict:
            "eval_returns": returns, "eval_return": float(np.mean(returns)), "target_return": target,
            "dataset_mean_return": float(data.returns.mean()), "params": params, "wall_s": counters["wall_s"],
            "config": asdict(dcfg), "curve": curve, "normalized_score": normalized(float(np.mean(returns)), ds.info),
-           "act_cost": "O(1) per step (recurrent)" if dcfg.core != "transformer" else f"O(context={dcfg.context}) per step"}
+           "act_cost": "O(1) per step (recurrent)" if dcfg.core != "transformer" else f"O(context={dcfg.context}) per step",
+           "act_ms_per_step": act_ms}
     (run_dir / "result.json").write_text(json.dumps(res, indent=1))
     res.update(run_dir=str(run_dir), checkpoint=str(checkpoint.latest(run_dir)), tensorboard=str(run_dir / "tb"))
     return res
