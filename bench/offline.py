@@ -3,7 +3,7 @@ score 100 (R - R_random) / (R_expert - R_random) with each dataset's own referen
 
     longdream bench offline datasets=<id>,<id> [root=<dir>] [methods=dreamer,dreamer_penalty,ssm,transformer,bc]
                             [seeds=0,1] [updates=3000] [decision_updates=2000] [extra="preset=pendulum_cpu"]
-                            [suite=<name>] [out=<dir>] [runs=<dir>]
+                            [suite=<name>] [out=<dir>] [runs=<dir>] [merge_from=<a.json>,<b.json>]
 
 Methods: `dreamer` (train offline=<id>), `dreamer_penalty` (the same with agent.penalty=<penalty>), and
 the return-conditioned sequence policies of `train algo=decision`: `ssm` (Decision-SSM), `transformer`
@@ -17,6 +17,8 @@ normalized_score, eval return, the dataset's mean return, params, updates, wall 
 overrides) and .md (normalized score per dataset and method, mean over seeds, and the mean over the
 datasets). A benchmark resumes: a run whose row is in the results file is skipped, and a stopped run
 continues from its checkpoint (run directories under `runs=`, default runs/bench_offline).
+`merge_from=` folds results files written elsewhere with `out=` (benchmarks run side by side) into this
+one before running what is still missing.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from bench.report import RESULTS, commit, machine, markdown, parse, write
 
 DEFAULTS = {"datasets": "", "root": "", "methods": "dreamer,dreamer_penalty,ssm,transformer,bc", "seeds": "0,1",
             "updates": 3000, "decision_updates": 2000, "penalty": 1.0, "extra": "", "suite": "", "out": "",
-            "runs": "runs/bench_offline", "eval_episodes": 10}
+            "runs": "runs/bench_offline", "eval_episodes": 10, "merge_from": ""}
 METHODS = {"dreamer": [], "dreamer_penalty": None, "ssm": ["algo=decision", "decision.core=ssm"],
            "transformer": ["algo=decision", "decision.core=transformer"], "bc": ["algo=decision", "decision.core=bc"]}
 
@@ -54,7 +56,7 @@ def _key(ov: list[str]) -> list[str]:
 def main(argv: list[str]) -> dict:
     from agents.config import ConfigError, load_config
     from agents.offline.dataset import load
-    from agents.offline.decision import train as train_decision
+    from agents.offline.decision import normalized, train as train_decision
     from agents.train import train
 
     a = parse(argv, DEFAULTS)
@@ -65,13 +67,19 @@ def main(argv: list[str]) -> dict:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown method '{unknown[0]}' (choose from {', '.join(METHODS)})")
-    for d in datasets:  # a missing dataset fails now, not after hours of the others
-        load(d, a["root"] or None)
     name = "offline_" + (a["suite"] or datasets[0].replace("/", "_"))
     folder = Path(a["out"]) if a["out"] else RESULTS
     path = folder / f"{name}.json"
     rows = json.loads(path.read_text())["runs"] if path.exists() else []
-    for d in datasets:
+    for other in filter(None, a["merge_from"].split(",")):  # results written elsewhere (out=): folded in, newest wins
+        new = json.loads(Path(other).read_text())["runs"]
+        keys = {(r["method"], r["dataset"], r["seed"], tuple(_key(r["overrides"]))) for r in new}
+        rows = [r for r in rows if (r["method"], r["dataset"], r["seed"], tuple(_key(r["overrides"]))) not in keys] + new
+    refs = {d: load(d, a["root"] or None).info for d in datasets}
+    for r in rows:  # scored with each dataset's references as they are now (a dataset remade with them scores old rows)
+        if r["dataset"] in refs:
+            r["normalized_score"] = normalized(r["eval_return"], refs[r["dataset"]])
+    for d in datasets:  # (every dataset was loaded above: a missing one fails before hours of the others)
         for method in methods:
             for seed in [int(s) for s in a["seeds"].split(",")]:
                 run_dir = Path(a["runs"]) / f"{d.replace('/', '_')}-{method}-seed{seed}"
@@ -95,6 +103,7 @@ def main(argv: list[str]) -> dict:
                       + (f", normalized {row['normalized_score']:.1f}" if row["normalized_score"] is not None else "")
                       + f" ({row['wall_s'] / 60:.1f} min)", flush=True)
                 write(name, {"runs": rows}, report(rows), a["out"] or None)  # each run lands at once
+    write(name, {"runs": rows}, report(rows), a["out"] or None)
     return {"runs": rows, "table": report(rows)}
 
 

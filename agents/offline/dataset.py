@@ -348,6 +348,10 @@ def main(argv: list[str]) -> Path:
     from agents.train import _collect_env, build_agent
 
     opts = parse(argv)
+    if opts["name"] and not opts["overwrite"]:  # before any rollout: an existing dataset stays as it is
+        with _root(opts["root"] or None):
+            if (default_root() / check_name(opts["name"])).exists():
+                raise _error(f"dataset '{opts['name']}' exists in {default_root()}; choose another name or pass overwrite=true")
     step = None
     if opts["run_dir"]:
         run_dir = Path(opts["run_dir"])
