@@ -94,7 +94,7 @@ def main(argv: list[str]) -> dict:
                 row = {"method": method, "env": cfg.env.id, "dataset": d, "seed": seed,
                        "normalized_score": res["normalized_score"], "eval_return": ret,
                        "dataset_mean_return": res["dataset_mean_return"], "params": res["params"],
-                       "updates": res["updates"], "wall_s": round(time.time() - tic, 1), "threads": torch.get_num_threads(),
+                       "updates": res["updates"], "wall_s": round(res.get("wall_s", time.time() - tic), 1), "threads": torch.get_num_threads(),
                        "act_ms_per_step": res.get("act_ms_per_step"),
                        "machine": machine(cfg.train.device), "date": time.strftime("%Y-%m-%d"), "commit": commit(),
                        "overrides": ov}
