@@ -35,3 +35,8 @@ def test_bench_offline_runs_every_method_and_resumes(tmp_path):
     saved = json.loads((tmp_path / "out" / "offline_toy.json").read_text())["runs"]
     assert len(saved) == 5 and "| dreamer_penalty |" in (tmp_path / "out" / "offline_toy.md").read_text()
     assert len(main(args)["runs"]) == 5  # everything is in the results: nothing runs again
+    elsewhere = [a for a in args if not a.startswith("out=")] + [f"out={tmp_path / 'merged'}",
+                                                                 f"merge_from={tmp_path / 'out' / 'offline_toy.json'}"]
+    merged = main(elsewhere)["runs"]  # folded in from another results file: nothing runs either
+    assert [r["method"] for r in merged] == [r["method"] for r in rows]
+    assert (tmp_path / "merged" / "offline_toy.json").exists()
