@@ -125,6 +125,43 @@ def train(cfg: Config) -> dict:
             distributed.teardown()
 
 
+def check_resumable(run_dir: Path, cfg: Config) -> None:
+    """A run resumes only with the settings it was made with (keys added since compare at their defaults)."""
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    own = run_dir / "overrides.json"  # the run's own command line, under today's defaults
+    baseline = compose(json.loads(own.read_text())) if own.exists() else None
+    diff = config_mismatch(saved, cfg.raw, baseline)
+    if diff:
+        raise ConfigError(f"config does not match the checkpoint in {run_dir} (differs: {', '.join(diff[:5])}); "
+                          f"resume with the same settings or use a new run_dir")
+
+
+def restore(ckpt: Path, agent: Agent, opts: dict, counters: dict, replay: Replay) -> dict:
+    """Agent, optimisers, counters, RNG and the replay as the checkpoint left them; returns what the
+    replay restored."""
+    payload, restored = checkpoint.load(ckpt, replay)
+    agent.load_state_dict(payload["agent"])
+    for k, opt in opts.items():
+        opt.load_state_dict(payload["opts"][k])
+    counters.update(payload["counters"])
+    checkpoint.set_rng_state(payload["rng"])
+    return restored
+
+
+def save_state(run_dir: Path, step: int, agent: Agent, opts: dict, counters: dict, replay: Replay) -> None:
+    payload = {"agent": agent.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()},
+               "counters": dict(counters), "rng": checkpoint.rng_state()}
+    checkpoint.save(run_dir, step, payload, replay)
+
+
+def start_run_dir(run_dir: Path, cfg: Config) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg.raw, run_dir / "config.yaml")
+    except OSError as err:
+        raise os_error(run_dir, err) from None
+
+
 def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) -> dict:
     t = cfg.train
     device, world = t.device, group.world
@@ -147,30 +184,15 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
                           "while checkpointing, or another number of processes); resume with the number of processes "
                           "it ran with, or start a new run_dir")
     if ckpt is not None:
-        saved = OmegaConf.load(run_dir / "config.yaml")
-        own = run_dir / "overrides.json"  # the run's own command line, under today's defaults
-        baseline = compose(json.loads(own.read_text())) if own.exists() else None
-        diff = config_mismatch(saved, cfg.raw, baseline)
-        if diff:
-            raise ConfigError(f"config does not match the checkpoint in {run_dir} (differs: {', '.join(diff[:5])}); "
-                              f"resume with the same settings or use a new run_dir")
-        payload, restored = checkpoint.load(ckpt, replay)
-        agent.load_state_dict(payload["agent"])
-        for k, opt in opts.items():
-            opt.load_state_dict(payload["opts"][k])
-        counters.update(payload["counters"])
-        checkpoint.set_rng_state(payload["rng"])
+        check_resumable(run_dir, cfg)
+        restored = restore(ckpt, agent, opts, counters, replay)
         states = ("no stored states (replay_context=false)" if not restored["context"] else
                   "the stored state of every row" if restored["every"] == 1 else f"stored states every {restored['every']} rows")
         dropped = f", {restored['dropped']:,} rows overwritten after the checkpoint dropped" if restored["dropped"] else ""
         tqdm.write(f"resuming {run_dir} from {ckpt.name} at env step {counters['env_steps']:,}: "
                    f"{restored['rows']:,} replay rows and {states} restored{dropped}")
     else:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg.raw, run_dir / "config.yaml")
-        except OSError as err:
-            raise os_error(run_dir, err) from None
+        start_run_dir(run_dir, cfg)
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -182,9 +204,7 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
         writer.add_scalar("eval/return", results["eval_return_before"], 0)
 
     def save_checkpoint():
-        payload = {"agent": agent.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()},
-                   "counters": dict(counters), "rng": checkpoint.rng_state()}
-        checkpoint.save(run_dir, counters["env_steps"], payload, replay)
+        save_state(run_dir, counters["env_steps"], agent, opts, counters, replay)
 
     make_fn = functools.partial(_collect_env, cfg.env, primer_shapes=shapes)
     policy.mode.fill_(RANDOM if counters["env_steps"] < t.prefill else EXPLORE)

@@ -55,7 +55,7 @@ def _key(ov: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> dict:
     from agents.config import ConfigError, load_config
-    from agents.offline.dataset import load
+    from agents.offline.dataset import read_info
     from agents.offline.decision import normalized, train as train_decision
     from agents.train import train
 
@@ -75,11 +75,11 @@ def main(argv: list[str]) -> dict:
         new = json.loads(Path(other).read_text())["runs"]
         keys = {(r["method"], r["dataset"], r["seed"], tuple(_key(r["overrides"]))) for r in new}
         rows = [r for r in rows if (r["method"], r["dataset"], r["seed"], tuple(_key(r["overrides"]))) not in keys] + new
-    refs = {d: load(d, a["root"] or None).info for d in datasets}
+    refs = {d: read_info(d, a["root"] or None) for d in datasets}  # a missing dataset fails here, before any run
     for r in rows:  # scored with each dataset's references as they are now (a dataset remade with them scores old rows)
         if r["dataset"] in refs:
             r["normalized_score"] = normalized(r["eval_return"], refs[r["dataset"]])
-    for d in datasets:  # (every dataset was loaded above: a missing one fails before hours of the others)
+    for d in datasets:
         for method in methods:
             for seed in [int(s) for s in a["seeds"].split(",")]:
                 run_dir = Path(a["runs"]) / f"{d.replace('/', '_')}-{method}-seed{seed}"
@@ -88,13 +88,12 @@ def main(argv: list[str]) -> dict:
                     print(f"[offline] {d} {method} seed {seed}: in the results, skipped", flush=True)
                     continue
                 cfg, _ = load_config(ov)
-                tic = time.time()
                 res = train_decision(cfg, cfg.decision) if cfg.train.algo == "decision" else train(cfg)
                 ret = res.get("eval_return", res.get("eval_return_after"))
                 row = {"method": method, "env": cfg.env.id, "dataset": d, "seed": seed,
                        "normalized_score": res["normalized_score"], "eval_return": ret,
                        "dataset_mean_return": res["dataset_mean_return"], "params": res["params"],
-                       "updates": res["updates"], "wall_s": round(res.get("wall_s", time.time() - tic), 1), "threads": torch.get_num_threads(),
+                       "updates": res["updates"], "wall_s": round(res["wall_s"], 1), "threads": torch.get_num_threads(),
                        "act_ms_per_step": res.get("act_ms_per_step"),
                        "machine": machine(cfg.train.device), "date": time.strftime("%Y-%m-%d"), "commit": commit(),
                        "overrides": ov}

@@ -134,6 +134,12 @@ def spaces(env, obs_key: str):
     return obs_space, act_space
 
 
+def to_unit(action: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Env actions (N, ...) in [low, high] -> the actor's units, (N, A) in [-1, 1] (the inverse of
+    DreamerPolicy.to_env)."""
+    return ((action.float().reshape(len(action), -1) - low) / (high - low) * 2 - 1).clamp(-1, 1)
+
+
 def env_action(policy, raw: torch.Tensor) -> np.ndarray:
     """The env's action for the actor's raw one: an index for one-hot actions, else clipped and scaled."""
     if policy.agent.wm.spec.discrete:
@@ -272,14 +278,26 @@ def _env_spec(env_cfg: dict):
                                max_episode_steps=env_cfg.get("time_limit") or spec.max_episode_steps)
 
 
+def _existing(name: str) -> Path:
+    """The folder of dataset `name` under the current root; a missing one is a one-line error."""
+    path = default_root() / check_name(name)
+    if not (path / "data").exists():
+        raise _error(f"no dataset '{name}' in {default_root()}; make one with `longdream dataset` or pass root=")
+    return path
+
+
+def read_info(name: str, root: str | Path | None = None) -> dict:
+    """A dataset's provenance (longdream.json) without reading its episodes."""
+    with _root(root):
+        path = _existing(name) / "longdream.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+
 def load(name: str, root: str | Path | None = None) -> Dataset:
     """A dataset's episodes and provenance; a missing or malformed dataset is a one-line error."""
     minari = _minari()
-    check_name(name)
     with _root(root):
-        path = default_root() / name
-        if not (path / "data").exists():
-            raise _error(f"no dataset '{name}' in {default_root()}; make one with `longdream dataset` or pass root=")
+        _existing(name)
         try:
             ds = minari.load_dataset(name)
             episodes = [Episode(obs=np.asarray(e.observations), action=np.asarray(e.actions),
@@ -289,7 +307,7 @@ def load(name: str, root: str | Path | None = None) -> Dataset:
         except Exception as err:  # noqa: BLE001 - Minari raises many kinds for a damaged file
             raise _error(f"dataset '{name}' in {default_root()} cannot be read ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}); make it again") from None
-        info = json.loads((path / "longdream.json").read_text()) if (path / "longdream.json").exists() else {}
+    info = read_info(name, root)
     for ep in episodes:
         if not (len(ep.obs) == len(ep) + 1 == len(ep.action) + 1 == len(ep.terminated) + 1):
             raise _error(f"dataset '{name}' is malformed: an episode's observations, actions and rewards do not line up")

@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from agents.offline import Clock
+from agents.offline.dataset import to_unit
+
 CORES = ("ssm", "transformer", "bc")
 
 
@@ -199,8 +202,7 @@ class Episodes:
     def to_model(self, action: Tensor) -> Tensor:
         if self.discrete:
             return F.one_hot(action.long(), self.action_dim).float()
-        a = action.float().reshape(len(action), -1)
-        return ((a - self.low) / (self.high - self.low) * 2 - 1).clamp(-1, 1)
+        return to_unit(action, self.low, self.high)
 
     def to_env(self, action: Tensor) -> Tensor:
         if self.discrete:
@@ -330,21 +332,21 @@ def train(cfg, dcfg: DecisionConfig) -> dict:
     env = _collect_env(cfg.env, t.seed + 40_000, {})
     obs_key = ds.info.get("obs_key", "observation")
 
-    step_times = []  # one entry per acting step (the final evaluation's give the time per step)
+    acted = []  # one entry per acting step: the final evaluation's give its time per step
 
     def evaluate(n: int) -> list[float]:
         out = []
         for _ in range(n):
             trace = {}
             out.append(run_episode(model, data, env, obs_key, target, cfg.env.time_limit, trace=trace))
-            step_times.extend(trace["reward"])
+            acted.extend(trace["reward"])
         return out
 
     def save():
         checkpoint.save(run_dir, counters["updates"], {"agent": model.state_dict(), "opt": opt.state_dict(),
                         "sched": sched.state_dict(), "counters": dict(counters), "gen": gen.get_state()}, _NoReplay())
 
-    tic, last_ckpt = time.time(), time.time()
+    clock = Clock(counters, t.checkpoint_every)
     params = sum(p.numel() for p in model.parameters())
     bar = tqdm(total=dcfg.updates, initial=counters["updates"], unit="upd", disable=not t.progress, desc=dcfg.core)
     curve = []
@@ -367,17 +369,13 @@ def train(cfg, dcfg: DecisionConfig) -> dict:
             ret = float(np.mean(evaluate(dcfg.eval_episodes)))
             curve.append([u, ret])
             writer.add_scalar("eval/return", ret, u)
-        if time.time() - last_ckpt >= t.checkpoint_every:
-            counters["wall_s"] += time.time() - tic
-            tic = last_ckpt = time.time()
-            save()
+        clock.maybe_save(save)
     bar.close()
-    counters["wall_s"] += time.time() - tic
-    save()
+    clock.stop(save)
     tic = time.perf_counter()
-    steps_before = len(step_times)
+    steps_before = len(acted)
     returns = evaluate(dcfg.eval_episodes)
-    act_ms = 1000 * (time.perf_counter() - tic) / max(len(step_times) - steps_before, 1)
+    act_ms = 1000 * (time.perf_counter() - tic) / max(len(acted) - steps_before, 1)
     env.close()
     writer.add_scalar("eval/return", float(np.mean(returns)), counters["updates"])
     writer.close()

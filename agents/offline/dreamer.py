@@ -14,14 +14,15 @@ times their disagreement (agents/dreamer.Ensemble), as MOPO and MOReL penalise m
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tensordict import TensorDict
+
+from agents.offline import Clock
+from agents.offline.dataset import to_unit
 
 
 def episode_frames(ep, obs_key: str, to_model, state_shapes: dict) -> TensorDict:
@@ -48,7 +49,7 @@ def model_actions(policy, action_space):
         n = policy.agent.wm.spec.action_dim
         return lambda a: torch.nn.functional.one_hot(a.long().reshape(-1), n).float()
     low, high = policy.low.cpu(), policy.high.cpu()
-    return lambda a: ((a.float().reshape(len(a), -1) - low) / (high - low) * 2 - 1).clamp(-1, 1)
+    return lambda a: to_unit(a, low, high)
 
 
 def fill(replay, dataset, policy) -> int:
@@ -68,12 +69,11 @@ def train_offline(cfg, run_dir: Path) -> dict:
     from tqdm import tqdm
 
     from agents import checkpoint
-    from agents.config import ConfigError, compose, config_mismatch
     from agents.dreamer import update
     from agents.offline.dataset import load_for
     from agents.offline.decision import normalized
     from agents.replay import Replay
-    from agents.train import build_agent, evaluate
+    from agents.train import build_agent, check_resumable, evaluate, restore, save_state, start_run_dir
 
     t = cfg.train
     ds = load_for(cfg)
@@ -86,22 +86,11 @@ def train_offline(cfg, run_dir: Path) -> dict:
     counters = {"updates": 0, "last_log": 0, "last_eval": 0, "nonfinite": 0, "wall_s": 0.0}
     ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
     if ckpt is not None:
-        own = run_dir / "overrides.json"
-        baseline = compose(json.loads(own.read_text())) if own.exists() else None
-        diff = config_mismatch(OmegaConf.load(run_dir / "config.yaml"), cfg.raw, baseline)
-        if diff:
-            raise ConfigError(f"config does not match the checkpoint in {run_dir} (differs: {', '.join(diff[:5])}); "
-                              "resume with the same settings or use a new run_dir")
-        payload, _ = checkpoint.load(ckpt, replay)
-        agent.load_state_dict(payload["agent"])
-        for k, opt in opts.items():
-            opt.load_state_dict(payload["opts"][k])
-        counters.update(payload["counters"])
-        checkpoint.set_rng_state(payload["rng"])
+        check_resumable(run_dir, cfg)
+        restore(ckpt, agent, opts, counters, replay)
         tqdm.write(f"resuming {run_dir} from {ckpt.name} at update {counters['updates']:,}")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg.raw, run_dir / "config.yaml")
+        start_run_dir(run_dir, cfg)
         fill(replay, ds, policy)
     writer = SummaryWriter(run_dir / "tb", purge_step=counters["updates"] or None)
     results = {}
@@ -109,11 +98,10 @@ def train_offline(cfg, run_dir: Path) -> dict:
         results["eval_return_before"] = float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 10_000)))
 
     def save():
-        checkpoint.save(run_dir, counters["updates"], {"agent": agent.state_dict(), "counters": dict(counters),
-                        "opts": {k: o.state_dict() for k, o in opts.items()}, "rng": checkpoint.rng_state()}, replay)
+        save_state(run_dir, counters["updates"], agent, opts, counters, replay)
 
     metrics, curve = defaultdict(list), []
-    tic = last_ckpt = time.time()
+    clock = Clock(counters, t.checkpoint_every)
     bar = tqdm(total=t.offline_updates, initial=counters["updates"], unit="upd", disable=not t.progress, desc="offline")
     while counters["updates"] < t.offline_updates:
         batch = replay.sample(device)
@@ -136,13 +124,9 @@ def train_offline(cfg, run_dir: Path) -> dict:
             ret = float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + u)))
             curve.append([u, ret])
             writer.add_scalar("eval/return", ret, u)
-        if time.time() - last_ckpt >= t.checkpoint_every:
-            counters["wall_s"] += time.time() - tic
-            tic = last_ckpt = time.time()
-            save()
+        clock.maybe_save(save)
     bar.close()
-    counters["wall_s"] += time.time() - tic
-    save()
+    clock.stop(save)
     returns = evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 20_000, video=run_dir / "videos" / f"eval-{counters['updates']}")
     writer.add_scalar("eval/return", float(np.mean(returns)), counters["updates"])
     writer.close()
