@@ -1,7 +1,7 @@
 """`longdream adapt`: deploy a trained agent where the dynamics changed, and measure how it copes.
 
-    longdream adapt run_dir=<trained run> shift.<p>=<scale> [mode=frozen|context|gradient]
-                    [episodes=10] [updates=50] [horizon=16] [context=8] [seed=0] [out=<folder>]
+    longdream adapt run_dir=<trained run> shift.<p>=<scale> [mode=frozen|context|gradient|retrain]
+                    [episodes=10] [updates=50] [ac=false] [horizon=16] [context=8] [seed=0] [out=<folder>]
 
 `shift.<p>` scales a physical parameter as `env.shift` does (envs/shift.py). Every episode is one
 row: its return, and the world model's open-loop prediction error on it (windows of the episode:
@@ -13,6 +13,9 @@ Modes:
   has seen of the new dynamics stays in its memory; no gradient step;
 - gradient: after each episode, `updates` world-model steps on windows of the episodes seen so far
   (the run's batch size and sequence length), rolled back where the error on the latest episode grew;
+  with `ac=true` each step is the whole learner update (world model, then actor and critic in
+  imagination from the windows' states, as training does), so the policy adapts too, and a rollback
+  restores all of it;
 - retrain: the reference, a new agent trained from scratch on the shifted env with the run's settings
   for the env steps of `episodes` full episodes; its rows are its training episodes (no prediction
   error) and a last one, the eval return after training.
@@ -33,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "horizon": 16, "context": 8, "seed": 0,
-            "out": "", "reference": True, "device": "cpu"}
+DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "ac": False, "horizon": 16, "context": 8,
+            "seed": 0, "out": "", "reference": True, "device": "cpu"}
 MODES = ("frozen", "context", "gradient", "retrain")
 
 
@@ -125,10 +128,12 @@ def prediction_error(wm, ep: dict, context: int, horizon: int) -> float:
     return float((pred[:, context:] - w["obs"][:, context:]).pow(2).mean())
 
 
-def adapt_wm(agent, opt, episodes: list[dict], updates: int, batch: int, seq: int, rng) -> None:
-    """`updates` world-model steps on random windows of `seq` rows of the episodes seen so far, each
-    window starting an episode; windows are sliced where they are drawn, not built all at once."""
-    from agents.dreamer import autocast
+def adapt_wm(agent, opts: dict, episodes: list[dict], updates: int, batch: int, seq: int, rng) -> None:
+    """`updates` steps on random windows of `seq` rows of the episodes seen so far, each window starting
+    an episode; windows are sliced where they are drawn, not built all at once. `opts` names the
+    optimisers to step: {"wm"} alone trains the world model on its loss; with "actor" and "critic" too,
+    each step is the full learner update (agents.dreamer.update)."""
+    from agents.dreamer import autocast, update
 
     starts = [(ep, s) for ep in episodes for s in range(ep["obs"].shape[0] - seq + 1)]
     if not starts:
@@ -139,12 +144,15 @@ def adapt_wm(agent, opt, episodes: list[dict], updates: int, batch: int, seq: in
         pick = [starts[k] for k in rng.integers(len(starts), size=batch)]
         b = {k: torch.stack([ep[k][s:s + seq] for ep, s in pick]) for k in ("obs", "action", "reward", "is_terminal")}
         b["is_first"] = first
+        if set(opts) != {"wm"}:
+            update(agent, opts, b)
+            continue
         with autocast(agent):
             loss = agent.wm.loss(b["obs"], b["action"], b["reward"], b["is_first"], b["is_terminal"])[0]
-        opt.zero_grad(set_to_none=True)
+        opts["wm"].zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(agent.wm.parameters(), agent.cfg.wm_clip)
-        opt.step()
+        opts["wm"].step()
 
 
 def main(argv: list[str]) -> dict:
@@ -182,17 +190,25 @@ def main(argv: list[str]) -> dict:
         return eps
 
     tic = time.time()
-    ref = {}
+    ref, lengths = {}, []
     if opts["reference"]:
         n = opts["episodes"]
-        ref["in_distribution"] = float(np.mean([e["return"] for e in run_episodes(cfg.env, n, EVAL)]))
-        ref["random"] = float(np.mean([e["return"] for e in run_episodes(shifted, n, RANDOM)]))
+        for name, env_cfg, mode in (("in_distribution", cfg.env, EVAL), ("random", shifted, RANDOM)):
+            eps = run_episodes(env_cfg, n, mode)
+            ref[name] = float(np.mean([e["return"] for e in eps]))
+            lengths += [e["obs"].shape[0] for e in eps]
 
     if opts["mode"] == "retrain":
-        rows = retrain(run_dir, shift, opts["episodes"] * cfg.env.time_limit * cfg.env.action_repeat, out, opts["seed"], ref)
+        # the env steps the other modes spend: episodes x an episode's length (the env's own time limit
+        # can be shorter than env.time_limit; the reference episodes show it), in frames
+        length = max(lengths or [e["obs"].shape[0] for e in run_episodes(shifted, 1, RANDOM)])
+        rows = retrain(run_dir, shift, opts["episodes"] * length * cfg.env.action_repeat, out, opts["seed"], ref)
         return finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, None)
     act = CarryState(policy) if opts["mode"] == "context" else policy
-    opt = agent.optimizers()["wm"] if opts["mode"] == "gradient" else None
+    opt = None
+    if opts["mode"] == "gradient":
+        opt = agent.optimizers()
+        opt = opt if opts["ac"] else {"wm": opt["wm"]}
     env = _collect_env(shifted, opts["seed"], shapes)
     policy.mode.fill_(EVAL)
     rows, seen, steps = [], [], 0
@@ -203,13 +219,14 @@ def main(argv: list[str]) -> dict:
         row = {"episode": i, "env_steps": steps, "return": ep["return"], "pred_error": err, **recovered(ep["return"], ref)}
         seen.append(ep)
         if opt is not None and opts["updates"]:
-            before = copy.deepcopy(agent.wm.state_dict()), copy.deepcopy(opt.state_dict())
+            before = copy.deepcopy(agent.state_dict()), {k: copy.deepcopy(o.state_dict()) for k, o in opt.items()}
             adapt_wm(agent, opt, seen, opts["updates"], cfg.train.batch_size, cfg.train.seq_len, rng)
             after = prediction_error(agent.wm, ep, opts["context"], opts["horizon"])
             row["rolled_back"] = bool(after > err)
             if row["rolled_back"]:  # the steps made the model worse on what it just saw: undo them
-                agent.wm.load_state_dict(before[0])
-                opt.load_state_dict(before[1])
+                agent.load_state_dict(before[0])
+                for k, o in opt.items():
+                    o.load_state_dict(before[1][k])
         rows.append(row)
         print(f"[adapt] {opts['mode']} episode {i}: return {ep['return']:.1f}, prediction error {err:.4f}", flush=True)
     env.close()
@@ -254,7 +271,7 @@ def finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, opt) -> dict:
 
     meta = {"mode": opts["mode"], "backbone": cfg.backbone,
             "shift": shift, "seed": opts["seed"], "env": cfg.env.id, "checkpoint": ckpt.name, "reference": ref,
-            "options": {k: opts[k] for k in ("episodes", "updates", "horizon", "context")}, "wall_s": round(time.time() - tic, 1),
+            "options": {k: opts[k] for k in ("episodes", "updates", "ac", "horizon", "context")}, "wall_s": round(time.time() - tic, 1),
             "machine": machine(opts["device"]), "commit": commit()}
     for r in rows:
         r.update({k: meta[k] for k in ("mode", "backbone", "shift", "seed")})

@@ -2,14 +2,14 @@
 
     longdream train [key=value ...]          train (an existing run_dir resumes)
     longdream eval run_dir=<path> episodes=<n>   evaluate a saved agent and write a video
-    longdream adapt run_dir=<path> shift.<p>=<scale> [mode=frozen|context|gradient]
+    longdream adapt run_dir=<path> shift.<p>=<scale> [mode=frozen|context|gradient|retrain]
                                              deploy a saved agent on shifted dynamics (agents/adapt.py)
     longdream dataset kind=replay|policy|random (run_dir=<run> | env=<env>)
                                              write a Minari dataset from a run (agents/offline/dataset.py)
     longdream probe [key=value ...]          memory-probe protocol: task=<name> world_model=<name>, or
                                              suite=memory|memory_cpu|smoke; suite=bsuite_memory: online memory RL
     longdream bench <name> [key=value ...]   benchmarks: update, learning, scan, worldmodel, gpu, checkpoint, stress, memory,
-                                             collect, offline
+                                             collect, offline, adapt
     longdream envs                           list environment ids
 
 Every command takes `threads=N`: torch's intra-op threads (default: the cores this process may use).
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
-BENCHES = ("update", "learning", "scan", "worldmodel", "gpu", "stress", "checkpoint", "memory", "collect", "offline")
+BENCHES = ("update", "learning", "scan", "worldmodel", "gpu", "stress", "checkpoint", "memory", "collect", "offline", "adapt")
 
 
 def cmd_train(args: list[str]) -> int:

@@ -10,23 +10,18 @@ from tensordict import TensorDict
 from agents.adapt import CarryState, adapt_wm, episode_arrays, prediction_error
 from agents.cli import main
 
-FAST = ["size=xs", "prefill=100", "train_ratio=16", "batch_size=4", "seq_len=8", "log_every=50",
-        "eval_episodes=1", "eval_every=0", "progress=false", "collect_every=8"]
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("adapt") / "pendulum"
-    assert main(["train", "env=pendulum", "env.time_limit=40", "steps=300", f"run_dir={run}", *FAST]) == 0
-    return run
+def run(pendulum_run):
+    return pendulum_run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["frozen", "context", "gradient"])
+@pytest.mark.parametrize("mode", ["frozen", "context", "gradient", "gradient ac=true"])
 def test_each_mode_writes_a_row_per_episode(run, tmp_path, mode):
-    out = tmp_path / mode
+    out = tmp_path / mode.replace(" ", "_")
+    mode, *more = mode.split()
     assert main(["adapt", f"run_dir={run}", "shift.m=1.5", f"mode={mode}", "episodes=2", "updates=2", "horizon=8",
-                 "context=4", f"out={out}"]) == 0
+                 "context=4", f"out={out}", *more]) == 0
     data = json.loads((out / "adapt.json").read_text())
     assert [r["episode"] for r in data["rows"]] == [0, 1] and [r["env_steps"] for r in data["rows"]] == [40, 80]
     for r in data["rows"]:
@@ -77,9 +72,30 @@ def test_gradient_steps_lower_the_error_on_the_shifted_data(run):
         return np.mean([prediction_error(agent.wm, ep, 4, 8) for ep in eps])
 
     before = error()
-    adapt_wm(agent, torch.optim.Adam(agent.wm.parameters(), 1e-3), eps, 100, 8, 8, np.random.default_rng(0))
+    adapt_wm(agent, {"wm": torch.optim.Adam(agent.wm.parameters(), 1e-3)}, eps, 100, 8, 8, np.random.default_rng(0))
     after = error()
     assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ac", [False, True])
+def test_gradient_mode_trains_the_actor_critic_only_with_ac(run, ac):
+    """ac=false steps the world model alone; ac=true runs the learner update, actor and critic included."""
+    from agents import checkpoint
+    from agents.config import load_config
+    from agents.train import _collect_env, build_agent
+
+    cfg, _ = load_config([f"run_dir={run}"])
+    agent, policy, shapes = build_agent(cfg, "cpu")
+    agent.load_state_dict(checkpoint.load(checkpoint.latest(run))[0]["agent"])
+    env = _collect_env(type(cfg.env)(**{**cfg.env.__dict__, "shift": {"m": 2.0}}), 0, shapes)
+    eps = [episode_arrays(env.rollout(40, policy=policy, break_when_any_done=True), "observation") for _ in range(2)]
+    opts = agent.optimizers()
+    opts = opts if ac else {"wm": opts["wm"]}
+    snap = {k: [p.detach().clone() for p in getattr(agent, k).parameters()] for k in ("wm", "actor", "critic")}
+    adapt_wm(agent, opts, eps, 3, 4, 8, np.random.default_rng(0))
+    moved = {k: any(not torch.equal(a, b) for a, b in zip(snap[k], getattr(agent, k).parameters())) for k in snap}
+    assert moved == {"wm": True, "actor": ac, "critic": ac}
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -1,0 +1,220 @@
+"""`longdream bench adapt`: trained agents deployed on shifted dynamics, every mode of `longdream adapt`
+per run and shift, with one results file and one table.
+
+    longdream bench adapt runs=<run_dir>,<run_dir> [shifts=m:1.5,l:1.5,m:0.5,l:0.5]
+                          [modes=frozen,context,gradient,retrain] [ac=true] [episodes=5] [updates=50]
+                          [last=3] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
+                          [merge_from=a.json,b.json]
+
+`runs` are training run directories (their backbone, seed and env come from their config). A shift is
+`param:scale`, several parameters of one shift joined with `+` (`mass:0.3+damping:0.3`). Each
+(run, shift, mode) is one `longdream adapt` of `episodes` episodes (its own references: the trained
+agent on the unshifted env, a random policy on the shift) and one row of
+bench/results/adapt_<suite>.json / .md, written as soon as it is measured; a later invocation skips the
+rows that are there (`rerun=true` measures them again). `gradient` runs with `ac=` (true: world model
+and actor-critic steps; false: the world model alone) and is reported as `gradient+ac` or `gradient`.
+
+A row's `recovered_fraction` is (return - random) / (in-distribution - random) averaged over the last
+`last` episodes of the budget; for `retrain` (a new agent trained on the shift for the same env steps)
+it is the new agent's eval return after training. `recovered_first` is the first episode's, before any
+adaptation could act. `merge_from=` trains nothing: it folds results files written elsewhere with
+`out=` (runs made side by side) into this one.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.report import RESULTS, machine, markdown, parse, portable, write
+
+DEFAULTS = {"runs": "", "shifts": "m:1.5,l:1.5,m:0.5,l:0.5", "modes": "frozen,context,gradient,retrain", "ac": True,
+            "episodes": 5, "updates": 50, "last": 3, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
+            "merge_from": "", "device": "cpu"}
+TARGET = 0.8  # recovered fraction to reach within the budget (the adaptation issue's Pendulum target)
+
+
+def parse_shift(text: str) -> dict[str, float]:
+    """`m:1.5+l:0.5` -> {"m": 1.5, "l": 0.5}; a one-line error for anything else."""
+    from agents.config import ConfigError
+
+    shift = {}
+    for part in text.split("+"):
+        name, sep, scale = part.partition(":")
+        try:
+            shift[name.strip()] = float(scale)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ConfigError(f"a shift is param:scale (several joined with +), e.g. m:1.5 or mass:0.3+damping:0.3; got '{text}'")
+    return shift
+
+
+def tag(shift: dict) -> str:
+    return "+".join(f"{k}x{v:g}" for k, v in sorted(shift.items()))
+
+
+def label(mode: str, ac: bool) -> str:
+    return "gradient+ac" if mode == "gradient" and ac else mode
+
+
+def main(argv: list[str]) -> dict:
+    from agents.config import ConfigError
+
+    a = parse(argv, DEFAULTS)
+    name = f"adapt_{a['suite']}"
+    folder = Path(a["out"]) if a["out"] else RESULTS
+    rows = _load(folder / f"{name}.json")
+    if a["merge_from"]:  # no runs: fold results files written elsewhere (out=...) into this one
+        for path in a["merge_from"].split(","):
+            rows = _merge(rows, _load(Path(path)))
+        return _write(a, name, folder, rows)
+    if not a["runs"]:
+        raise ConfigError("bench adapt needs runs=<run_dir>[,<run_dir>...]: trained runs to deploy on the shifts")
+    runs = [Path(r) for r in a["runs"].split(",")]
+    for r in runs:
+        if not (r / "overrides.json").exists():
+            raise ConfigError(f"'{r}' is not a longdream run directory (no overrides.json); pass the run_dir of a training run")
+    shifts = [parse_shift(s) for s in a["shifts"].split(",")]
+    modes = a["modes"].split(",")
+    from agents.adapt import MODES
+
+    for m in modes:
+        if m not in MODES:
+            raise ConfigError(f"modes must be among {', '.join(MODES)}, got '{m}'")
+    done = set() if a["rerun"] else {_key(r) for r in rows}
+    for run in runs:
+        for shift in shifts:
+            for mode in modes:
+                row = run_one(a, run, shift, mode, done)
+                if row is not None:
+                    rows = _merge(rows, [row])
+                    _write(a, name, folder, rows, quiet=True)
+    return _write(a, name, folder, rows)
+
+
+def run_one(a: dict, run: Path, shift: dict, mode: str, done: set) -> dict | None:
+    """One `longdream adapt` of a run on a shift in a mode, summarised as a row; None where the results
+    already hold it."""
+    from agents.adapt import main as adapt
+
+    key = (run.name, tag(shift), label(mode, a["ac"]), a["episodes"], a["updates"] if mode == "gradient" else 0)
+    if key in done:
+        print(f"[adapt] {run.name} {tag(shift)} {key[2]}: in the results already (rerun=true measures it again)", flush=True)
+        return None
+    out = Path(a["work"]) / run.name / f"{key[2]}-{tag(shift)}"
+    tic = time.time()
+    data = adapt([f"run_dir={run}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
+                  f"ac={a['ac']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
+    eps = data["rows"]
+    final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
+    return {"run": run.name, "env": data["env"], "backbone": data["backbone"], "seed": data["seed"], "shift": shift,
+            "shift_tag": tag(shift), "mode": key[2], "ac": bool(a["ac"]) and mode == "gradient",
+            "episodes": a["episodes"], "updates": key[4], "env_steps": eps[-1]["env_steps"],
+            "reference": data["reference"],
+            "recovered_fraction": float(np.mean([r["recovered_fraction"] for r in final])),
+            "recovered_first": float(eps[0]["recovered_fraction"]),
+            "return_final": float(np.mean([r["return"] for r in final])),
+            "pred_error_first": eps[0]["pred_error"], "pred_error_last": eps[-1]["pred_error"],
+            "rolled_back": sum(bool(r.get("rolled_back")) for r in eps),
+            "curve": [[r["env_steps"], r["recovered_fraction"], r["pred_error"]] for r in eps],
+            "checkpoint": data["checkpoint"], "wall_s": round(time.time() - tic, 1), "machine": machine(a["device"]),
+            "date": time.strftime("%Y-%m-%d"), "commit": data["commit"]}
+
+
+def _key(row: dict) -> tuple:
+    return (row["run"], row["shift_tag"], row["mode"], row["episodes"], row["updates"])
+
+
+def _load(path: Path) -> list[dict]:
+    return json.loads(path.read_text()).get("runs", []) if path.exists() else []
+
+
+def _merge(rows: list[dict], fresh: list[dict]) -> list[dict]:
+    keys = {_key(r) for r in fresh}
+    return [r for r in rows if _key(r) not in keys] + fresh
+
+
+def _write(a: dict, name: str, folder: Path, rows: list[dict], quiet: bool = False) -> dict:
+    data = {"args": {k: v for k, v in a.items() if k not in ("runs", "merge_from", "work", "out")}, "target": TARGET, "runs": rows}
+    if quiet:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(portable(data), indent=1))
+        return data
+    table = report(rows)
+    for env in sorted({r["env"] for r in rows}):
+        png = f"{name}_{env.replace(':', '_').replace('/', '_')}.png"
+        if plot([r for r in rows if r["env"] == env], folder / png, env):
+            table += f"\n\n![{env}: recovered fraction against env steps]({png})"
+    write(name, data, table, a["out"] or None)
+    return data
+
+
+ORDER = {"frozen": 0, "context": 1, "gradient": 2, "gradient+ac": 3, "retrain": 4}
+
+
+def report(rows: list[dict]) -> str:
+    """Per env, backbone, shift and mode: the recovered fraction over seeds, then every row."""
+    if not rows:
+        return "no adaptation results yet"
+    group = lambda r: (r["env"], r["backbone"], r["shift_tag"], r["mode"])  # noqa: E731
+    groups = sorted(dict.fromkeys(group(r) for r in rows), key=lambda g: (g[0], g[1], g[2], ORDER.get(g[3], 9)))
+    summary = []
+    for g in groups:
+        rs = [r for r in rows if group(r) == g]
+        rec = [r["recovered_fraction"] for r in rs]
+        summary.append([*g, len(rs), f"{np.mean([r['recovered_first'] for r in rs]):.2f}", f"{np.mean(rec):.2f}",
+                        f"{min(rec):.2f} .. {max(rec):.2f}", f"{sum(x >= TARGET for x in rec)}/{len(rec)}",
+                        int(np.mean([r["env_steps"] for r in rs]))])
+    text = ("Recovered fraction = (return - random) / (in-distribution return - random), random = a uniform policy on "
+            f"the shift; 'final' is the mean over the last episodes of the budget (retrain: the new agent's eval after "
+            f"training for the same env steps); target >= {TARGET}\n\n")
+    text += markdown(["env", "backbone", "shift", "mode", "seeds", "first episode", "final (mean)", "final (seeds)",
+                      "seeds >= target", "env steps"], summary)
+    text += "\n\nEvery run:\n\n" + markdown(
+        ["run", "backbone", "seed", "shift", "mode", "in-distribution", "random", "first", "final", "final return",
+         "pred. error first / last", "rolled back", "wall time", "machine", "date"],
+        [[r["run"], r["backbone"], r["seed"], r["shift_tag"], r["mode"], f"{r['reference']['in_distribution']:.1f}",
+          f"{r['reference']['random']:.1f}", f"{r['recovered_first']:.2f}", f"{r['recovered_fraction']:.2f}",
+          f"{r['return_final']:.1f}", f"{r['pred_error_first']:.4f} / {r['pred_error_last']:.4f}", r["rolled_back"],
+          f"{r['wall_s'] / 60:.1f} min", r["machine"], r["date"]]
+         for r in sorted(rows, key=lambda r: (group(r)[:3], ORDER.get(r["mode"], 9), r["seed"]))])
+    return text
+
+
+def plot(rows: list[dict], path: Path, env: str) -> bool:
+    """One panel per shift: recovered fraction against env steps, one line per backbone and mode (mean
+    over seeds at each step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shifts = sorted({r["shift_tag"] for r in rows})
+    if not shifts:
+        return False
+    fig, axes = plt.subplots(1, len(shifts), figsize=(3.6 * len(shifts), 3.2), squeeze=False, sharey=True)
+    styles = {"frozen": ":", "context": "-.", "gradient": "--", "gradient+ac": "-", "retrain": (0, (1, 3))}
+    backbones = sorted({r["backbone"] for r in rows})
+    for ax, s in zip(axes[0], shifts):
+        for bi, b in enumerate(backbones):
+            for mode in sorted({r["mode"] for r in rows}, key=lambda m: ORDER.get(m, 9)):
+                curves = [r["curve"] for r in rows if (r["shift_tag"], r["backbone"], r["mode"]) == (s, b, mode)]
+                if not curves:
+                    continue
+                n = min(len(c) for c in curves)
+                steps = [c[0] for c in curves[0][:n]]
+                vals = np.mean([[c[1] for c in cur[:n]] for cur in curves], axis=0)
+                ax.plot(steps, vals, ls=styles.get(mode, "-"), color=f"C{bi}", marker="o", ms=2,
+                        label=f"{b} {mode}" if s == shifts[0] else None)
+        ax.axhline(TARGET, color="gray", lw=0.8)
+        ax.set(title=s, xlabel="env steps")
+    axes[0][0].set_ylabel("recovered fraction")
+    fig.legend(fontsize=6, loc="lower center", ncol=min(5, len(backbones) * len(styles)))
+    fig.suptitle(env, fontsize=9)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

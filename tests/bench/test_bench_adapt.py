@@ -1,0 +1,64 @@
+"""`longdream bench adapt`: one row per (run, shift, mode) summarising `longdream adapt`, resumable,
+mergeable, with one-line errors."""
+import json
+
+import numpy as np
+import pytest
+
+from agents.cli import main
+from bench.adapt import parse_shift
+
+@pytest.fixture(scope="module")
+def run(pendulum_run):
+    return pendulum_run
+
+
+def test_shift_syntax():
+    assert parse_shift("m:1.5") == {"m": 1.5}
+    assert parse_shift("mass:0.3+damping:0.5") == {"mass": 0.3, "damping": 0.5}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["runs=RUN", "shifts=m1.5"], "a shift is param:scale"),
+    (["runs=RUN", "shifts=m:heavy"], "a shift is param:scale"),
+    (["runs=RUN", "modes=frozen,sometimes"], "modes must be among"),
+    (["shifts=m:1.5"], "bench adapt needs runs="),
+    (["runs=OUT"], "is not a longdream run directory"),
+])
+def test_bad_input_is_one_line(run, tmp_path, capsys, args, msg):
+    argv = [a.replace("RUN", str(run)).replace("OUT", str(tmp_path)) for a in args]
+    assert main(["bench", "adapt", f"out={tmp_path}", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_rows_summarise_each_adapt_run_and_resume(run, tmp_path):
+    out, work = tmp_path / "res", tmp_path / "work"
+    argv = ["bench", "adapt", f"runs={run}", "shifts=m:1.5,m:0.8+l:1.2", "modes=frozen,gradient", "episodes=3",
+            "updates=2", "last=2", f"out={out}", f"work={work}"]
+    assert main(argv) == 0
+    rows = json.loads((out / "adapt_pendulum.json").read_text())["runs"]
+    assert sorted((r["shift_tag"], r["mode"]) for r in rows) == [
+        ("lx1.2+mx0.8", "frozen"), ("lx1.2+mx0.8", "gradient+ac"), ("mx1.5", "frozen"), ("mx1.5", "gradient+ac")]
+    for r in rows:
+        assert {"mode", "backbone", "shift", "seed", "env_steps", "recovered_fraction"} <= set(r)
+        eps = json.loads((work / run.name / f"{r['mode']}-{r['shift_tag']}" / "adapt.json").read_text())["rows"]
+        ref = r["reference"]
+        rec = [(e["return"] - ref["random"]) / (ref["in_distribution"] - ref["random"]) for e in eps]
+        assert r["recovered_fraction"] == pytest.approx(np.mean(rec[-2:]))  # the last `last` episodes
+        assert r["recovered_first"] == pytest.approx(rec[0]) and r["env_steps"] == eps[-1]["env_steps"] == 120
+        assert r["ac"] == (r["mode"] == "gradient+ac") and r["backbone"] == "rssm"
+    assert "| Pendulum-v1 | rssm | mx1.5 | frozen | 1 |" in (out / "adapt_pendulum.md").read_text()
+    assert (out / "adapt_pendulum_Pendulum-v1.png").stat().st_size > 0
+
+    stamp = [r["wall_s"] for r in rows]
+    assert main(argv) == 0  # a second invocation measures nothing again
+    assert [r["wall_s"] for r in json.loads((out / "adapt_pendulum.json").read_text())["runs"]] == stamp
+
+    other = tmp_path / "other"  # a side-by-side run's file folds in with merge_from
+    assert main(["bench", "adapt", f"runs={run}", "shifts=l:0.5", "modes=frozen", "episodes=2", f"out={other}",
+                 f"work={work}"]) == 0
+    assert main(["bench", "adapt", f"merge_from={other / 'adapt_pendulum.json'}", f"out={out}"]) == 0
+    merged = json.loads((out / "adapt_pendulum.json").read_text())["runs"]
+    assert len(merged) == 5 and merged[-1]["shift_tag"] == "lx0.5"
