@@ -121,10 +121,15 @@ def windows(ep: dict, length: int, stride: int) -> dict | None:
 
 @torch.no_grad()
 def prediction_error(wm, ep: dict, context: int, horizon: int) -> float:
+    """Mean squared error of the open-loop prediction over the imagined steps. The imagined latents are
+    sampled from a fixed seed (the caller's RNG untouched), so that two models compared on one episode,
+    as a rollback does, see the same draws and differ only by their weights."""
     w = windows(ep, context + horizon, horizon)
     if w is None:
         return float("nan")
-    pred = wm.open_loop(w["obs"], w["action"], w["is_first"], context)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pred = wm.open_loop(w["obs"], w["action"], w["is_first"], context)
     return float((pred[:, context:] - w["obs"][:, context:]).pow(2).mean())
 
 

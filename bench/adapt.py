@@ -2,8 +2,8 @@
 per run and shift, with one results file and one table.
 
     longdream bench adapt runs=<run_dir>,<run_dir> [shifts=m:1.5,l:1.5,m:0.5,l:0.5]
-                          [modes=frozen,context,gradient,retrain] [ac=true] [episodes=5] [updates=50]
-                          [last=3] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
+                          [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50]
+                          [last=5] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
                           [merge_from=a.json,b.json]
 
 `runs` are training run directories (their backbone, seed and env come from their config). A shift is
@@ -31,7 +31,7 @@ import numpy as np
 from bench.report import RESULTS, machine, markdown, parse, portable, write
 
 DEFAULTS = {"runs": "", "shifts": "m:1.5,l:1.5,m:0.5,l:0.5", "modes": "frozen,context,gradient,retrain", "ac": True,
-            "episodes": 5, "updates": 50, "last": 3, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
+            "episodes": 10, "updates": 50, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
             "merge_from": "", "device": "cpu"}
 TARGET = 0.8  # recovered fraction to reach within the budget (the adaptation issue's Pendulum target)
 
@@ -112,7 +112,7 @@ def run_one(a: dict, run: Path, shift: dict, mode: str, done: set) -> dict | Non
     final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
     return {"run": run.name, "env": data["env"], "backbone": data["backbone"], "seed": data["seed"], "shift": shift,
             "shift_tag": tag(shift), "mode": key[2], "ac": bool(a["ac"]) and mode == "gradient",
-            "episodes": a["episodes"], "updates": key[4], "env_steps": eps[-1]["env_steps"],
+            "episodes": a["episodes"], "updates": key[4], "last": len(final), "env_steps": eps[-1]["env_steps"],
             "reference": data["reference"],
             "recovered_fraction": float(np.mean([r["recovered_fraction"] for r in final])),
             "recovered_first": float(eps[0]["recovered_fraction"]),

@@ -120,3 +120,20 @@ def test_retrain_reference_trains_a_new_agent_for_the_same_env_steps(run, tmp_pa
     rows = json.loads((out / "adapt.json").read_text())["rows"]
     assert rows[-1]["eval"] and rows[-1]["env_steps"] >= 4 * 40 and len(rows) >= 2
     assert (out / "retrain" / "checkpoints").is_dir()  # a run of its own, beside the report
+
+
+def test_prediction_error_uses_the_same_draws_every_call():
+    """A rollback compares two errors on one episode: they must differ by the weights only."""
+    from agents.config import load_config
+    from agents.train import build_agent
+
+    cfg, _ = load_config(["env=pendulum", "size=xs"])
+    agent, _, _ = build_agent(cfg, "cpu")
+    T = 24
+    ep = {"obs": torch.randn(T, 3), "action": torch.randn(T, 1), "reward": torch.zeros(T), "is_terminal": torch.zeros(T)}
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    first = prediction_error(agent.wm, ep, 4, 8)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    torch.manual_seed(6)  # the caller's stream moved on (as gradient steps move it): the same draws still
+    assert prediction_error(agent.wm, ep, 4, 8) == first and np.isfinite(first)
