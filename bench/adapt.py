@@ -3,10 +3,12 @@ per run and shift, with one results file and one table.
 
     longdream bench adapt runs=<run_dir>,<run_dir> [shifts=m:1.5,l:1.5,m:0.5,l:0.5]
                           [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50]
-                          [last=5] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
+                          [last=5] [seed=0] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
                           [merge_from=a.json,b.json]
 
-`runs` are training run directories (their backbone, seed and env come from their config). A shift is
+`runs` are training run directories (their backbone, seed and env come from their config). `seed`
+seeds the deployment (the shifted env's initial states and the adaptation's draws) and is the same for
+every run, so that all runs meet the same episodes (paired comparisons across modes and backbones). A shift is
 `param:scale`, several parameters of one shift joined with `+` (`mass:0.3+damping:0.3`). Each
 (run, shift, mode) is one `longdream adapt` of `episodes` episodes (its own references: the trained
 agent on the unshifted env, a random policy on the shift) and one row of
@@ -32,7 +34,7 @@ from bench.report import RESULTS, machine, markdown, parse, portable, write
 
 DEFAULTS = {"runs": "", "shifts": "m:1.5,l:1.5,m:0.5,l:0.5", "modes": "frozen,context,gradient,retrain", "ac": True,
             "episodes": 10, "updates": 50, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
-            "merge_from": "", "device": "cpu"}
+            "merge_from": "", "device": "cpu", "seed": 0}
 TARGET = 0.8  # recovered fraction to reach within the budget (the adaptation issue's Pendulum target)
 
 
@@ -99,6 +101,7 @@ def run_one(a: dict, run: Path, shift: dict, mode: str, done: set) -> dict | Non
     """One `longdream adapt` of a run on a shift in a mode, summarised as a row; None where the results
     already hold it."""
     from agents.adapt import main as adapt
+    from agents.config import load_config
 
     key = (run.name, tag(shift), label(mode, a["ac"]), a["episodes"], a["updates"] if mode == "gradient" else 0)
     if key in done:
@@ -106,11 +109,13 @@ def run_one(a: dict, run: Path, shift: dict, mode: str, done: set) -> dict | Non
         return None
     out = Path(a["work"]) / run.name / f"{key[2]}-{tag(shift)}"
     tic = time.time()
-    data = adapt([f"run_dir={run}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
+    trained = load_config([f"run_dir={run}"])[0]
+    data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
                   f"ac={a['ac']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
     eps = data["rows"]
     final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
-    return {"run": run.name, "env": data["env"], "backbone": data["backbone"], "seed": data["seed"], "shift": shift,
+    return {"run": run.name, "env": data["env"], "backbone": data["backbone"], "seed": trained.train.seed, "adapt_seed": data["seed"],
+            "shift": shift,
             "shift_tag": tag(shift), "mode": key[2], "ac": bool(a["ac"]) and mode == "gradient",
             "episodes": a["episodes"], "updates": key[4], "last": len(final), "env_steps": eps[-1]["env_steps"],
             "reference": data["reference"],

@@ -36,7 +36,7 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, args, msg):
 def test_rows_summarise_each_adapt_run_and_resume(run, tmp_path):
     out, work = tmp_path / "res", tmp_path / "work"
     argv = ["bench", "adapt", f"runs={run}", "shifts=m:1.5,m:0.8+l:1.2", "modes=frozen,gradient", "episodes=3",
-            "updates=2", "last=2", f"out={out}", f"work={work}"]
+            "updates=2", "last=2", "seed=3", f"out={out}", f"work={work}"]
     assert main(argv) == 0
     rows = json.loads((out / "adapt_pendulum.json").read_text())["runs"]
     assert sorted((r["shift_tag"], r["mode"]) for r in rows) == [
@@ -49,6 +49,7 @@ def test_rows_summarise_each_adapt_run_and_resume(run, tmp_path):
         assert r["recovered_fraction"] == pytest.approx(np.mean(rec[-2:]))  # the last `last` episodes
         assert r["recovered_first"] == pytest.approx(rec[0]) and r["env_steps"] == eps[-1]["env_steps"] == 120
         assert r["ac"] == (r["mode"] == "gradient+ac") and r["backbone"] == "rssm"
+        assert r["seed"] == 0 and r["adapt_seed"] == 3  # the run's training seed; the deployment's own
     assert "| Pendulum-v1 | rssm | mx1.5 | frozen | 1 |" in (out / "adapt_pendulum.md").read_text()
     assert (out / "adapt_pendulum_Pendulum-v1.png").stat().st_size > 0
 
