@@ -174,7 +174,10 @@ def main(argv: list[str]) -> dict:
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise checkpoint.CheckpointError(f"no checkpoint in '{run_dir}'; train first")
-    shifted = dataclasses.replace(cfg.env, shift={**cfg.env.shift, **shift}, shift_range={})
+    # deployment is on fixed dynamics, one env episode at a time: a run trained across a range (and in
+    # trials) is measured in distribution at the scales it was centred on, the env's own values
+    base = dataclasses.replace(cfg.env, shift_range={}, trial=1)
+    shifted = dataclasses.replace(base, shift={**cfg.env.shift, **shift})
     _collect_env(shifted, opts["seed"], {}).close()  # a shift the env does not have fails here, in one line
     agent, policy, shapes = build_agent(cfg, opts["device"])
     agent.load_state_dict(checkpoint.load(ckpt)[0]["agent"])
@@ -198,7 +201,7 @@ def main(argv: list[str]) -> dict:
     ref, lengths = {}, []
     if opts["reference"]:
         n = opts["episodes"]
-        for name, env_cfg, mode in (("in_distribution", cfg.env, EVAL), ("random", shifted, RANDOM)):
+        for name, env_cfg, mode in (("in_distribution", base, EVAL), ("random", shifted, RANDOM)):
             eps = run_episodes(env_cfg, n, mode)
             ref[name] = float(np.mean([e["return"] for e in eps]))
             lengths += [e["obs"].shape[0] for e in eps]
@@ -255,7 +258,8 @@ def retrain(run_dir: Path, shift: dict, budget: int, out: Path, seed: int, ref: 
     from agents.train import train
 
     saved = json.loads((run_dir / "overrides.json").read_text())
-    overrides = [o for o in saved if _key(o) not in ("run_dir", "steps", "seed")] + \
+    overrides = [o for o in saved if _key(o) not in ("run_dir", "steps", "seed", "env.trial")
+                 and not _key(o).startswith("env.shift_range")] + \
         [f"run_dir={out / 'retrain'}", f"steps={budget}", f"seed={seed}"] + [f"env.shift.{k}={v}" for k, v in shift.items()]
     cfg, _ = load_config(overrides)
     res = train(cfg)

@@ -137,3 +137,22 @@ def test_prediction_error_uses_the_same_draws_every_call():
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
     torch.manual_seed(6)  # the caller's stream moved on (as gradient steps move it): the same draws still
     assert prediction_error(agent.wm, ep, 4, 8) == first and np.isfinite(first)
+
+
+@pytest.mark.slow
+def test_a_run_trained_across_a_range_in_trials_deploys_on_fixed_dynamics(tmp_path):
+    """Training drew the mass per trial of 2 episodes; deployment is one episode at a time on a fixed
+    shift, measured against the env's own dynamics, and retrain trains on the fixed shift alone."""
+    run = tmp_path / "dr"
+    assert main(["train", "env=pendulum", "env.time_limit=20", "steps=160", f"run_dir={run}", "env.shift_range.m=[0.8,1.2]",
+                 "env.trial=2", "size=xs", "prefill=60", "train_ratio=16", "batch_size=4", "seq_len=8",
+                 "eval_episodes=1", "eval_every=0", "progress=false", "collect_every=8"]) == 0
+    for mode in ("context", "retrain"):
+        out = tmp_path / mode
+        assert main(["adapt", f"run_dir={run}", "shift.m=1.5", f"mode={mode}", "episodes=2", f"out={out}"]) == 0
+        rows = json.loads((out / "adapt.json").read_text())["rows"]
+        assert rows[-1]["env_steps"] == 40  # two single episodes of 20 steps, not trials of two
+    import yaml
+
+    env = yaml.safe_load((tmp_path / "retrain" / "retrain" / "config.yaml").read_text())["env"]
+    assert (env["shift"], env["shift_range"], env["trial"]) == ({"m": 1.5}, {}, 1)
