@@ -58,6 +58,16 @@ def tag(shift: dict) -> str:
     return "+".join(f"{k}x{v:g}" for k, v in sorted(shift.items()))
 
 
+def training(env) -> str:
+    """How a run was trained with respect to the dynamics: at the env's own values, at a fixed shift,
+    across a range per episode (domain randomisation), or across a range in trials of k episodes."""
+    text = "+".join(f"{k}x{v:g}" for k, v in sorted(env.shift.items())) or "default"
+    if env.shift_range:
+        text = " ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in sorted(env.shift_range.items()))
+        text = f"range {text}" + (f", trials of {env.trial}" if env.trial > 1 else "")
+    return text
+
+
 def label(mode: str, ac: bool) -> str:
     return "gradient+ac" if mode == "gradient" and ac else mode
 
@@ -114,7 +124,8 @@ def run_one(a: dict, run: Path, shift: dict, mode: str, done: set) -> dict | Non
                   f"ac={a['ac']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
     eps = data["rows"]
     final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
-    return {"run": run.name, "env": data["env"], "backbone": data["backbone"], "seed": trained.train.seed, "adapt_seed": data["seed"],
+    return {"run": run.name, "env": data["env"], "backbone": data["backbone"], "training": training(trained.env), "seed": trained.train.seed,
+            "adapt_seed": data["seed"],
             "shift": shift,
             "shift_tag": tag(shift), "mode": key[2], "ac": bool(a["ac"]) and mode == "gradient",
             "episodes": a["episodes"], "updates": key[4], "last": len(final), "env_steps": eps[-1]["env_steps"],
@@ -164,8 +175,8 @@ def report(rows: list[dict]) -> str:
     """Per env, backbone, shift and mode: the recovered fraction over seeds, then every row."""
     if not rows:
         return "no adaptation results yet"
-    group = lambda r: (r["env"], r["backbone"], r["shift_tag"], r["mode"])  # noqa: E731
-    groups = sorted(dict.fromkeys(group(r) for r in rows), key=lambda g: (g[0], g[1], g[2], ORDER.get(g[3], 9)))
+    group = lambda r: (r["env"], r["backbone"], r.get("training", "default"), r["shift_tag"], r["mode"])  # noqa: E731
+    groups = sorted(dict.fromkeys(group(r) for r in rows), key=lambda g: (*g[:4], ORDER.get(g[4], 9)))
     summary = []
     for g in groups:
         rs = [r for r in rows if group(r) == g]
@@ -176,50 +187,56 @@ def report(rows: list[dict]) -> str:
     text = ("Recovered fraction = (return - random) / (in-distribution return - random), random = a uniform policy on "
             f"the shift; 'final' is the mean over the last episodes of the budget (retrain: the new agent's eval after "
             f"training for the same env steps); target >= {TARGET}\n\n")
-    text += markdown(["env", "backbone", "shift", "mode", "seeds", "first episode", "final (mean)", "final (seeds)",
+    text += markdown(["env", "backbone", "training", "shift", "mode", "seeds", "first episode", "final (mean)", "final (seeds)",
                       "seeds >= target", "env steps"], summary)
     text += "\n\nEvery run:\n\n" + markdown(
-        ["run", "backbone", "seed", "shift", "mode", "in-distribution", "random", "first", "final", "final return",
+        ["run", "backbone", "training", "seed", "shift", "mode", "in-distribution", "random", "first", "final", "final return",
          "pred. error first / last", "rolled back", "wall time", "machine", "date"],
-        [[r["run"], r["backbone"], r["seed"], r["shift_tag"], r["mode"], f"{r['reference']['in_distribution']:.1f}",
+        [[r["run"], r["backbone"], r.get("training", "default"), r["seed"], r["shift_tag"], r["mode"], f"{r['reference']['in_distribution']:.1f}",
           f"{r['reference']['random']:.1f}", f"{r['recovered_first']:.2f}", f"{r['recovered_fraction']:.2f}",
           f"{r['return_final']:.1f}", f"{r['pred_error_first']:.4f} / {r['pred_error_last']:.4f}", r["rolled_back"],
           f"{r['wall_s'] / 60:.1f} min", r["machine"], r["date"]]
-         for r in sorted(rows, key=lambda r: (group(r)[:3], ORDER.get(r["mode"], 9), r["seed"]))])
+         for r in sorted(rows, key=lambda r: (group(r)[:4], ORDER.get(r["mode"], 9), r["seed"]))])
     return text
 
 
 def plot(rows: list[dict], path: Path, env: str) -> bool:
-    """One panel per shift: recovered fraction against env steps, one line per backbone and mode (mean
-    over seeds at each step)."""
+    """A grid: one row of panels per (backbone, training), one column per shift; in each panel the
+    recovered fraction against env steps, one line per mode (mean over seeds at each step)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shifts = sorted({r["shift_tag"] for r in rows})
+    variants = sorted({(r["backbone"], r.get("training", "default")) for r in rows})
     if not shifts:
         return False
-    fig, axes = plt.subplots(1, len(shifts), figsize=(3.6 * len(shifts), 3.2), squeeze=False, sharey=True)
-    styles = {"frozen": ":", "context": "-.", "gradient": "--", "gradient+ac": "-", "retrain": (0, (1, 3))}
-    backbones = sorted({r["backbone"] for r in rows})
-    for ax, s in zip(axes[0], shifts):
-        for bi, b in enumerate(backbones):
-            for mode in sorted({r["mode"] for r in rows}, key=lambda m: ORDER.get(m, 9)):
-                curves = [r["curve"] for r in rows if (r["shift_tag"], r["backbone"], r["mode"]) == (s, b, mode)]
+    fig, axes = plt.subplots(len(variants), len(shifts), figsize=(3.2 * len(shifts), 2.4 * len(variants) + 0.6),
+                             squeeze=False, sharex=True, sharey=True)
+    modes = sorted({r["mode"] for r in rows}, key=lambda m: ORDER.get(m, 9))
+    for i, (b, trained) in enumerate(variants):
+        for j, s in enumerate(shifts):
+            ax = axes[i][j]
+            for mode in modes:
+                curves = [r["curve"] for r in rows
+                          if (r["backbone"], r.get("training", "default"), r["shift_tag"], r["mode"]) == (b, trained, s, mode)]
                 if not curves:
                     continue
                 n = min(len(c) for c in curves)
-                steps = [c[0] for c in curves[0][:n]]
                 vals = np.mean([[c[1] for c in cur[:n]] for cur in curves], axis=0)
-                ax.plot(steps, vals, ls=styles.get(mode, "-"), color=f"C{bi}", marker="o", ms=2,
-                        label=f"{b} {mode}" if s == shifts[0] else None)
-        ax.axhline(TARGET, color="gray", lw=0.8)
-        ax.set(title=s, xlabel="env steps")
-    axes[0][0].set_ylabel("recovered fraction")
-    fig.legend(fontsize=6, loc="lower center", ncol=min(5, len(backbones) * len(styles)))
-    fig.suptitle(env, fontsize=9)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(path, dpi=110)
+                ax.plot([c[0] for c in curves[0][:n]], vals, marker="o", ms=2, color=f"C{ORDER.get(mode, 9)}",
+                        label=f"{mode} ({len(curves)})")
+            ax.axhline(TARGET, color="gray", lw=0.8)
+            ax.set_title(f"{b}, {trained}: {s}", fontsize=7)
+            if i == len(variants) - 1:
+                ax.set_xlabel("env steps")
+            if j == 0:
+                ax.set_ylabel("recovered fraction")
+            if j == 0 and i == 0:
+                ax.legend(fontsize=6)
+    fig.suptitle(f"{env}: recovered fraction per episode (in brackets: seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

@@ -50,7 +50,8 @@ def test_rows_summarise_each_adapt_run_and_resume(run, tmp_path):
         assert r["recovered_first"] == pytest.approx(rec[0]) and r["env_steps"] == eps[-1]["env_steps"] == 120
         assert r["ac"] == (r["mode"] == "gradient+ac") and r["backbone"] == "rssm"
         assert r["seed"] == 0 and r["adapt_seed"] == 3  # the run's training seed; the deployment's own
-    assert "| Pendulum-v1 | rssm | mx1.5 | frozen | 1 |" in (out / "adapt_pendulum.md").read_text()
+        assert r["training"] == "default"
+    assert "| Pendulum-v1 | rssm | default | mx1.5 | frozen | 1 |" in (out / "adapt_pendulum.md").read_text()
     assert (out / "adapt_pendulum_Pendulum-v1.png").stat().st_size > 0
 
     stamp = [r["wall_s"] for r in rows]
@@ -63,3 +64,15 @@ def test_rows_summarise_each_adapt_run_and_resume(run, tmp_path):
     assert main(["bench", "adapt", f"merge_from={other / 'adapt_pendulum.json'}", f"out={out}"]) == 0
     merged = json.loads((out / "adapt_pendulum.json").read_text())["runs"]
     assert len(merged) == 5 and merged[-1]["shift_tag"] == "lx0.5"
+
+
+def test_training_label_names_how_the_dynamics_varied():
+    from types import SimpleNamespace as Env
+
+    from bench.adapt import training
+
+    assert training(Env(shift={}, shift_range={}, trial=1)) == "default"
+    assert training(Env(shift={"m": 1.5}, shift_range={}, trial=1)) == "mx1.5"
+    assert training(Env(shift={}, shift_range={"m": [0.75, 1.25]}, trial=1)) == "range m 0.75-1.25"
+    assert training(Env(shift={}, shift_range={"m": [0.75, 1.25], "l": [0.5, 2]}, trial=3)) == \
+        "range l 0.5-2 m 0.75-1.25, trials of 3"
