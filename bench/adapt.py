@@ -61,7 +61,7 @@ def tag(shift: dict) -> str:
 def training(env) -> str:
     """How a run was trained with respect to the dynamics: at the env's own values, at a fixed shift,
     across a range per episode (domain randomisation), or across a range in trials of k episodes."""
-    text = "+".join(f"{k}x{v:g}" for k, v in sorted(env.shift.items())) or "default"
+    text = tag(env.shift) or "default"
     if env.shift_range:
         text = " ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in sorted(env.shift_range.items()))
         text = f"range {text}" + (f", trials of {env.trial}" if env.trial > 1 else "")
@@ -73,7 +73,7 @@ def label(mode: str, ac: bool) -> str:
 
 
 def main(argv: list[str]) -> dict:
-    from agents.config import ConfigError
+    from agents.config import ConfigError, load_config
 
     a = parse(argv, DEFAULTS)
     name = f"adapt_{a['suite']}"
@@ -85,10 +85,11 @@ def main(argv: list[str]) -> dict:
         return _write(a, name, folder, rows)
     if not a["runs"]:
         raise ConfigError("bench adapt needs runs=<run_dir>[,<run_dir>...]: trained runs to deploy on the shifts")
-    runs = [Path(r) for r in a["runs"].split(",")]
-    for r in runs:
+    runs = {}  # run dir -> its training config
+    for r in map(Path, a["runs"].split(",")):
         if not (r / "overrides.json").exists():
             raise ConfigError(f"'{r}' is not a longdream run directory (no overrides.json); pass the run_dir of a training run")
+        runs[r] = load_config([f"run_dir={r}"])[0]
     shifts = [parse_shift(s) for s in a["shifts"].split(",")]
     modes = a["modes"].split(",")
     from agents.adapt import MODES
@@ -97,21 +98,20 @@ def main(argv: list[str]) -> dict:
         if m not in MODES:
             raise ConfigError(f"modes must be among {', '.join(MODES)}, got '{m}'")
     done = set() if a["rerun"] else {_key(r) for r in rows}
-    for run in runs:
+    for run, trained in runs.items():
         for shift in shifts:
             for mode in modes:
-                row = run_one(a, run, shift, mode, done)
+                row = run_one(a, run, trained, shift, mode, done)
                 if row is not None:
                     rows = _merge(rows, [row])
                     _write(a, name, folder, rows, quiet=True)
     return _write(a, name, folder, rows)
 
 
-def run_one(a: dict, run: Path, shift: dict, mode: str, done: set) -> dict | None:
-    """One `longdream adapt` of a run on a shift in a mode, summarised as a row; None where the results
-    already hold it."""
+def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> dict | None:
+    """One `longdream adapt` of a run (`trained`: its config) on a shift in a mode, summarised as a row;
+    None where the results already hold it."""
     from agents.adapt import main as adapt
-    from agents.config import load_config
 
     key = (run.name, tag(shift), label(mode, a["ac"]), a["episodes"], a["updates"] if mode == "gradient" else 0)
     if key in done:
@@ -119,7 +119,6 @@ def run_one(a: dict, run: Path, shift: dict, mode: str, done: set) -> dict | Non
         return None
     out = Path(a["work"]) / run.name / f"{key[2]}-{tag(shift)}"
     tic = time.time()
-    trained = load_config([f"run_dir={run}"])[0]
     data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
                   f"ac={a['ac']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
     eps = data["rows"]
