@@ -1,6 +1,8 @@
 """`longdream bench learning`: train for a fixed env-step budget on one or several tasks, per backbone
 and seed, and report the mean eval return over 10 episodes, with wall time and machine. Pendulum's
-target: >= -300 after 20K env steps (DreamerV3-class agents get there).
+target: >= -300 after 20K env steps (DreamerV3-class agents get there). Rows also give the time to the
+target: the wall time from the run's start to its first periodic evaluation (`eval_every`,
+`eval_episodes`) at or above it ("-" where none reached it, or the run was resumed).
 
     longdream bench learning [tasks=pendulum,hopper] [backbones=rssm,s5wm] [steps=20000] [seeds=0,1]
                              [suite=<name>] [device=cpu] [preset=pendulum_cpu] [extra="k=v k=v"]
@@ -97,6 +99,7 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
         return None
     if run.exists() and checkpoint.latest(run) is None:  # a run stopped before its first checkpoint: start afresh
         shutil.rmtree(run, ignore_errors=True)
+    resumed = run.exists()
     tic = time.time()
     res = train(cfg)
     wall = time.time() - tic
@@ -115,7 +118,8 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
            "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
            "replay_context": cfg.train.replay_context, "commit": commit(),
            "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
-           "loss": dataclasses.asdict(cfg.loss), "curve": eval_curve(run / "tb"),
+           "loss": dataclasses.asdict(cfg.loss), "curve": (curve := eval_curve(run / "tb", tic)),
+           "time_to_target_s": None if resumed else time_to_target(curve, TARGETS.get(task)),
            "env": task, "steps": a["steps"], "preset": a["preset"], "extra": a["extra"],
            "machine": machine(a["device"]), "date": time.strftime("%Y-%m-%d"), "overrides": overrides}
     if not a["keep"]:
@@ -123,15 +127,24 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
     return row
 
 
-def eval_curve(logdir: Path) -> list[list[float]]:
-    """[env steps, eval return] of a run's periodic evaluations, from its TensorBoard log."""
+def eval_curve(logdir: Path, start: float) -> list[list[float]]:
+    """[env steps, eval return, seconds since `start`] of a run's periodic evaluations, from its
+    TensorBoard log (the seconds are the wall time at which each evaluation was logged)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     ea.Reload()
     if "eval/return" not in ea.Tags()["scalars"]:
         return []
-    return [[e.step, e.value] for e in ea.Scalars("eval/return")]
+    return [[e.step, e.value, round(e.wall_time - start, 1)] for e in ea.Scalars("eval/return")]
+
+
+def time_to_target(curve: list[list[float]], target: float | None) -> float | None:
+    """Wall seconds from the run's start to its first periodic evaluation at or above `target` (the
+    evaluation's own time included); None where there is no target or no evaluation reached it."""
+    if target is None:
+        return None
+    return next((p[2] for p in curve if len(p) > 2 and p[0] > 0 and p[1] >= target), None)
 
 
 def _write(a: dict, name: str, folder: Path, rows: list[dict], tasks: list[str], quiet: bool = False) -> dict:
@@ -162,7 +175,7 @@ def plot_curves(rows: list[dict], path: Path, task: str) -> bool:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for b in sorted({r["backbone"] for r in curves}):
-        runs = [dict((int(s), v) for s, v in r["curve"]) for r in curves if r["backbone"] == b]
+        runs = [dict((int(p[0]), p[1]) for p in r["curve"]) for r in curves if r["backbone"] == b]
         steps = sorted(set.intersection(*(set(c) for c in runs)))
         if not steps:
             continue
@@ -212,6 +225,10 @@ def _rows(data: dict) -> list[dict]:
     return data.get("runs", [])
 
 
+def _minutes(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def report(rows: list[dict], episodes: int) -> str:
     """The table and per-backbone summary of each task, one section per task where there are several."""
     envs = list(dict.fromkeys(r["env"] for r in rows))
@@ -228,11 +245,12 @@ def _report_task(rows: list[dict], episodes: int) -> str:
     text = (f"{', '.join(envs)}, mean eval return over each row's eval episodes after its env steps "
             + (f"(target >= {target:.0f})" if target is not None else "(no target set)") + "\n\n")
     text += markdown(["backbone", "latent", "replay context", "overrides", "seed", "env steps", "eval return", "episodes", "before", "updates",
-                      "wall time", "threads", "target met", "params (wm/actor/critic)", "machine", "date"],
+                      "wall time", "time to target", "threads", "target met", "params (wm/actor/critic)", "machine", "date"],
                      [[r["backbone"], _latent(r), "yes" if r["replay_context"] else "no", r["extra"] or "-", r["seed"], r["env_steps"], f"{r['eval_return_mean']:.1f} +- {r['eval_return_std']:.1f}",
                        r.get("episodes", episodes),
                        f"{r['eval_return_before']:.1f}" if r["eval_return_before"] is not None else "",
-                       r["updates"], f"{r['wall_s'] / 60:.1f} min", r.get("threads", "-"), met(r["eval_return_mean"]),
+                       r["updates"], f"{r['wall_s'] / 60:.1f} min", _minutes(r.get("time_to_target_s")), r.get("threads", "-"),
+                       met(r["eval_return_mean"]),
                        "/".join(f"{v / 1e6:.2f}M" for v in r["params"].values()) if "params" in r else "-",
                        r.get("machine", ""), r.get("date", "")] for r in rows])
     summary = []

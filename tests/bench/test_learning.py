@@ -59,6 +59,9 @@ def test_several_tasks_resume_and_curves(tmp_path, capsys):
     runs = data["runs"]
     assert [(r["env"], r["backbone"]) for r in runs] == [("pendulum", "rssm"), ("cartpole", "rssm")]
     assert all(len(r["curve"]) >= 2 and r["curve"][-1][0] >= 100 for r in runs)
+    for r in runs:  # each evaluation's wall time since the run started, in the order they were logged
+        seconds = [p[2] for p in r["curve"]]
+        assert seconds == sorted(seconds) and 0 <= seconds[0] and seconds[-1] <= r["wall_s"]
     for task in ("pendulum", "cartpole"):
         assert (tmp_path / f"learning_toy_{task}.png").exists()
     assert "## pendulum" in (tmp_path / "learning_toy.md").read_text()
@@ -66,6 +69,24 @@ def test_several_tasks_resume_and_curves(tmp_path, capsys):
     again = learning.main(argv)
     assert capsys.readouterr().out.count("in the results already") == 2
     assert [r["eval_return_mean"] for r in again["runs"]] == [r["eval_return_mean"] for r in runs]
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_above_it(tmp_path):
+    curve = [[0, -1200.0, 1.0], [2000, -800.0, 50.0], [4000, -300.0, 95.5], [6000, -200.0, 140.0]]
+    assert learning.time_to_target(curve, -300.0) == 95.5  # reaching the target exactly counts
+    assert learning.time_to_target(curve, -250.0) == 140.0
+    assert learning.time_to_target(curve, -100.0) is None  # never reached
+    assert learning.time_to_target(curve, None) is None  # no target for this task
+    assert learning.time_to_target([[0, -100.0, 1.0]], -300.0) is None  # the evaluation before training
+    assert learning.time_to_target([[2000, -100.0]], -300.0) is None  # curves written before they had times
+    out = tmp_path / "r"
+    out.mkdir()
+    side = tmp_path / "side.json"
+    side.write_text(json.dumps({"args": {"episodes": 10}, "runs": [{**row("rssm", 0, -150.0), "time_to_target_s": 95.5},
+                                                                   row("s5wm", 0, -150.0)]}))
+    learning.main([f"merge_from={side}", f"out={out}"])
+    text = (out / "learning_pendulum.md").read_text()
+    assert "time to target" in text and "| 1.6 min |" in text
 
 
 def test_several_tasks_need_a_suite_name():
