@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 USAGE = __doc__.split("\n\n")[1]
-BENCHES = ("update", "learning", "scan", "worldmodel", "gpu", "stress", "checkpoint", "memory", "collect", "offline", "adapt")
+BENCHES = ("update", "learning", "scan", "worldmodel", "gpu", "stress", "checkpoint", "memory", "collect", "offline", "adapt", "memory_offline")
 
 
 def cmd_train(args: list[str]) -> int:
