@@ -54,14 +54,14 @@ def main(argv: list[str]) -> dict:
     if min(lengths) < 1 or a["updates"] < 1 or a["every"] < 1 or a["batch_size"] < 1:
         raise ConfigError("lengths, updates, every and batch_size must be >= 1")
     folder = Path(a["out"]) if a["out"] else RESULTS
-    rows = []
+    rows, data = [], {}
     for L in lengths:
         train, test = (episodes(L, n, seed, a["actions"]) for n, seed in
                        ((a["train_episodes"], 1 + 1000 * a["seed"]), (a["test_episodes"], 2 + 1000 * a["seed"])))
         for b in backbones:
             rows.append(run_one(a, b, L, train, test))
-            _write(a, folder, merge(folder, rows))  # each finished run lands at once
-    return _write(a, folder, merge(folder, rows))
+            data = _write(a, folder, merge(folder, rows))  # each finished run lands at once
+    return data
 
 
 def episodes(L: int, n: int, seed: int, actions: str) -> dict[str, Tensor]:
