@@ -112,10 +112,11 @@ def _empty_like_rows(obs: Tensor | TensorDictBase, n: int) -> Tensor | TensorDic
 class Replay:
     def __init__(self, capacity: int, batch_size: int, seq_len: int, directory: str | Path, obs_keys: str | list[str],
                  n_envs: int = 1, state_shapes: dict[str, tuple[int, ...]] | None = None, context: bool = True,
-                 every: int = 0, state_dtype: torch.dtype = torch.float32):
+                 every: int = 0, state_dtype: torch.dtype = torch.float32, expected_rows: int | None = None):
         """`capacity` rows in all (split evenly over `n_envs` streams); `state_shapes`, the backbone's
         carried state (core.state_shapes()), is stored where `context` is on, every `every` rows
-        (0: chosen by size, see `context_every`)."""
+        (0: chosen by size, see `context_every`). `expected_rows`, the rows the run will write in all
+        (None: the capacity), sizes the free-space check: the files are sparse and grow as rows come."""
         self.batch_size, self.seq_len, self.n_envs = batch_size, seq_len, n_envs
         self.obs_keys = [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
         self.directory = Path(directory)
@@ -136,6 +137,7 @@ class Replay:
         self.rows: TensorDictBase | None = None  # (n_envs * C,) transitions (+ "z", the latent indices, if k > 1)
         self.ctx: TensorDictBase | None = None  # (n_envs * C / k,) stored states of the anchor rows
         self._reserved = [0] * n_envs
+        self.expected_rows = expected_rows
         self._since_ckpt = list(self.hi)
 
     # --- layout ---
@@ -164,11 +166,12 @@ class Replay:
     def _create(self, rows: TensorDict, ctx: TensorDict | None) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
-        need = (rows[0].bytes() * self.C + (ctx[0].bytes() * self.C // self.k if ctx is not None else 0)) * self.n_envs
+        per_env = self.C if self.expected_rows is None else min(self.C, -(-self.expected_rows // self.n_envs))
+        need = (rows[0].bytes() + (ctx[0].bytes() / self.k if ctx is not None else 0)) * per_env * self.n_envs
         free = shutil.disk_usage(self.directory).free
         if need > free:
             raise ReplayError(f"the replay needs {need / 2**30:.1f} GiB in '{self.directory}' but {free / 2**30:.1f} GiB "
-                              f"are free; lower replay_capacity or choose another run_dir")
+                              f"are free; lower replay_capacity or steps, or choose another run_dir")
         self.rows = rows[0].expand(self.n_envs * self.C).memmap_like(prefix=self.directory / "rows")
         if ctx is not None:
             self.ctx = ctx[0].expand(self.n_envs * self.C // self.k).memmap_like(prefix=self.directory / "context")

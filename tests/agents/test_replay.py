@@ -175,6 +175,27 @@ def test_damaged_rows_are_detected(tmp_path):
         Replay(capacity=100, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_keys="observation").load(tmp_path / "ckpt")
 
 
+def test_free_space_check_counts_the_rows_the_run_will_write(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    rp = Replay(capacity=1000, batch_size=4, seq_len=5, directory=tmp_path / "a", obs_keys="observation")
+    rp.add(fake_frames(1, 10, 0, 6, 0))
+    row = rp.bytes_per_row()["row"]
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(0, 0, int(row * 300)))  # room for 300 rows
+    with pytest.raises(ReplayError, match="the replay needs .* lower replay_capacity or steps"):
+        Replay(capacity=1000, batch_size=4, seq_len=5, directory=tmp_path / "b",
+               obs_keys="observation").add(fake_frames(1, 10, 0, 6, 0))  # 1,000 rows sized, 300 free
+    short = Replay(capacity=1000, batch_size=4, seq_len=5, directory=tmp_path / "c", obs_keys="observation",
+                   expected_rows=250)  # a short run: its 250 rows fit
+    short.add(fake_frames(1, 10, 0, 6, 0))
+    assert len(short) == 11  # 10 steps and the final observation of the episode that ended
+    with pytest.raises(ReplayError, match="needs"):
+        Replay(capacity=1000, batch_size=4, seq_len=5, directory=tmp_path / "d", obs_keys="observation",
+               expected_rows=350).add(fake_frames(1, 10, 0, 6, 0))
+
+
 # --- replay context: stored states -----------------------------------------------------------------
 
 A = 2
