@@ -10,7 +10,8 @@ deter 320; TorchRL's block GRU reaches its count with deter 512), RSSM only: for
 the table gives the ratio: TorchRL's recipe trains the actor by REINFORCE, so `actor_grad=reinforce`
 does the same work (the default, dynamics gradients for these continuous actions, adds a backward
 pass through the 15 imagined steps). `precision=bf16` runs the forward passes under bfloat16 autocast
-(agent.precision). `backbone=all` (or a comma-separated list) times every backbone in the
+(agent.precision). `compile_step=true` adds, for each backbone with a compilable imagination step
+(Mamba: MambaConfig.compile_step), a row with it compiled beside the eager one. `backbone=all` (or a comma-separated list) times every backbone in the
 same run, each at its own xs and s dims (about the same parameter count at each size; the rows give the
 resolved dims and counts).
 """
@@ -36,10 +37,10 @@ PRESETS = {
 MATCHED = {("p064", "size1m"), ("s", "size12m")}  # (ours, TorchRL's) at about the same parameter count
 DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
             "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "",
-            "context": False, "actor_grad": "auto", "precision": "fp32"}
+            "context": False, "actor_grad": "auto", "precision": "fp32", "compile_step": False}
 
 
-def time_update(size: str, a: dict, backbone: str | None = None) -> dict:
+def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool = False) -> dict:
     from agents.dreamer import Agent, AgentConfig, update
     from worldmodels.model import BACKBONES, ObsSpec, WorldModel
     from worldmodels.nets import NetsConfig
@@ -48,6 +49,8 @@ def time_update(size: str, a: dict, backbone: str | None = None) -> dict:
     core_over, net_over = PRESETS[size]
     cfg_cls = BACKBONES[backbone][1]
     core_cfg = cfg_cls(**{"size": "xs", **core_over}) if backbone == "rssm" else cfg_cls(size=core_over.get("size", "xs"))
+    if compiled:
+        core_cfg = dataclasses.replace(core_cfg, compile_step=True)
     nets = NetsConfig(**{"name": "xs", **net_over})
     torch.manual_seed(0)
     dev = torch.device(a["device"])
@@ -86,7 +89,7 @@ def time_update(size: str, a: dict, backbone: str | None = None) -> dict:
         times.append((time.perf_counter() - t) * 1e3)
     assert m["train/nonfinite"] == 0, "non-finite loss in the benchmark batch"
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    return {"backbone": backbone, "size": size, "params": params, "dims": dataclasses.asdict(core_cfg), "median_ms": round(statistics.median(times), 1),
+    return {"backbone": backbone, "size": size, "compiled_step": compiled, "params": params, "dims": dataclasses.asdict(core_cfg), "median_ms": round(statistics.median(times), 1),
             "min_ms": round(min(times), 1), "n": len(times),
             "transitions_per_s": round(B * T * 1e3 / statistics.median(times), 1)}
 
@@ -119,18 +122,29 @@ def main(argv: list[str]) -> dict:
         for size in asked:
             if size in RSSM_ONLY and b != "rssm":  # widths matched to TorchRL's RSSM: no other backbone has them
                 continue
-            r = time_update(size, a, b)
-            rows.append(r)
-            print(f"[update] {b} {size}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms", file=sys.stderr)
+            has_step = "compile_step" in {f.name for f in dataclasses.fields(BACKBONES[b][1])}
+            for compiled in (False, True) if a["compile_step"] and has_step else (False,):
+                r = time_update(size, a, b, compiled)
+                rows.append(r)
+                print(f"[update] {b} {size}{' compiled step' if compiled else ''}: {r['params'] / 1e6:.2f}M params, "
+                      f"{r['median_ms']} ms", file=sys.stderr)
     comp = []
     if a["comparator"]:
         comp = run_comparator(a["comparator"], ["--device", a["device"], "--sizes", a["comparator_sizes"],
                                                 "--repeats", str(a["repeats"]), "--warmup", str(a["warmup"]),
                                                 "--batch", str(a["batch"]), "--seq", str(a["seq"])])
     rssm = {r["size"]: r["median_ms"] for r in rows if r["backbone"] == "rssm"}
-    table_rows = [[f"longdream {r['backbone']} {r['size']}", f"{r['params'] / 1e6:.2f}M", r["median_ms"], r["transitions_per_s"],
-                   f"{r['median_ms'] / rssm[r['size']]:.2f}x the RSSM's time" if r["backbone"] != "rssm" and r["size"] in rssm else ""]
-                  for r in rows]
+    eager = {(r["backbone"], r["size"]): r["median_ms"] for r in rows if not r["compiled_step"]}
+
+    def ratios(r: dict) -> str:
+        out = [f"{r['median_ms'] / rssm[r['size']]:.2f}x the RSSM's time"] if r["backbone"] != "rssm" and r["size"] in rssm else []
+        if r["compiled_step"] and (r["backbone"], r["size"]) in eager:
+            gain = eager[r["backbone"], r["size"]] / r["median_ms"]
+            out.append(f"{gain:.2f}x faster than eager" if gain >= 1 else f"{1 / gain:.2f}x slower than eager")
+        return "; ".join(out)
+
+    table_rows = [[f"longdream {r['backbone']} {r['size']}{' (compiled step)' if r['compiled_step'] else ''}",
+                   f"{r['params'] / 1e6:.2f}M", r["median_ms"], r["transitions_per_s"], ratios(r)] for r in rows]
     for c in comp:
         counts = c.get("params", {})
         params = counts.get("optimized_total", counts.get("total")) if isinstance(counts, dict) else counts
@@ -148,6 +162,7 @@ def main(argv: list[str]) -> dict:
     args = {**a, "comparator": Path(a["comparator"]).name}  # the script, not where it lay
     data = {"machine": machine(a["device"]), "args": args, "longdream": rows, "comparator": comp}
     # other settings than the defaults get results files of their own, beside the default one
-    suffix = ("_reinforce" if a["actor_grad"] == "reinforce" else "") + ("_bf16" if a["precision"] == "bf16" else "")
+    suffix = ("_reinforce" if a["actor_grad"] == "reinforce" else "") + ("_bf16" if a["precision"] == "bf16" else "") \
+        + ("_compiled" if a["compile_step"] else "")
     write(f"update_{a['device'].split(':')[0]}{suffix}", data, table, a["out"] or None)
     return data

@@ -25,6 +25,7 @@ machinery (tokens, prior/posterior, modes) lives in worldmodels/ssm.py.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -59,6 +60,8 @@ class MambaConfig:
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     feat_state: bool = True  # actor, critic and heads also read the last block's SSM state (R2I)
+    compile_step: bool = False  # imagination's SSM step (`ssm_step`) through torch.compile, which fuses its
+    #                             chain of (N, D, d_state) elementwise operations (needs a C++ compiler on a CPU)
 
     def __post_init__(self):
         fill_size(self, SIZES, self.size)
@@ -93,6 +96,23 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if z is not None:
         y = y * F.silu(z.to(dtype))
     return y.to(out), hs
+
+
+def ssm_step(h: Tensor, dt: Tensor, A: Tensor, x: Tensor, B: Tensor, C: Tensor, D: Tensor,
+             z: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of the selective SSM without reset, from h (Bt, D, N) with delta already through its
+    softplus, dt (Bt, D): h' = exp(dt A) h + dt B x, y = (<C, h'> + D x) SiLU(z). Returns h' and y
+    (Bt, D). Imagination's inner step (`MambaStepper`), kept free of modules so that torch.compile can
+    fuse it (`compiled_ssm_step`)."""
+    h = torch.exp(dt[..., None] * A) * h + (dt * x)[..., None] * B[:, None, :]
+    return h, ((h * C[:, None, :]).sum(-1) + D * x) * F.silu(z)
+
+
+@functools.cache
+def compiled_ssm_step():
+    """`ssm_step` through torch.compile (made once per process, on first use): the same maths, its
+    elementwise passes over (Bt, D, N) fused forward and backward."""
+    return torch.compile(ssm_step, dynamic=False)
 
 
 def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None = None,
@@ -151,6 +171,7 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1))  # (D, N)
         self.D = nn.Parameter(torch.ones(D))
         self.out_proj = nn.Linear(D, H, bias=False)
+        self.compile_step = cfg.compile_step
 
     def _ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """delta before its bias and softplus (..., D), B and C (..., N) from the conv's output x (..., D)."""
@@ -217,11 +238,13 @@ class MambaBlock(nn.Module):
 
 class MambaStepper:
     """The block one token at a time (see worldmodels/ssm.py), `MambaMixer.step` without resets: the
-    conv window and the SSM state carried as they are, A = -exp(A_log) made once per rollout."""
+    conv window and the SSM state carried as they are, A = -exp(A_log) made once per rollout, the SSM
+    update by `ssm_step` (compiled where MambaConfig.compile_step is set)."""
 
     def __init__(self, block: MambaBlock, x0: dict[str, Tensor]):
         self.block, self.window, self.h = block, x0["conv"], x0["ssm"].to(_real(x0["ssm"]))  # (B, D, K-1), (B, D, N)
         self.A = -block.mixer.A_log.exp().to(self.h.dtype)  # (D, N)
+        self.ssm_step = compiled_ssm_step() if block.mixer.compile_step else ssm_step
 
     def step(self, u: Tensor) -> Tensor:
         m = self.block.mixer
@@ -229,10 +252,9 @@ class MambaStepper:
         window = torch.cat([self.window, x[..., None]], -1)  # (B, D, K)
         x = F.silu((window * m.conv_weight).sum(-1) + m.conv_bias)
         delta, B, C = m._ssm_inputs(x)
-        dt = F.softplus(delta + m.dt_proj.bias).to(self.h.dtype)  # (B, D)
-        xr = x.to(self.h.dtype)
-        self.h = torch.exp(dt[..., None] * self.A) * self.h + (dt * xr)[..., None] * B.to(self.h.dtype)[:, None, :]
-        y = ((self.h * C.to(self.h.dtype)[:, None, :]).sum(-1) + m.D * xr) * F.silu(z.to(self.h.dtype))
+        f = self.h.dtype
+        dt = F.softplus(delta + m.dt_proj.bias).to(f)  # (B, D)
+        self.h, y = self.ssm_step(self.h, dt, self.A, x.to(f), B.to(f), C.to(f), m.D.to(f), z.to(f))
         self.window = window[..., 1:]
         return u + m.out_proj(y.to(u.dtype))
 

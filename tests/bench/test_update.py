@@ -34,6 +34,19 @@ def test_update_rows_for_every_backbone(tmp_path):
     assert table.count("the RSSM's time") == len(BACKBONES) - 1
 
 
+@pytest.mark.slow  # compiles Mamba's imagination step
+def test_compiled_step_rows_beside_the_eager_ones(tmp_path):
+    """compile_step=true: Mamba is timed eager and with its compiled step in the same run (the second row
+    says by how much), a backbone without a compilable step once; its own results file."""
+    assert main(["bench", "update", "backbone=mamba,rssm", "sizes=xs", "compile_step=true", "repeats=1", "warmup=1",
+                 "batch=2", "seq=8", f"out={tmp_path}"]) == 0
+    rows = json.loads((tmp_path / "update_cpu_compiled.json").read_text())["longdream"]
+    assert [(r["backbone"], r["compiled_step"]) for r in rows] == [("mamba", False), ("mamba", True), ("rssm", False)]
+    assert rows[1]["dims"]["compile_step"] and not rows[0]["dims"]["compile_step"]
+    table = (tmp_path / "update_cpu_compiled.md").read_text()
+    assert "mamba xs (compiled step)" in table and ("than eager" in table.split("(compiled step)")[1].split("\n")[0])
+
+
 def test_unknown_backbone_is_a_one_line_error(capsys):
     assert main(["bench", "update", "backbone=gru"]) == 2
     err = capsys.readouterr().err.strip()

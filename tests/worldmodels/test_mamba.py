@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worldmodels.mamba import MambaConfig, MambaMixer, MambaWM, selective_scan, selective_scan_ref
+from worldmodels.mamba import (MambaConfig, MambaMixer, MambaWM, compiled_ssm_step, selective_scan, selective_scan_ref,
+                               ssm_step)
 
 Bt, Dn, N = 3, 6, 4
 
@@ -163,3 +164,33 @@ def test_state_entries():
     D = c.expand * c.d_model
     assert core.state_shapes() == {"conv": (c.layers, D, c.d_conv - 1), "ssm": (c.layers, D, c.d_state),
                                    "stoch": (c.stoch, c.classes), "h": (c.d_model,)}
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels on a CPU (seconds per shape)
+def test_compiled_step_equals_the_eager_step():
+    """`compiled_ssm_step` (MambaConfig.compile_step) against `ssm_step`: the new state, the output and the
+    gradients of every input; then a whole core imagining with it against the same core without."""
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x = dict(h=r(Bt, Dn, N), dt=F.softplus(r(Bt, Dn)), A=-torch.rand(Dn, N, generator=g), x=r(Bt, Dn), B=r(Bt, N),
+             C=r(Bt, N), D=r(Dn), z=r(Bt, Dn))
+    wh, wy = r(Bt, Dn, N), r(Bt, Dn)
+    out = []
+    for fn in (ssm_step, compiled_ssm_step()):
+        xs = {k: v.clone().requires_grad_() for k, v in x.items()}
+        h, y = fn(**xs)
+        out.append((h, y, *torch.autograd.grad((h * wh).sum() + (y * wy).sum(), list(xs.values()))))
+    for name, a, b in zip(["h", "y", *(f"grad {k}" for k in x)], *out):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+    feats = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        core = MambaWM(MambaConfig(size="xs", compile_step=compiled), 16, 2)
+        start = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in core.initial(4).items()}
+        weight = torch.randn(core.feat_size, 2, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        torch.manual_seed(7)
+        feat, _ = core.imagine(start, lambda f: torch.tanh(f @ weight), 5)
+        feats.append((feat, *torch.autograd.grad(feat.square().sum(), [weight, core.blocks[0].mixer.A_log])))
+    for a, b in zip(*feats):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
