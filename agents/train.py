@@ -172,10 +172,12 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
     if group.rank:  # each rank draws its own windows and imagination noise
         torch.manual_seed(t.seed + 7919 * group.rank)
     opts = agent.optimizers()
+    # about the rows this rank writes: one per step plus one per episode end (where the estimate falls
+    # short, the replay reports a full disk as it grows)
+    expected_rows = t.steps // world + t.envs * (t.collect_every + t.seq_len)
     replay = Replay(max(t.replay_capacity // world, t.envs * t.seq_len), t.batch_size, t.seq_len, run_dir / "replay", policy.obs_keys, t.envs,
                     state_shapes=agent.wm.core.state_shapes(), context=t.replay_context, every=t.replay_context_every,
-                    expected_rows=t.steps // world + t.envs * (t.collect_every + t.seq_len))  # about the rows the run writes
-    #   (one per step, plus one per episode end: where the estimate falls short, _reserve reports a full disk)
+                    expected_rows=expected_rows)
     counters = {"env_steps": 0, "agent_steps": 0, "updates": 0, "updates_due": 0.0, "episodes": 0,
                 "nonfinite": 0, "last_log": 0, "last_eval": 0, "last_video": 0}
 

@@ -119,10 +119,10 @@ def main(argv: list[str]) -> dict:
                           f"{a['backbone']} use sizes=xs,s")
     rows = []
     for b in backbones:
+        has_step = "compile_step" in {f.name for f in dataclasses.fields(BACKBONES[b][1])}
         for size in asked:
             if size in RSSM_ONLY and b != "rssm":  # widths matched to TorchRL's RSSM: no other backbone has them
                 continue
-            has_step = "compile_step" in {f.name for f in dataclasses.fields(BACKBONES[b][1])}
             for compiled in (False, True) if a["compile_step"] and has_step else (False,):
                 r = time_update(size, a, b, compiled)
                 rows.append(r)
