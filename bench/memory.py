@@ -12,7 +12,8 @@ model state stored with its first row, so the cue seen at an episode's start rea
 the stored states, but no gradient crosses a window's start, so nothing teaches the model to keep the
 cue unless one window holds both the cue and the reward it decides. `sweep_cover=true` makes every
 window span two episodes (seq_len = 2(L + 1) rounded up to 16) at about the same tokens per update
-(batch_size = max(2, batch_size x seq_len / that)); its runs are named `<backbone>-len<L>-seed<s>-cover`.
+(batch_size = max(2, batch_size x seq_len / that), or `sweep_cover_batch` windows: more whole episodes per
+update); its runs are named `<backbone>-len<L>-seed<s>-cover` (`-cover-b<windows>`).
 Results accumulate in bsuite_memory.json / .md (a run replaces the row of the same backbone, length,
 seed, steps and overrides) beside success.png. `report_only=true` writes them from the runs already
 finished and trains nothing.
@@ -55,8 +56,9 @@ def main(argv: list[str]) -> dict:
     base = load_config([*extra, "env=bsuite_memory_len"])[0].train
     for b in backbones:
         for L in probe.sweep_lengths:
-            run = runs / f"{b}-len{L}-seed{probe.seed}{'-cover' if probe.sweep_cover else ''}"
-            window = cover_window(L, base.batch_size, base.seq_len) if probe.sweep_cover else []
+            cover = f"-cover{f'-b{probe.sweep_cover_batch}' if probe.sweep_cover_batch else ''}" if probe.sweep_cover else ""
+            run = runs / f"{b}-len{L}-seed{probe.seed}{cover}"
+            window = cover_window(L, base.batch_size, base.seq_len, probe.sweep_cover_batch) if probe.sweep_cover else []
             # the same number of training episodes at every length, or the same env steps
             steps = probe.sweep_train_episodes * (L + 1) if probe.sweep_train_episodes else probe.sweep_steps
             scale = [f"loss.reward={L + 1}"] if probe.sweep_reward_by_length else []
@@ -84,6 +86,8 @@ def main(argv: list[str]) -> dict:
                          "env_steps": res["env_steps"], "updates": res["updates"], "wall_s": round(time.time() - tic, 1),
                          "episodes": probe.sweep_episodes, "steps": steps, "extra": " ".join(extra),
                          "reward_by_length": probe.sweep_reward_by_length, "cover": probe.sweep_cover,
+                         "cover_batch": probe.sweep_cover_batch if probe.sweep_cover else 0,
+                         "updates_per_episode": probe.sweep_updates_per_episode,
                          "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
                          "replay_context": cfg.train.replay_context, "dims": dataclasses.asdict(cfg.core),
                          "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
@@ -113,11 +117,12 @@ def _same_run(stored: list[str] | None, overrides: list[str]) -> bool:
     return stored is not None and keep(stored) == keep(overrides)
 
 
-def cover_window(L: int, batch_size: int, seq_len: int) -> list[str]:
+def cover_window(L: int, batch_size: int, seq_len: int, windows: int = 0) -> list[str]:
     """Overrides for windows that span two episodes of memory length L (each L + 1 steps), so that every
-    window holds a whole episode, at about the tokens per update of batch_size x seq_len."""
+    window holds a whole episode: `windows` of them per update, or (0) about the tokens per update of
+    batch_size x seq_len."""
     T = -(-2 * (L + 1) // 16) * 16
-    return [f"batch_size={max(2, batch_size * seq_len // T)}", f"seq_len={T}"]
+    return [f"batch_size={windows or max(2, batch_size * seq_len // T)}", f"seq_len={T}"]
 
 
 def _parts(r: dict) -> tuple[str, ...]:
@@ -127,6 +132,8 @@ def _parts(r: dict) -> tuple[str, ...]:
     n = r["steps"] // (r["memory_length"] + 1)
     budget = f"{n} episodes" if n * (r["memory_length"] + 1) == r["steps"] else f"{r['steps']} steps"
     return tuple(x for x in (*r["extra"].split(), "seq_len=2(L+1)" if r.get("cover") else "",
+                             f"batch_size={r['cover_batch']}" if r.get("cover_batch") else "",
+                             f"{r['updates_per_episode']:g} updates/episode" if r.get("updates_per_episode") else "",
                              "loss.reward=L+1" if r.get("reward_by_length") else "", budget) if x)
 
 

@@ -63,6 +63,7 @@ class ProbeConfig:
     sweep_reward_by_length: bool
     sweep_episodes: int
     sweep_cover: bool
+    sweep_cover_batch: int
     sweep_extra: list
 
 

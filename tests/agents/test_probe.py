@@ -155,6 +155,21 @@ def test_bsuite_memory_sweep_reports_success_per_length(tmp_path, capsys):
     assert not (out / "rssm-len5-seed0").exists()
 
 
+def test_cover_windows_hold_a_whole_episode_and_the_batch_asked_for():
+    """Windows of 2(L + 1) steps rounded up to 16 hold a whole episode wherever they start; by default the
+    tokens per update stay about batch_size x seq_len, and sweep_cover_batch sets the windows per update
+    (which the row's label then names, beside the updates per episode)."""
+    from bench.memory import _label, cover_window
+
+    assert cover_window(50, 16, 16) == ["batch_size=2", "seq_len=112"]
+    assert cover_window(100, 16, 64) == ["batch_size=4", "seq_len=208"]
+    assert cover_window(50, 16, 16, 16) == ["batch_size=16", "seq_len=112"]
+    row = {"memory_length": 50, "steps": 400 * 51, "extra": "preset=control_cpu", "cover": True, "cover_batch": 16,
+           "updates_per_episode": 10, "reward_by_length": True}
+    assert _label(row) == "preset=control_cpu seq_len=2(L+1) batch_size=16 10 updates/episode loss.reward=L+1 400 episodes"
+    assert "batch_size" not in _label({**row, "cover_batch": 0})
+
+
 def test_settings_key_follows_what_shapes_a_run():
     """A suite reuses a finished run when nothing that shapes its result changed: where it is written, how
     it is shown and the online sweep's settings do not count; the updates, the task and the losses do."""
