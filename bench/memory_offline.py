@@ -175,9 +175,9 @@ def report(rows: list[dict]) -> str:
             "predicted at the last step (chance 0.5) and linear probes of the cue from the features, on held-out "
             "episodes; `learnt at` is the first evaluation with accuracy >= the threshold\n\n")
     return head + markdown(
-        ["backbone", "memory length", "actions", "seed", "batch", "updates", "learnt at", "reward accuracy",
+        ["backbone", "memory length", "actions", "seed", "batch", "lr", "updates", "learnt at", "reward accuracy",
          "cue probe (middle / last step)", "params", "wall time", "threads", "machine", "date"],
-        [[r["backbone"], r["memory_length"], r["actions"], r["seed"], r["batch_size"], r["updates"],
+        [[r["backbone"], r["memory_length"], r["actions"], r["seed"], r["batch_size"], f"{r['lr']:g}", r["updates"],
           "-" if r["learnt_at"] is None else r["learnt_at"], f"{r['reward_acc']:.2f}",
           f"{r['cue_probe_mid']:.2f} / {r['cue_probe_end']:.2f}", f"{r['params'] / 1e6:.2f}M", f"{r['wall_s'] / 60:.1f} min",
           r["threads"], r["machine"], r["date"]] for r in rows])
