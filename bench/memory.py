@@ -56,7 +56,9 @@ def main(argv: list[str]) -> dict:
     base = load_config([*extra, "env=bsuite_memory_len"])[0].train
     for b in backbones:
         for L in probe.sweep_lengths:
-            cover = f"-cover{f'-b{probe.sweep_cover_batch}' if probe.sweep_cover_batch else ''}" if probe.sweep_cover else ""
+            cover = ""
+            if probe.sweep_cover:
+                cover = f"-cover-b{probe.sweep_cover_batch}" if probe.sweep_cover_batch else "-cover"
             run = runs / f"{b}-len{L}-seed{probe.seed}{cover}"
             window = cover_window(L, base.batch_size, base.seq_len, probe.sweep_cover_batch) if probe.sweep_cover else []
             # the same number of training episodes at every length, or the same env steps
