@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agents.parallel import run_parallel
 from bench.report import RESULTS, commit, machine, markdown, write
 
 
@@ -36,7 +37,6 @@ def main(argv: list[str]) -> dict:
     from agents.config import ConfigError, compose, load_config
     from agents.probe import split_args
     from agents.probe.protocol import build
-    from agents.train import build_agent, train
     from worldmodels.model import BACKBONES
 
     if importlib.util.find_spec("bsuite") is None:
@@ -52,7 +52,8 @@ def main(argv: list[str]) -> dict:
     runs = Path(probe.out) / "bsuite_memory"
     folder = runs if out_given else RESULTS
     extra = [str(o) for o in probe.sweep_extra]
-    rows, missing = [], []
+    rows: list[dict | None] = []
+    jobs, slots, missing = [], [], []
     base = load_config([*extra, "env=bsuite_memory_len"])[0].train
     for b in backbones:
         for L in probe.sweep_lengths:
@@ -64,14 +65,16 @@ def main(argv: list[str]) -> dict:
             # the same number of training episodes at every length, or the same env steps
             steps = probe.sweep_train_episodes * (L + 1) if probe.sweep_train_episodes else probe.sweep_steps
             scale = [f"loss.reward={L + 1}"] if probe.sweep_reward_by_length else []
+            progress = probe.progress and probe.workers == 1  # side by side: one bar over the runs instead
             settings = ["env=bsuite_memory_len", f"env.kwargs.memory_length={L}", f"world_model={b}", f"size={raw.size.name}",
                         f"steps={steps}", f"seed={probe.seed}", f"device={probe.device}", f"run_dir={run}",
-                        f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={probe.progress}", *extra, *window, *scale]
+                        f"eval_episodes={probe.sweep_episodes}", "eval_every=0", f"progress={progress}", *extra, *window, *scale]
             cfg, overrides = load_config(settings)
             if probe.sweep_updates_per_episode:  # the same updates per episode at every length: the ratio falls with L
                 t = cfg.train
                 ratio = probe.sweep_updates_per_episode * t.batch_size * t.seq_len / (L + 1)
-                cfg, overrides = load_config(settings + [f"train_ratio={ratio:g}"])
+                settings = settings + [f"train_ratio={ratio:g}"]
+                cfg, overrides = load_config(settings)
             done = run / "result.json"
             if done.exists() and _same_run(json.loads(done.read_text()).get("overrides"), overrides):  # a sweep resumes
                 rows.append(json.loads(done.read_text()))
@@ -80,24 +83,15 @@ def main(argv: list[str]) -> dict:
             if probe.report_only:  # report what has finished, train nothing
                 missing.append(f"{b} memory_len={L}")
                 continue
-            tic = time.time()
-            res = train(cfg)
-            agent = build_agent(cfg, "cpu")[0]
-            success = float(np.mean(np.asarray(res["eval_returns_after"]) > 0))
-            rows.append({"backbone": b, "memory_length": int(L), "success": success, "seed": probe.seed,
-                         "env_steps": res["env_steps"], "updates": res["updates"], "wall_s": round(time.time() - tic, 1),
-                         "episodes": probe.sweep_episodes, "steps": steps, "extra": " ".join(extra),
-                         "reward_by_length": probe.sweep_reward_by_length, "cover": probe.sweep_cover,
-                         "cover_batch": probe.sweep_cover_batch if probe.sweep_cover else 0,
-                         "updates_per_episode": probe.sweep_updates_per_episode,
-                         "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
-                         "replay_context": cfg.train.replay_context, "dims": dataclasses.asdict(cfg.core),
-                         "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
-                         "loss": dataclasses.asdict(cfg.loss), "threads": torch.get_num_threads(),
-                         "params": sum(p.numel() for p in agent.parameters()), "overrides": overrides,
-                         "machine": machine(probe.device), "date": time.strftime("%Y-%m-%d"), "commit": commit()})
-            done.write_text(json.dumps(rows[-1], indent=1))
-            print(f"[memory] bsuite memory_len={L} {b}: success {success:.2f} ({rows[-1]['wall_s'] / 60:.1f} min)", flush=True)
+            row = {"backbone": b, "memory_length": int(L), "seed": probe.seed, "episodes": probe.sweep_episodes,
+                   "steps": steps, "extra": " ".join(extra), "reward_by_length": probe.sweep_reward_by_length,
+                   "cover": probe.sweep_cover, "cover_batch": probe.sweep_cover_batch if probe.sweep_cover else 0,
+                   "updates_per_episode": probe.sweep_updates_per_episode}
+            jobs.append((settings, row, probe.device))
+            slots.append(len(rows))
+            rows.append(None)
+    for slot, row in zip(slots, run_parallel(_train_one, jobs, probe.workers, "bsuite sweep", probe.progress)):
+        rows[slot] = row
     if missing:
         print("[memory] report_only: not finished yet, left out: " + ", ".join(missing), flush=True)
     if probe.report_only and not rows:
@@ -110,6 +104,31 @@ def main(argv: list[str]) -> dict:
         table += "\n\n![success against memory length](bsuite_memory_success.png)"
     write("bsuite_memory", data, table, str(folder) if out_given else None)
     return data
+
+
+def _train_one(job: tuple[list[str], dict, str]) -> dict:
+    """One sweep run: train the agent, evaluate, save result.json in its run directory (a picklable job
+    for a worker process). Returns its row."""
+    from agents.config import load_config
+    from agents.train import build_agent, train
+
+    settings, row, device = job
+    cfg, overrides = load_config(settings)
+    tic = time.time()
+    res = train(cfg)
+    agent = build_agent(cfg, "cpu")[0]
+    success = float(np.mean(np.asarray(res["eval_returns_after"]) > 0))
+    row = {**row, "success": success, "env_steps": res["env_steps"], "updates": res["updates"],
+           "wall_s": round(time.time() - tic, 1), "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
+           "replay_context": cfg.train.replay_context, "dims": dataclasses.asdict(cfg.core),
+           "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
+           "loss": dataclasses.asdict(cfg.loss), "threads": torch.get_num_threads(),
+           "params": sum(p.numel() for p in agent.parameters()), "overrides": overrides,
+           "machine": machine(device), "date": time.strftime("%Y-%m-%d"), "commit": commit()}
+    (Path(cfg.train.run_dir) / "result.json").write_text(json.dumps(row, indent=1))
+    print(f"[memory] bsuite memory_len={row['memory_length']} {row['backbone']}: success {success:.2f} "
+          f"({row['wall_s'] / 60:.1f} min)", flush=True)
+    return row
 
 
 def _same_run(stored: list[str] | None, overrides: list[str]) -> bool:

@@ -56,6 +56,7 @@ class ProbeConfig:
     eval_every: int
     progress: bool
     report_only: bool
+    workers: int
     sweep_lengths: list
     sweep_steps: int
     sweep_train_episodes: int
@@ -75,6 +76,10 @@ def build(raw) -> tuple[ProbeConfig, TaskConfig, str, object, NetsConfig, LossCo
     task = _build(TaskConfig, raw.task, "task")
     if probe.updates < 0 or probe.batch_size < 1 or probe.eval_batch < 1:
         raise ConfigError("updates must be >= 0, batch_size >= 1 and eval_batch >= 1")
+    if probe.workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {probe.workers}")
+    if probe.sweep_cover_batch and not probe.sweep_cover:
+        raise ConfigError("sweep_cover_batch sets the windows of sweep_cover: add sweep_cover=true (or drop sweep_cover_batch)")
     if task.train_episodes < 1 or task.test_episodes < 1:
         raise ConfigError("task.train_episodes and task.test_episodes must be >= 1")
     name, core, nets = build_model(raw)
@@ -246,7 +251,8 @@ def probe_states(wm: WorldModel, train: TensorDict, test: TensorDict, probe: Pro
 # ------------------------------------------------------------------------------------------ runs
 
 
-VOLATILE = ("progress", "out", "suite", "backbones", "videos", "log_every", "eval_every", "device", "report_only")  # keys that do not change a result
+VOLATILE = ("progress", "out", "suite", "backbones", "videos", "log_every", "eval_every", "device", "report_only",
+            "workers")  # keys that do not change a result
 
 
 def settings_key(raw) -> str:
@@ -274,6 +280,20 @@ def finished(raw) -> dict | None:
     return None
 
 
+def task_data(raw) -> tuple[int, int, int, tuple, TensorDict, TensorDict]:
+    """The task's context and query lengths, action count, image shape (H, W, C) and its train and test
+    episodes (generated once, then read from the cache under out/data)."""
+    probe, task = build(raw)[:2]
+    env = make_task_env(task)
+    C, Q = split_of(task, env)
+    A = env.action_space.n
+    image = tuple(env.observation_space.shape)
+    env.close()
+    cache = Path(probe.out) / "data"
+    return (C, Q, A, image, dataset(task, "train", C + Q, cache, probe.progress),
+            dataset(task, "test", C + Q, cache, probe.progress))
+
+
 def run_one(raw) -> dict:
     """One task x one backbone: data, offline training, evaluation, video. Returns the metrics."""
     from torch.utils.tensorboard import SummaryWriter
@@ -285,14 +305,7 @@ def run_one(raw) -> dict:
     dev = torch.device(probe.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu")
-    out = Path(probe.out)
-    env = make_task_env(task)
-    C, Q = split_of(task, env)
-    A = env.action_space.n
-    image = tuple(env.observation_space.shape)  # (H, W, C)
-    env.close()
-    train_data = dataset(task, "train", C + Q, out / "data", probe.progress)
-    test_data = dataset(task, "test", C + Q, out / "data", probe.progress)
+    C, Q, A, image, train_data, test_data = task_data(raw)
 
     run_dir = run_dir_of(raw)
     run_dir.mkdir(parents=True, exist_ok=True)

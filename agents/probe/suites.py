@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from agents.config import ConfigError, compose
-from agents.probe.protocol import finished, run_one
+from agents.parallel import run_parallel
+from agents.probe.protocol import finished, run_one, task_data
 from agents.probe.report import write_report
 from worldmodels.model import BACKBONES
 
@@ -52,6 +53,11 @@ SUITES = {
 SMOKE = ["updates=6", "batch_size=4", "eval_batch=4", "videos=2", "log_every=2"]
 
 
+def _run(overrides: list[str]) -> dict:
+    """One run of a suite from its overrides (a picklable job for a worker process)."""
+    return run_one(compose(overrides, "probe"))
+
+
 def run_suite(suite: str, overrides: list[str], backbones: list[str] | None = None) -> dict:
     if suite not in SUITES:
         raise ConfigError(f"unknown suite '{suite}' (choose one of {', '.join(SUITES)}, bsuite_memory)")
@@ -68,21 +74,31 @@ def run_suite(suite: str, overrides: list[str], backbones: list[str] | None = No
         if importlib.util.find_spec("memory_maze") is not None:
             entries.append(["task=memory_maze", "task.kwargs.size=9"])
     extra = SMOKE if suite == "smoke" else []
-    results, missing = [], []
+    results: list[dict | None] = []
+    jobs, slots, missing = [], [], []
     for entry in entries:
         for b in backbones:
             # the suite's own settings first, so that the command line can still change them
             keys = {o.split("=", 1)[0] for o in base}
             merged = [o for o in extra + entry if o.split("=", 1)[0] not in keys] + base + [f"world_model={b}"]
-            raw_run = compose(merged, "probe")
-            done = finished(raw_run)  # a suite stopped part-way resumes; a run made elsewhere with out= counts
+            done = finished(compose(merged, "probe"))  # a suite stopped part-way resumes; a run made elsewhere with out= counts
             if done is not None:
                 print(f"[probe] {done['task']} {done['kwargs']} {b}: done before, metrics reused", flush=True)
                 results.append(done)
             elif raw.report_only:
                 missing.append(f"{' '.join(entry)} world_model={b}")
             else:
-                results.append(run_one(raw_run))
+                jobs.append(merged)
+                slots.append(len(results))
+                results.append(None)
+    if jobs and raw.workers > 1:
+        # each task's episodes are generated here once, not by several workers at the same time
+        for first in {tuple(o for o in job if not o.startswith("world_model=")): job for job in jobs}.values():
+            task_data(compose(first, "probe"))
+        # one bar over the runs instead of one per worker
+        jobs = [[o for o in job if not o.startswith("progress=")] + ["progress=false"] for job in jobs]
+    for slot, metrics in zip(slots, run_parallel(_run, jobs, raw.workers, f"suite {suite}", raw.progress)):
+        results[slot] = metrics
     if missing:
         print(f"[probe] report_only: {len(missing)} runs not finished yet and left out of the report:\n  " + "\n  ".join(missing))
     if not results:

@@ -92,6 +92,30 @@ def test_smoke_suite_writes_table_plots_and_videos(tmp_path):
     assert not (tmp_path / r["run_dir"] / "metrics.json").exists()
 
 
+@pytest.mark.slow
+def test_suite_workers_give_the_runs_of_one_process_in_suite_order(tmp_path):
+    """workers=2: the runs split over two spawned processes (one thread each) and come back in suite
+    order with the metrics one process gives at one thread; a rerun reuses them all."""
+    common = ["probe", "suite=smoke", "backbones=s5wm", "threads=1", "progress=false"]
+    threads = torch.get_num_threads()
+    try:
+        assert main([*common, f"out={tmp_path / 'one'}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main([*common, f"out={tmp_path / 'two'}", "workers=2"]) == 0
+    one, two = (json.loads((tmp_path / x / "report_smoke.json").read_text())["runs"] for x in ("one", "two"))
+    assert [r["task"] for r in two] == ["distracting_memory", "doors_keys", "rooms", "teleport"]
+    assert [r["task"] for r in one] == [r["task"] for r in two]
+    for a, b in zip(one, two):
+        assert b["threads"] == 1
+        for k in ("gen_mse", "recon_mse", "reward_acc_imagine", "gen_mse_per_step"):
+            assert a[k] == b[k], (a["task"], k)
+    assert len({r["run_s"] for r in two}) > 1  # each run timed in its own process
+    before = (tmp_path / "two" / "report_smoke.json").read_text()
+    assert main([*common, f"out={tmp_path / 'two'}", "workers=2"]) == 0
+    assert (tmp_path / "two" / "report_smoke.json").read_text() == before
+
+
 def test_report_only_without_finished_runs_is_a_one_line_error(tmp_path, capsys):
     assert main(["probe", "suite=smoke", f"out={tmp_path}", "report_only=true"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -118,6 +142,8 @@ def test_eval_every_records_a_curve_and_leaves_training_unchanged(tmp_path):
     (["backbones=rssm"], "backbones= is for suites"),
     (["task=nope"], "no config 'task/nope'"),
     (["task.kwargs.length=0", "updates=0"], "length"),
+    (["suite=smoke", "workers=0"], "workers must be at least 1"),
+    (["suite=bsuite_memory", "sweep_cover_batch=16"], "add sweep_cover=true"),
 ])
 def test_probe_errors_are_one_line(tmp_path, capsys, args, needle):
     assert main(["probe", f"out={tmp_path}", "progress=false", *args]) == 2
@@ -127,13 +153,14 @@ def test_probe_errors_are_one_line(tmp_path, capsys, args, needle):
 
 @pytest.mark.slow
 def test_bsuite_memory_sweep_reports_success_per_length(tmp_path, capsys):
-    """Success per backbone and length; a budget in episodes gives env steps of episodes x (L + 1) and
-    the reward scale L + 1; a second invocation reuses every finished run."""
+    """Success per backbone and length (runs side by side with workers=2, rows in sweep order); a budget
+    in episodes gives env steps of episodes x (L + 1) and the reward scale L + 1; a second invocation
+    (one process) reuses every finished run."""
     pytest.importorskip("bsuite")
     extra = "['prefill=64','batch_size=2','train_ratio=16','collect_every=8','log_every=64','checkpoint_every=100000']"
     argv = ["probe", "suite=bsuite_memory", "backbones=rssm,s5wm", "sweep_lengths=[1,3]", "sweep_train_episodes=40",
             "sweep_reward_by_length=true", "sweep_episodes=4", f"sweep_extra={extra}", f"out={tmp_path}", "progress=false"]
-    assert main(argv) == 0
+    assert main([*argv, "workers=2"]) == 0  # the four runs in two processes
     out = tmp_path / "bsuite_memory"
     runs = json.loads((out / "bsuite_memory.json").read_text())["runs"]
     assert [(r["backbone"], r["memory_length"]) for r in runs] == [("rssm", 1), ("rssm", 3), ("s5wm", 1), ("s5wm", 3)]
