@@ -36,7 +36,15 @@ def _plot(path: Path, title: str, lines: dict, marker: str | None = None, **axes
     return path
 
 
-def write_report(suite: str, results: list[dict], out: Path, missing: list[str] = ()) -> dict:
+def _invocation_line(inv: dict) -> str:
+    whole = "the whole suite" if not inv["reused"] else f"{inv['trained']} runs, {inv['reused']} more reused from before"
+    return (f"Wall time of the invocation that trained {whole}: {inv['wall_s'] / 3600:.2f} h with {inv['workers']} "
+            f"process{'es' * (inv['workers'] > 1)} x {inv['threads']} thread{'s' * (inv['threads'] > 1)}.")
+
+
+def write_report(suite: str, results: list[dict], out: Path, missing: list[str] = (), invocation: dict | None = None) -> dict:
+    """`invocation`: what the command that wrote this report ran (runs trained, reused, wall seconds, workers,
+    threads per worker), so a suite run whole in one invocation states its own wall time."""
     tasks = list(dict.fromkeys(task_label(m) for m in results))
     backbones = list(dict.fromkeys(m["backbone"] for m in results))
     cell = {(task_label(m), m["backbone"]): m for m in results}
@@ -70,6 +78,7 @@ def write_report(suite: str, results: list[dict], out: Path, missing: list[str] 
     wall = sum(m.get("run_s", m["train_s"]) for m in results)
     text += [f"**Runs** ({len(results)}, {wall / 3600:.2f} h of run time in all; processes that ran side by side "
              "overlap, so the suite's wall time is given where it was run)", "",
+             *([_invocation_line(invocation), ""] if invocation and invocation["trained"] else []),
              "| task | backbone | dims | params | train time | run time | threads | machine | date | commit |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for m in results:
@@ -99,6 +108,7 @@ def write_report(suite: str, results: list[dict], out: Path, missing: list[str] 
             text.append(f"![{t}, learning curve]({plots[-1].name})")
     report = out / f"report_{suite}.md"
     report.write_text("\n".join(text) + "\n")
-    (out / f"report_{suite}.json").write_text(json.dumps(portable({"suite": suite, "runs": results}, out), indent=1))
+    data = {"suite": suite, "runs": results, **({"invocation": invocation} if invocation else {})}
+    (out / f"report_{suite}.json").write_text(json.dumps(portable(data, out), indent=1))
     print(f"report: {report}")
     return {"report": str(report), "plots": [str(p) for p in plots], "runs": results}

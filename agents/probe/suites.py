@@ -1,10 +1,13 @@
 """Memory-probe suites: named lists of tasks, each run for every backbone, with one report."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import torch
+
 from agents.config import ConfigError, compose
-from agents.parallel import run_parallel
+from agents.parallel import run_parallel, threads_per_worker
 from agents.probe.protocol import finished, run_one, task_data
 from agents.probe.report import write_report
 from worldmodels.model import BACKBONES
@@ -61,6 +64,7 @@ def _run(overrides: list[str]) -> dict:
 def run_suite(suite: str, overrides: list[str], backbones: list[str] | None = None) -> dict:
     if suite not in SUITES:
         raise ConfigError(f"unknown suite '{suite}' (choose one of {', '.join(SUITES)}, bsuite_memory)")
+    tic = time.time()
     base = [o for o in overrides if o.split("=", 1)[0] not in ("task", "world_model")]
     raw = compose(base, "probe")
     backbones = backbones or list(BACKBONES)
@@ -99,8 +103,11 @@ def run_suite(suite: str, overrides: list[str], backbones: list[str] | None = No
         jobs = [[o for o in job if not o.startswith("progress=")] + ["progress=false"] for job in jobs]
     for slot, metrics in zip(slots, run_parallel(_run, jobs, raw.workers, f"suite {suite}", raw.progress)):
         results[slot] = metrics
+    workers = min(raw.workers, len(jobs)) if jobs else 1
+    invocation = {"trained": len(jobs), "reused": len(results) - len(jobs), "wall_s": round(time.time() - tic, 1),
+                  "workers": workers, "threads": threads_per_worker(workers, torch.get_num_threads())}
     if missing:
         print(f"[probe] report_only: {len(missing)} runs not finished yet and left out of the report:\n  " + "\n  ".join(missing))
     if not results:
         raise ConfigError(f"report_only: no finished run of suite '{suite}' under {raw.out} (run the suite first)")
-    return write_report(suite, results, Path(raw.out), missing)
+    return write_report(suite, results, Path(raw.out), missing, invocation)

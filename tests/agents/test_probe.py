@@ -111,9 +111,15 @@ def test_suite_workers_give_the_runs_of_one_process_in_suite_order(tmp_path):
         for k in ("gen_mse", "recon_mse", "reward_acc_imagine", "gen_mse_per_step"):
             assert a[k] == b[k], (a["task"], k)
     assert len({r["run_s"] for r in two}) > 1  # each run timed in its own process
-    before = (tmp_path / "two" / "report_smoke.json").read_text()
+    # the report states the invocation's own wall time when it trained the whole suite
+    inv = json.loads((tmp_path / "two" / "report_smoke.json").read_text())["invocation"]
+    assert (inv["trained"], inv["reused"], inv["workers"], inv["threads"]) == (4, 0, 2, 1)
+    assert max(r["run_s"] for r in two) < inv["wall_s"] < sum(r["run_s"] for r in two) + 60
+    assert "Wall time of the invocation that trained the whole suite" in (tmp_path / "two" / "report_smoke.md").read_text()
     assert main([*common, f"out={tmp_path / 'two'}", "workers=2"]) == 0
-    assert (tmp_path / "two" / "report_smoke.json").read_text() == before
+    again = json.loads((tmp_path / "two" / "report_smoke.json").read_text())
+    assert again["runs"] == two and (again["invocation"]["trained"], again["invocation"]["reused"]) == (0, 4)
+    assert "Wall time of the invocation" not in (tmp_path / "two" / "report_smoke.md").read_text()
 
 
 def test_report_only_without_finished_runs_is_a_one_line_error(tmp_path, capsys):
