@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worldmodels.base import Policy, State, reset_state
@@ -80,14 +81,51 @@ class RSSM(nn.Module):
         return self.gru(x, state["deter"])  # (B, deter)
 
     def observe(self, state, embed, action, is_first, noise=None):
+        """The posterior rollout over T steps. Only what the recurrence needs runs inside the loop: the
+        posterior net's projection of the embeddings runs over all T steps before it (its first layer is
+        split into its deter and embed columns, W [h; e] = W_h h + W_e e), and the prior net, which nothing
+        in the loop reads, over all T after it. `observe_stepwise` is the plain per-step twin."""
         B, T = embed.shape[:2]
         assert action.shape[:2] == (B, T) and is_first.shape == (B, T), (embed.shape, action.shape, is_first.shape)
+        initial = self.initial(B)
+        first_layer, rest = self.post_net[0], self.post_net[1:]
+        w_deter, w_embed = first_layer.weight.split([self.cfg.deter, embed.shape[-1]], -1)
+        from_embed = F.linear(embed, w_embed)  # (B, T, hidden): W_e e_t for every step at once
+        deters, stochs, posts = [], [], []
+        for t in range(T):
+            first = is_first[:, t].to(embed.dtype)  # (B,)
+            state = reset_state(state, initial, first)
+            a = action[:, t] * (1 - first)[:, None]  # (B, A) no action leads into an episode's first step
+            deter = self._img_step(state, a)
+            post = full(rest(F.linear(deter, w_deter) + from_embed[:, t])).reshape(B, self.cfg.stoch, self.cfg.classes)
+            probs = unimix_probs(post, self.cfg.unimix)
+            stoch = sample_onehot(probs, None if noise is None else noise["stoch"][:, t])
+            state = {"deter": deter, "stoch": stoch}
+            deters.append(deter)
+            stochs.append(stoch)
+            posts.append(probs)
+        states = {"deter": torch.stack(deters, 1), "stoch": torch.stack(stochs, 1)}  # (B, T, ...)
+        post_lp = torch.stack(posts, 1).log()  # (B, T, S, K)
+        prior_lp = unimix_probs(self._logits(self.prior_net, states["deter"]), self.cfg.unimix).log()
+        return states, self.feat(states), self._kl_losses(post_lp, prior_lp)
+
+    @staticmethod
+    def _kl_losses(post_lp: Tensor, prior_lp: Tensor) -> dict[str, Tensor]:
+        return {
+            "dyn": categorical_kl(post_lp.detach(), prior_lp),  # (B, T) trains the prior
+            "rep": categorical_kl(post_lp, prior_lp.detach()),  # (B, T) regularises the posterior
+        }
+
+    def observe_stepwise(self, state, embed, action, is_first, noise=None):
+        """`observe` as DreamerV3 writes it: prior and posterior nets on each step inside the loop. The
+        slow twin the tests hold `observe` to."""
+        B, T = embed.shape[:2]
         initial = self.initial(B)
         deters, stochs, post_lp, prior_lp = [], [], [], []
         for t in range(T):
             first = is_first[:, t].to(embed.dtype)  # (B,)
             state = reset_state(state, initial, first)
-            a = action[:, t] * (1 - first)[:, None]  # (B, A) no action leads into an episode's first step
+            a = action[:, t] * (1 - first)[:, None]
             deter = self._img_step(state, a)
             prior = self._logits(self.prior_net, deter)  # (B, S, K)
             post = self._logits(self.post_net, torch.cat([deter, embed[:, t]], -1))  # (B, S, K)
@@ -99,12 +137,7 @@ class RSSM(nn.Module):
             post_lp.append(probs.log())
             prior_lp.append(unimix_probs(prior, self.cfg.unimix).log())
         states = {"deter": torch.stack(deters, 1), "stoch": torch.stack(stochs, 1)}  # (B, T, ...)
-        post_lp, prior_lp = torch.stack(post_lp, 1), torch.stack(prior_lp, 1)  # (B, T, S, K)
-        losses = {
-            "dyn": categorical_kl(post_lp.detach(), prior_lp),  # (B, T) trains the prior
-            "rep": categorical_kl(post_lp, prior_lp.detach()),  # (B, T) regularises the posterior
-        }
-        return states, self.feat(states), losses
+        return states, self.feat(states), self._kl_losses(torch.stack(post_lp, 1), torch.stack(prior_lp, 1))
 
     def feat(self, state: State) -> Tensor:
         return torch.cat([state["deter"], state["stoch"].flatten(-2)], -1)  # (..., F)
