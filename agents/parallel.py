@@ -1,8 +1,7 @@
 """Independent runs of a suite side by side: `workers` processes that share the CPU threads.
 
-Torch's own threads help little at the small sizes of the CPU suites, and two processes that each
-take every core slow each other down many times over; one process per core, each with one thread,
-keeps every core busy. Each job is a whole run that saves its own result, so a suite stopped part-way
+Processes that each take every core slow each other down many times over (thread
+oversubscription); one process per core, each with one thread, keeps every core busy without it. Each job is a whole run that saves its own result, so a suite stopped part-way
 resumes from what finished.
 """
 from __future__ import annotations
