@@ -203,6 +203,22 @@ def evaluate(wm: WorldModel, data: TensorDict, C: int, Q: int, probe: ProbeConfi
 
 
 @torch.no_grad()
+def baseline_gen_mse(data: TensorDict, C: int, Q: int, chunk: int = 16) -> dict[str, float]:
+    """Generation MSE, in the units of `evaluate`, of two predictors that learn nothing, on the same
+    held-out query steps: the last observed frame held for all Q steps ("last_frame") and the per-pixel
+    mean of the C observed frames ("context_mean", a blur of what was seen). A model whose error is at or
+    above these has learnt little of the scene beyond its average."""
+    sums = {"last_frame": 0.0, "context_mean": 0.0}
+    n = data.shape[0]
+    for start in range(0, n, chunk):
+        obs = data["obs"][start:start + chunk, :C + Q].float() / 255.0
+        truth = obs[:, C:]
+        for name, pred in (("last_frame", obs[:, C - 1:C]), ("context_mean", obs[:, :C].mean(1, keepdim=True))):
+            sums[name] += float((pred - truth).pow(2).sum((-1, -2, -3)).mean(1).sum())
+    return {k: v / n for k, v in sums.items()}
+
+
+@torch.no_grad()
 def _features(wm: WorldModel, data: TensorDict, dev: torch.device, chunk: int) -> Tensor:
     """Posterior features over whole episodes, (N, T, F) on the CPU."""
     out = []

@@ -42,17 +42,48 @@ def _invocation_line(inv: dict) -> str:
             f"process{'es' * (inv['workers'] > 1)} x {inv['threads']} thread{'s' * (inv['threads'] > 1)}.")
 
 
-def write_report(suite: str, results: list[dict], out: Path, missing: list[str] = (), invocation: dict | None = None) -> dict:
+BASELINES = {"last_frame": "*last observed frame, held*", "context_mean": "*mean of the observed frames*"}
+
+
+def _run_key(m: dict) -> tuple:
+    return m["task"], json.dumps(m["kwargs"], sort_keys=True), m["backbone"], m.get("settings"), m["train_s"]
+
+
+def _whole_suite_invocation(out: Path, suite: str, results: list[dict], invocation: dict | None) -> dict | None:
+    """The invocation that trained every run of this report: this one, or the one recorded by the report
+    already in `out` when that report holds exactly these runs (a rerun or report_only that reused them all)."""
+    if invocation and invocation["trained"] and not invocation["reused"]:
+        return invocation
+    try:
+        before = json.loads((out / f"report_{suite}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    whole = before.get("whole_suite_invocation") or before.get("invocation")
+    runs = before.get("runs", [])
+    if not whole or whole.get("reused") or whole.get("trained") != len(runs):
+        return None
+    return whole if sorted(map(_run_key, runs)) == sorted(map(_run_key, results)) else None
+
+
+def write_report(suite: str, results: list[dict], out: Path, missing: list[str] = (), invocation: dict | None = None,
+                 baselines: dict | None = None) -> dict:
     """`invocation`: what the command that wrote this report ran (runs trained, reused, wall seconds, workers,
-    threads per worker), so a suite run whole in one invocation states its own wall time."""
+    threads per worker), so a suite run whole in one invocation states its own wall time; a later report of
+    the same runs keeps that invocation's line. `baselines`: per task label, the generation MSE of the
+    predictors that learn nothing (`baseline_gen_mse`), shown under the backbones."""
     tasks = list(dict.fromkeys(task_label(m) for m in results))
     backbones = list(dict.fromkeys(m["backbone"] for m in results))
     cell = {(task_label(m), m["backbone"]): m for m in results}
+    baselines = baselines or {}
+    whole = _whole_suite_invocation(out, suite, results, invocation)
 
-    def table(title: str, fmt) -> str:
+    def table(title: str, fmt, extra: dict | None = None) -> str:
         lines = [f"**{title}**", "", "| backbone | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
         for b in backbones:
             lines.append(f"| {b} | " + " | ".join(fmt(cell[t, b]) if (t, b) in cell else "-" for t in tasks) + " |")
+        for key, label in (extra or {}).items():
+            lines.append(f"| {label} | " + " | ".join(
+                f"{baselines[t][key]:.1f}" if key in baselines.get(t, {}) else "-" for t in tasks) + " |")
         return "\n".join(lines)
 
     r0 = results[0]
@@ -62,7 +93,10 @@ def write_report(suite: str, results: list[dict], out: Path, missing: list[str] 
             "and reward-loss scale: " + "; ".join(
                 f"{t} {m['context']}/{m['query']}, {m['updates']} updates, B{m['batch_size']}, lr {m.get('lr', '-')}, "
                 f"reward x{m.get('loss', {}).get('reward', '-')}" for t, m in first.items()) + ".", "",
-            table("Generation MSE (imagined steps; sum over pixels in [0, 1]; lower is better)", lambda m: f"{m['gen_mse']:.1f}"),
+            table("Generation MSE (imagined steps; sum over pixels in [0, 1]; lower is better)", lambda m: f"{m['gen_mse']:.1f}",
+                  BASELINES if baselines else None),
+            *(["", "The rows in italics learn nothing: the last observed frame held for every imagined step, and the "
+                   "per-pixel mean of the observed frames (a blur of what was seen)."] if baselines else []),
             "", table("Reconstruction MSE (observed steps)", lambda m: f"{m['recon_mse']:.1f}"),
             "", table("Reward-prediction accuracy at reward events, imagination ('-': no reward event in the imagined steps)",
                       lambda m: _acc(m["reward_acc_imagine"])),
@@ -78,7 +112,8 @@ def write_report(suite: str, results: list[dict], out: Path, missing: list[str] 
     wall = sum(m.get("run_s", m["train_s"]) for m in results)
     text += [f"**Runs** ({len(results)}, {wall / 3600:.2f} h of run time in all; processes that ran side by side "
              "overlap, so the suite's wall time is given where it was run)", "",
-             *([_invocation_line(invocation), ""] if invocation and invocation["trained"] else []),
+             *([_invocation_line(line), ""] if (line := whole or (invocation if invocation and invocation["trained"] else None))
+               else []),
              "| task | backbone | dims | params | train time | run time | threads | machine | date | commit |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for m in results:
@@ -108,7 +143,8 @@ def write_report(suite: str, results: list[dict], out: Path, missing: list[str] 
             text.append(f"![{t}, learning curve]({plots[-1].name})")
     report = out / f"report_{suite}.md"
     report.write_text("\n".join(text) + "\n")
-    data = {"suite": suite, "runs": results, **({"invocation": invocation} if invocation else {})}
+    data = {"suite": suite, "runs": results, **({"invocation": invocation} if invocation else {}),
+            **({"whole_suite_invocation": whole} if whole else {}), **({"baselines": baselines} if baselines else {})}
     (out / f"report_{suite}.json").write_text(json.dumps(portable(data, out), indent=1))
     print(f"report: {report}")
     return {"report": str(report), "plots": [str(p) for p in plots], "runs": results}

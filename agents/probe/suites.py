@@ -8,8 +8,8 @@ import torch
 
 from agents.config import ConfigError, compose
 from agents.parallel import run_parallel, threads_per_worker
-from agents.probe.protocol import finished, run_one, task_data
-from agents.probe.report import write_report
+from agents.probe.protocol import baseline_gen_mse, finished, run_one, task_data
+from agents.probe.report import task_label, write_report
 from worldmodels.model import BACKBONES
 
 # Each entry: overrides for one task. "memory" is sized for one GPU in about an hour over four
@@ -82,12 +82,16 @@ def run_suite(suite: str, overrides: list[str], backbones: list[str] | None = No
     extra = SMOKE if suite == "smoke" else []
     results: list[dict | None] = []
     jobs, slots, missing = [], [], []
+    task_runs: list[tuple[list[str], list[int]]] = []  # per task: one run's overrides, the slots of its runs
     for entry in entries:
+        task_runs.append(([], []))
         for b in backbones:
             # the suite's own settings first, so that the command line can still change them
             keys = {o.split("=", 1)[0] for o in base}
             merged = [o for o in extra + entry if o.split("=", 1)[0] not in keys] + base + [f"world_model={b}"]
             done = finished(compose(merged, "probe"))  # a suite stopped part-way resumes; a run made elsewhere with out= counts
+            if done is not None or not raw.report_only:
+                task_runs[-1] = (task_runs[-1][0] or merged, task_runs[-1][1] + [len(results)])
             if done is not None:
                 print(f"[probe] {done['task']} {done['kwargs']} {b}: done before, metrics reused", flush=True)
                 results.append(done)
@@ -112,4 +116,10 @@ def run_suite(suite: str, overrides: list[str], backbones: list[str] | None = No
         print(f"[probe] report_only: {len(missing)} runs not finished yet and left out of the report:\n  " + "\n  ".join(missing))
     if not results:
         raise ConfigError(f"report_only: no finished run of suite '{suite}' under {raw.out} (run the suite first)")
-    return write_report(suite, results, Path(raw.out), missing, invocation)
+    baselines = {}
+    for first, task_slots in task_runs:
+        if task_slots:
+            m = results[task_slots[0]]
+            test = task_data(compose(first, "probe"))[5]
+            baselines[task_label(m)] = baseline_gen_mse(test, m["context"], m["query"])
+    return write_report(suite, results, Path(raw.out), missing, invocation, baselines)

@@ -6,7 +6,7 @@ import torch
 
 from agents.cli import main
 from agents.probe.data import TaskConfig, dataset, generate
-from agents.probe.protocol import _pixel_mse
+from agents.probe.protocol import _pixel_mse, baseline_gen_mse
 from worldmodels.model import BACKBONES
 
 TASK = TaskConfig(name="distracting_memory", id="longdream/DistractingMemory-v0", kwargs={"length": 6},
@@ -67,6 +67,25 @@ def test_pixel_mse_units():
     torch.testing.assert_close(_pixel_mse(black, obs), (obs.float() / 255).pow(2).sum((-1, -2, -3)))
 
 
+def test_baselines_hold_the_last_frame_and_blur_the_context():
+    """Two episodes of one-pixel frames: the last observed frame held, and the mean of the observed ones,
+    against the query frames (squared error summed over pixels, mean over the query steps and episodes);
+    then random frames against a per-episode, per-step loop."""
+    from tensordict import TensorDict
+
+    frames = torch.tensor([[0, 255, 255, 0], [255, 255, 0, 0]], dtype=torch.uint8).view(2, 4, 1, 1, 1)
+    got = baseline_gen_mse(TensorDict({"obs": frames}, batch_size=[2]), C=2, Q=2, chunk=1)
+    # episode 0: last frame 1 against (1, 0) -> 0.5, mean 0.5 -> 0.25; episode 1: 1 against (0, 0) -> 1, mean 1 -> 1
+    assert got == pytest.approx({"last_frame": 0.75, "context_mean": 0.625})
+    obs = torch.randint(0, 256, (5, 9, 3, 4, 4), dtype=torch.uint8)
+    C, Q = 4, 3
+    got = baseline_gen_mse(TensorDict({"obs": obs}, batch_size=[5]), C, Q, chunk=2)
+    x = obs.double() / 255
+    last = sum(((x[n, C - 1] - x[n, t]) ** 2).sum() for n in range(5) for t in range(C, C + Q)) / (5 * Q)
+    mean = sum(((x[n, :C].mean(0) - x[n, t]) ** 2).sum() for n in range(5) for t in range(C, C + Q)) / (5 * Q)
+    assert got == pytest.approx({"last_frame": float(last), "context_mean": float(mean)}, rel=1e-5)
+
+
 @pytest.mark.slow
 def test_smoke_suite_writes_table_plots_and_videos(tmp_path):
     assert main(["probe", "suite=smoke", f"out={tmp_path}", "progress=false"]) == 0
@@ -74,6 +93,9 @@ def test_smoke_suite_writes_table_plots_and_videos(tmp_path):
     for name in BACKBONES:
         assert f"| {name} |" in report
     assert "Generation MSE" in report and "Reward-prediction accuracy" in report
+    assert "| *last observed frame, held* |" in report and "| *mean of the observed frames* |" in report
+    baselines = json.loads((tmp_path / "report_smoke.json").read_text())["baselines"]
+    assert len(baselines) == 4 and all(v["last_frame"] >= 0 and v["context_mean"] >= 0 for v in baselines.values())
     plots = sorted(tmp_path.glob("gen_mse_*_smoke.png"))
     assert len(plots) == 4
     runs = json.loads((tmp_path / "report_smoke.json").read_text())["runs"]
@@ -116,10 +138,12 @@ def test_suite_workers_give_the_runs_of_one_process_in_suite_order(tmp_path):
     assert (inv["trained"], inv["reused"], inv["workers"], inv["threads"]) == (4, 0, 2, 1)
     assert max(r["run_s"] for r in two) < inv["wall_s"] < sum(r["run_s"] for r in two) + 60
     assert "Wall time of the invocation that trained the whole suite" in (tmp_path / "two" / "report_smoke.md").read_text()
+    # a rerun reuses every run and keeps the wall time of the invocation that trained them
     assert main([*common, f"out={tmp_path / 'two'}", "workers=2"]) == 0
     again = json.loads((tmp_path / "two" / "report_smoke.json").read_text())
     assert again["runs"] == two and (again["invocation"]["trained"], again["invocation"]["reused"]) == (0, 4)
-    assert "Wall time of the invocation" not in (tmp_path / "two" / "report_smoke.md").read_text()
+    assert again["whole_suite_invocation"] == inv
+    assert "Wall time of the invocation that trained the whole suite" in (tmp_path / "two" / "report_smoke.md").read_text()
 
 
 def test_report_only_without_finished_runs_is_a_one_line_error(tmp_path, capsys):
@@ -233,3 +257,30 @@ def test_report_lists_tasks_in_order_plots_curves_and_keeps_paths_relative(tmp_p
     assert len(list(tmp_path.glob("reward_acc_*_t.png"))) == 2 and len(list(tmp_path.glob("gen_mse_*_t.png"))) == 2
     runs = json.loads((tmp_path / "report_t.json").read_text())["runs"]
     assert runs[0]["video"] == "dm50/rssm/imagination.gif"
+
+
+def test_report_baseline_rows_and_the_wall_time_of_the_invocation_that_trained_the_runs(tmp_path):
+    from agents.probe.report import write_report
+
+    def run(backbone, train_s=60.0):
+        return {"task": "rooms", "kwargs": {"rooms": 2}, "backbone": backbone, "size": "xs", "seed": 0, "context": 4,
+                "query": 4, "updates": 10, "batch_size": 8, "gen_mse": 1.0, "recon_mse": 1.0,
+                "gen_mse_per_step": [1.0], "reward_acc_imagine": 1.0, "reward_acc_observe": 1.0, "train_s": train_s,
+                "params": 1e5, "settings": "abc"}
+
+    runs = [run("rssm"), run("s5wm")]
+    trained = {"trained": 2, "reused": 0, "wall_s": 7200.0, "workers": 2, "threads": 1}
+    write_report("t", runs, tmp_path, invocation=trained,
+                 baselines={"rooms(rooms=2)": {"last_frame": 230.94, "context_mean": 118.8}})
+    text = (tmp_path / "report_t.md").read_text()
+    assert "| *last observed frame, held* | 230.9 |" in text and "| *mean of the observed frames* | 118.8 |" in text
+    line = "Wall time of the invocation that trained the whole suite: 2.00 h with 2 processes x 1 thread."
+    assert line in text
+    reused = {"trained": 0, "reused": 2, "wall_s": 3.0, "workers": 1, "threads": 2}
+    write_report("t", runs[::-1], tmp_path, invocation=reused)  # the same runs, reported again
+    assert line in (tmp_path / "report_t.md").read_text()
+    assert json.loads((tmp_path / "report_t.json").read_text())["whole_suite_invocation"] == trained
+    assert "mean of the observed frames" not in (tmp_path / "report_t.md").read_text()
+    write_report("t", [runs[0], run("s5wm", train_s=61.0)], tmp_path, invocation=reused)  # one run retrained since
+    assert "Wall time" not in (tmp_path / "report_t.md").read_text()
+    assert "whole_suite_invocation" not in json.loads((tmp_path / "report_t.json").read_text())
