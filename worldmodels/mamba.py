@@ -232,7 +232,7 @@ class MambaBlock(nn.Module):
         y, xs = self.mixer(self.norm(u), x0, reset)
         return u + y, xs
 
-    def stepper(self, x0: dict[str, Tensor]) -> "MambaStepper":
+    def stepper(self, x0: dict[str, Tensor], horizon: int | None = None) -> "MambaStepper":  # any number of steps
         return MambaStepper(self, x0)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from worldmodels.ops.scan import linear_scan
 from worldmodels.nets import XS_LATENT, fill_size
-from worldmodels.ssm import SSMCore, as_complex, as_real, complex_dtype, init_log_dt
+from worldmodels.ssm import BlockStepper, SSMCore, as_complex, as_real, complex_dtype, init_log_dt
 
 # Parameter counts are close to the RSSM and S5WM of the same size at s and m (see `longdream bench worldmodel`).
 SIZES = {
@@ -89,16 +89,16 @@ class S4Layer(nn.Module):
         """y = 2 Re(C . x) + D u from the states x (..., H, N) and the inputs u (..., H)."""
         return (2 * (x * C).sum(-1).real + self.D * u).to(u.dtype)
 
+    def powers(self, T: int, cdt: torch.dtype) -> Tensor:
+        """Lambda_bar^t for t = 0..T, (T + 1, H, N): exp(t Lambda dt), exact for every t."""
+        lam = torch.complex(-self.log_lambda_re.exp(), self.lambda_im) * self.log_dt.exp()[:, None]  # (H, N)
+        t = torch.arange(T + 1, device=lam.device, dtype=lam.real.dtype)
+        return torch.exp(t[:, None, None] * lam).to(cdt)
+
     def step_params(self, cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """(Lambda_bar, B_bar, C) in the complex dtype of the state: once per forward, or once for a
         rollout of steps."""
         return (*(p.to(cdt) for p in self.discrete()), torch.view_as_complex(self.C).to(cdt))
-
-    def step(self, u: Tensor, x: Tensor, params: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """One token u (B, H) from the complex state x (B, H, N): `forward` on T = 1 with no reset."""
-        lam_bar, B_bar, C = params
-        x = lam_bar * x + u.to(x.dtype)[..., None] * B_bar  # (B, H, N)
-        return self._out(x, C, u), x
 
 
 class ChannelReadout(nn.Module):
@@ -139,29 +139,78 @@ class S4Block(nn.Module):
             states.append(xs)
         return u + self.mlp(self.norm_mlp(u)), {"ssm": as_real(torch.stack(states, 2), u.dtype)}  # (B, T, 2, H, N, 2)
 
-    def stepper(self, x0: dict[str, Tensor]) -> "S4Stepper":
-        return S4Stepper(self, x0)
+    def stepper(self, x0: dict[str, Tensor], horizon: int | None = None) -> "S4Rollout | BlockStepper":
+        """A rollout of `horizon` steps without the states (S4Rollout); the generic stepper where the
+        number of steps is not known."""
+        return BlockStepper(self, x0, "ssm") if horizon is None else S4Rollout(self, x0, horizon)
 
 
-class S4Stepper:
-    """The block one token at a time (see worldmodels/ssm.py): each layer's state stays complex between
-    steps and the discretisation is made once."""
+class S4Rollout:
+    """The block over a rollout of known length, without carrying its states (see worldmodels/ssm.py).
 
-    def __init__(self, block: S4Block, x0: dict[str, Tensor]):
-        x = as_complex(x0["ssm"])  # (B, 2, H, N)
-        self.block, self.x = block, [x[:, 0], x[:, 1]]
-        self.params = [ssm.step_params(x.dtype) for ssm in block.ssms]
+    Each S4 layer is linear and time-invariant, so any real linear readout of its state after t steps,
+    Re(G . x_t) with G (H, N) complex, splits into the start state's free response and a causal
+    convolution of the layer's inputs v_1..v_t:
+
+        Re(G . x_t) = Re(G . Lambda_bar^t x_0) + sum_{k=1..t} K_{t-k} v_k,   K_j = Re(G . Lambda_bar^j B_bar)
+
+    The layer's output uses G = 2C (and adds D v_t); the features' state readout (ChannelReadout,
+    w_re Re x + w_im Im x) uses G = w_re - i w_im on the last layer. The free responses of every step
+    are one product with the start states, made once; a step then costs a dot over its past inputs (H
+    real numbers per lag) where carrying the state costs several passes over H x N complex numbers.
+    BlockStepper, the block's forward on T = 1, is its twin: the tests hold them equal."""
+
+    def __init__(self, block: S4Block, x0: dict[str, Tensor], horizon: int):
+        self.block, self.horizon, self.t = block, horizon, 0
+        self.x0 = as_complex(x0["ssm"])  # (B, 2, H, N)
+        self.inputs: list[list[Tensor]] = [[], []]  # each layer's inputs, latest first
+        self.kernels = []  # per layer: output free response (B, horizon + 1, H) and kernel (horizon, H)
+        for i, ssm in enumerate(block.ssms):
+            _, B_bar, C = ssm.step_params(self.x0.dtype)
+            self.kernels.append(self._responses(ssm, i, 2 * C, B_bar, ssm.D))
+        self.read_kernels = None  # made at the first `read`, from the readout's weights
+
+    def _responses(self, ssm: S4Layer, i: int, G: Tensor, B_bar: Tensor, D: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Free responses Re(G . Lambda_bar^t x_0) for t = 0..horizon, (B, horizon + 1, H), and the
+        kernel K_j = Re(G . Lambda_bar^j B_bar) for j = 0..horizon - 1 (+ D at lag 0), (horizon, H)."""
+        with torch.autocast(self.x0.device.type, enabled=False):  # the SSM's maths stay in full precision
+            GP = G * ssm.powers(self.horizon, self.x0.dtype)  # (horizon + 1, H, N): G Lambda_bar^t
+            # Re(a b) = a_re b_re - a_im b_im: one real product with (re, -im) pairs over (N, 2) per channel
+            B, H, N = self.x0[:, i].shape
+            GP_pairs = torch.stack([GP.real, -GP.imag], -1).permute(1, 2, 3, 0).reshape(H, 2 * N, -1)
+            x0 = torch.view_as_real(self.x0[:, i]).reshape(B, H, 2 * N).transpose(0, 1)  # a view: bmm reads it in place
+            free = torch.bmm(x0, GP_pairs).permute(1, 2, 0)  # (B, horizon + 1, H)
+            kernel = (GP[:-1] * B_bar).sum(-1).real  # (horizon, H)
+        if D is not None:
+            kernel = torch.cat([kernel[:1] + D.to(kernel.dtype), kernel[1:]])
+        return free, kernel
+
+    def _convolve(self, i: int, free: Tensor, kernel: Tensor) -> Tensor:
+        """Free response at step t plus sum_j K_j v_{t-j} over layer i's inputs so far."""
+        v = torch.stack(self.inputs[i], 1).to(kernel.dtype)  # (B, t, H), lag 0 first
+        return free[:, self.t] + (v * kernel[: v.shape[1]]).sum(1)
 
     def step(self, u: Tensor) -> Tensor:
+        if self.t == self.horizon:
+            raise RuntimeError(f"S4Rollout made for {self.horizon} steps was asked for one more")
         b = self.block
+        self.t += 1
         for i in range(2):
-            y, self.x[i] = b.ssms[i].step(b.norms[i](u), self.x[i], self.params[i])
+            self.inputs[i].insert(0, b.norms[i](u))
+            y = self._convolve(i, *self.kernels[i]).to(u.dtype)
             u = u + b.outs[i](nn.functional.gelu(y))
         return u + b.mlp(b.norm_mlp(u))
 
-    def readout_entry(self) -> Tensor:
-        # ChannelReadout reads the last layer only: (B, 1, H, N, 2), a view, instead of stacking both
-        return torch.view_as_real(self.x[1])[:, None]
+    def read(self, readout: nn.Module) -> Tensor:
+        """What `readout` (the block's ChannelReadout) gives on the last layer's state now, (B, H)."""
+        if self.read_kernels is None:
+            w = readout.weight  # (H, N, 2): w_re Re x + w_im Im x = Re((w_re - i w_im) x)
+            G = torch.complex(w[..., 0], -w[..., 1]).to(self.x0.dtype)
+            _, B_bar, _ = self.block.ssms[1].step_params(self.x0.dtype)
+            self.read_kernels = self._responses(self.block.ssms[1], 1, G, B_bar, None)
+        if self.t == 0:
+            return self.read_kernels[0][:, 0]
+        return self._convolve(1, *self.read_kernels)
 
 
 class S4WM(SSMCore):

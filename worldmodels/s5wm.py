@@ -115,7 +115,7 @@ class S5Block(nn.Module):
         u = u + self.out(nn.functional.gelu(y))
         return u + self.mlp(self.norm2(u)), {"ssm": as_real(xs, u.dtype)}
 
-    def stepper(self, x0: dict[str, Tensor]) -> "S5Stepper":
+    def stepper(self, x0: dict[str, Tensor], horizon: int | None = None) -> "S5Stepper":  # any number of steps
         return S5Stepper(self, x0)
 
 

@@ -22,9 +22,11 @@ as real (re, im) pairs, so that TorchRL collectors can carry them), and has
 "stoch" and "h".
 
 Imagination steps each block one token at a time through a stepper (`BlockStepper`: the block's
-forward on T = 1). A block may give a faster one, `stepper(x0)`, that keeps its state in its own form
-between steps (complex, not (re, im) pairs) and makes its discretisation once per rollout; the tests
-hold every such stepper equal to `BlockStepper`.
+forward on T = 1). A block may give a faster one, `stepper(x0, horizon)`, for a rollout of `horizon`
+steps: one that keeps its state in its own form between steps (complex, not (re, im) pairs) and makes
+its discretisation once, or (S4) one that carries no state at all. A stepper has `step(u) -> output`
+and either `readout_entry()`, the entry the features read, or `read(readout)`, what the readout module
+gives on it; the tests hold every such stepper equal to `BlockStepper`.
 """
 from __future__ import annotations
 
@@ -137,17 +139,23 @@ class SSMCore(nn.Module):
         return states, self.feat(states), losses
 
     def feat(self, state: State) -> Tensor:
-        last = None
+        read = None
         if self.state_feat is not None:  # the last block's entry: select -1 on the block dim
-            last = state[self.readout_key].select(-len(self.block_state[self.readout_key]) - 1, -1)
-        return self._feat(state["h"], state["stoch"], last)
+            read = self.state_feat[0](state[self.readout_key].select(-len(self.block_state[self.readout_key]) - 1, -1))
+        return self._feat(state["h"], state["stoch"], read)
 
-    def _feat(self, h: Tensor, z: Tensor, last: Tensor | None) -> Tensor:
-        """[h, z, LN(readout(last))] where last is the last block's read-out entry (..., *shape)."""
+    def _feat(self, h: Tensor, z: Tensor, read: Tensor | None) -> Tensor:
+        """[h, z, LN(read)] where read is the readout of the last block's state (..., H)."""
         parts = [h, z.flatten(-2)]
         if self.state_feat is not None:
-            parts.append(self.state_feat(last))
+            parts.append(self.state_feat[1](read))
         return torch.cat(parts, -1)
+
+    def _read(self, stepper) -> Tensor | None:
+        """The readout of the last block's state from its stepper (None without state features)."""
+        if self.state_feat is None:
+            return None
+        return stepper.read(self.state_feat[0]) if hasattr(stepper, "read") else self.state_feat[0](stepper.readout_entry())
 
     def imagine(self, state: State, policy: Policy, horizon: int):
         """Each block steps through its stepper, which carries its state between steps in whatever form
@@ -155,7 +163,7 @@ class SSMCore(nn.Module):
         them, and scatter gradients back)."""
         feats = [self.feat(state)]
         actions = [policy(feats[0])]
-        steppers = [block.stepper(x) if self.fast_steps and hasattr(block, "stepper") else BlockStepper(block, x, self.readout_key)
+        steppers = [block.stepper(x, horizon) if self.fast_steps and hasattr(block, "stepper") else BlockStepper(block, x, self.readout_key)
                     for block, x in zip(self.blocks, self._per_block(state))]
         z = state["stoch"]
         for _ in range(horizon):
@@ -163,6 +171,6 @@ class SSMCore(nn.Module):
             for s in steppers:
                 h = s.step(h)
             z = sample_onehot(unimix_probs(self._logits(self.prior_net, h), self.cfg.unimix))
-            feats.append(self._feat(h, z, steppers[-1].readout_entry()))
+            feats.append(self._feat(h, z, self._read(steppers[-1])))
             actions.append(policy(feats[-1]))
         return torch.stack(feats, 1), torch.stack(actions, 1)

@@ -56,3 +56,17 @@ def test_imagine_equals_stepping_the_stacked_state(name):
     for fast, slow, stacked in zip(*out):
         torch.testing.assert_close(fast, stacked)
         torch.testing.assert_close(slow, stacked)
+
+
+def test_s4_rollout_is_made_for_its_horizon():
+    """S4's stateless rollout holds the free responses of exactly `horizon` steps: one more is refused,
+    not answered from responses it does not have."""
+    core_cls, cfg_cls = BACKBONES["s4wm"]
+    core = core_cls(cfg_cls(size="xs"), E, A)
+    x0 = core._per_block(core.initial(B))[0]
+    stepper = core.blocks[0].stepper(x0, horizon=2)
+    u = torch.randn(B, core.cfg.d_model)
+    for _ in range(2):
+        assert stepper.step(u).shape == u.shape
+    with pytest.raises(RuntimeError, match="made for 2 steps"):
+        stepper.step(u)

@@ -102,34 +102,41 @@ def linear_scan_chunked(a: Tensor, b: Tensor, h0: Tensor | None = None, reset: T
 
 
 def _chunked(a: Tensor, b: Tensor, h0: Tensor | None, reverse: bool, chunk: int) -> tuple[Tensor, Tensor]:
-    """The chunked scan on (B, T, D) inputs of one carry dtype, without autograd: (h, last)."""
-    if reverse:
-        a, b = a.flip(1), b.flip(1)
+    """The chunked scan on (B, T, D) inputs of one carry dtype, without autograd: (h, last). In reverse
+    the same steps run mirrored (the maps compose towards the chunk's first step, the padding goes in
+    front), so no input or output is flipped."""
     B, T, D = b.shape
     C = max(1, min(chunk, T))
     n = -(-T // C)
-    if n * C != T:  # pad the end with identity maps (a = 1, b = 0): earlier steps do not see them
-        pad = n * C - T
-        a = torch.cat([a, a.new_ones(B, pad, D)], 1)
-        b = torch.cat([b, b.new_zeros(B, pad, D)], 1)
+    pad = n * C - T
+    if pad:  # identity maps (a = 1, b = 0) after the last step the scan takes: no step sees them
+        ones, zeros = a.new_ones(B, pad, D), b.new_zeros(B, pad, D)
+        a, b = (torch.cat([ones, a], 1), torch.cat([zeros, b], 1)) if reverse else (torch.cat([a, ones], 1), torch.cat([b, zeros], 1))
     # own buffers (a is often a broadcast view), updated in place: each right-hand side is computed
     # whole before it is written, so the overlapping slices read the previous step's values
     A = a.reshape(B, n, C, D).clone(memory_format=torch.contiguous_format)
     H = b.reshape(B, n, C, D).clone(memory_format=torch.contiguous_format)
     k = 1
     while k < C:  # after this: A_t = prod of a over the chunk up to t, H_t = the state from zero
-        H[:, :, k:] += A[:, :, k:] * H[:, :, :-k]
-        A[:, :, k:] = A[:, :, k:] * A[:, :, :-k]
+        if reverse:  # (from t to the chunk's end)
+            H[:, :, :-k] += A[:, :, :-k] * H[:, :, k:]
+            A[:, :, :-k] = A[:, :, :-k] * A[:, :, k:]
+        else:
+            H[:, :, k:] += A[:, :, k:] * H[:, :, :-k]
+            A[:, :, k:] = A[:, :, k:] * A[:, :, :-k]
         k *= 2
     start = torch.zeros(B, D, dtype=b.dtype, device=b.device) if h0 is None else h0
     if n > 1:  # the state each chunk starts from: the scan over the chunks' end maps, one level up
-        ends, _ = _chunked(A[:, :-1, -1], H[:, :-1, -1], start, False, chunk)  # (B, n-1, D)
-        start = torch.cat([start[:, None], ends], 1)  # (B, n, D)
+        if reverse:  # a chunk starts from the state at the next chunk's first step
+            ends, _ = _chunked(A[:, 1:, 0], H[:, 1:, 0], start, True, chunk)  # (B, n-1, D)
+            start = torch.cat([ends, start[:, None]], 1)  # (B, n, D)
+        else:
+            ends, _ = _chunked(A[:, :-1, -1], H[:, :-1, -1], start, False, chunk)
+            start = torch.cat([start[:, None], ends], 1)
     else:
         start = start[:, None]
-    h = (H + A * start[:, :, None]).reshape(B, n * C, D)[:, :T]
-    if reverse:
-        h = h.flip(1)
+    h = (H + A * start[:, :, None]).reshape(B, n * C, D)
+    h = h[:, pad:] if reverse else h[:, :T]
     return h, h[:, 0 if reverse else -1]
 
 
