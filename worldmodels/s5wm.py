@@ -74,27 +74,39 @@ class S5Layer(nn.Module):
     def forward(self, u: Tensor, x0: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
         B, T, H = u.shape
         cdt = complex_dtype(u)
-        lam_bar, B_bar, C = self.step_params(cdt)
-        bu = u.to(cdt) @ B_bar.T  # (B, T, P)
+        lam_bar, B_in, C_out = self.step_params(cdt)
         a = lam_bar.expand(B, T, -1)  # (B, T, P)
-        xs = linear_scan(a, bu, h0=x0.to(cdt), reset=reset)  # (B, T, P)
-        return self._out(xs, C, u), xs
+        xs = linear_scan(a, self._in(u, B_in), h0=x0.to(cdt), reset=reset)  # (B, T, P)
+        return self._out(xs, C_out, u), xs
 
-    def _out(self, x: Tensor, C: Tensor, u: Tensor) -> Tensor:
-        """y = Re(C x) + D u from the states x (..., P) and the inputs u (..., H)."""
-        return ((x @ C.T).real + self.D * u).to(u.dtype)
+    def _in(self, u: Tensor, B_in: Tensor) -> Tensor:
+        """B_bar u (..., P) complex from the real inputs u (..., H): one real product with the (re, im)
+        pairs of B_bar, half the work of promoting u to complex."""
+        with torch.autocast(u.device.type, enabled=False):  # the SSM's maths stay in full precision
+            return torch.view_as_complex((u.to(B_in.dtype) @ B_in).unflatten(-1, (-1, 2)))
+
+    def _out(self, x: Tensor, C_out: Tensor, u: Tensor) -> Tensor:
+        """y = Re(C x) + D u from the states x (..., P) and the inputs u (..., H): Re(C x) = C_re x_re -
+        C_im x_im, one real product with the (re, im) pairs of x."""
+        with torch.autocast(u.device.type, enabled=False):
+            return (torch.view_as_real(x).flatten(-2) @ C_out + self.D * u).to(u.dtype)
 
     def step_params(self, cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """(Lambda_bar, B_bar, C) in the complex dtype of the state: once per forward, or once for a
+        """Lambda_bar (P,) in the complex dtype of the state, and B_bar and C as real matrices on (re, im)
+        pairs, B_in (H, 2P) and C_out (2P, H) (see `_in`, `_out`): once per forward, or once for a
         rollout of steps."""
+        rdt = torch.float64 if cdt == torch.complex128 else torch.float32
         lam_bar, B_bar = self.discrete()
-        return lam_bar.to(cdt), B_bar.to(cdt), torch.view_as_complex(self.C).to(cdt)
+        B_in = torch.view_as_real(B_bar).transpose(0, 1).flatten(1)  # (H, P, 2) -> (H, 2P)
+        C = torch.view_as_complex(self.C)  # (H, P)
+        C_out = torch.stack([C.real, -C.imag], -1).flatten(1).T  # (2P, H)
+        return lam_bar.to(cdt), B_in.to(rdt), C_out.to(rdt)
 
     def step(self, u: Tensor, x: Tensor, params: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """One token u (B, H) from the complex state x (B, P): `forward` on T = 1 with no reset."""
-        lam_bar, B_bar, C = params
-        x = lam_bar * x + u.to(x.dtype) @ B_bar.T  # (B, P)
-        return self._out(x, C, u), x
+        lam_bar, B_in, C_out = params
+        x = lam_bar * x + self._in(u, B_in)  # (B, P)
+        return self._out(x, C_out, u), x
 
 
 class S5Block(nn.Module):

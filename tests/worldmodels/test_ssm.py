@@ -70,3 +70,31 @@ def test_s4_rollout_is_made_for_its_horizon():
         assert stepper.step(u).shape == u.shape
     with pytest.raises(RuntimeError, match="made for 2 steps"):
         stepper.step(u)
+
+
+def test_s5_layer_is_its_complex_definition():
+    """The S5 layer's real-pair products (B_bar u and Re(C x) as real matrix products) against the
+    recurrence written in complex arithmetic: x_t = Lambda_bar x_{t-1} (reset at is_first) + B_bar u_t,
+    y_t = Re(C x_t) + D u_t. Stepping and training share those products, so only this catches a sign."""
+    from worldmodels.s5wm import S5Layer
+
+    torch.manual_seed(0)
+    Bn, Tn, Hn, P = 2, 7, 5, 4
+    layer = S5Layer(Hn, P, 1e-3, 1e-1).double()
+    u = torch.randn(Bn, Tn, Hn, dtype=torch.float64)
+    x0 = torch.randn(Bn, P, dtype=torch.complex128)
+    reset = torch.zeros(Bn, Tn, dtype=torch.float64)
+    reset[0, 3] = 1
+    lam_bar, B_bar = layer.discrete()
+    C = torch.view_as_complex(layer.C)
+    x, ys, xs = x0, [], []
+    for t in range(Tn):
+        x = lam_bar * x * (1 - reset[:, t, None]) + u[:, t].to(x.dtype) @ B_bar.T
+        ys.append((x @ C.T).real + layer.D * u[:, t])
+        xs.append(x)
+    y, states = layer(u, x0, reset)
+    torch.testing.assert_close(states, torch.stack(xs, 1))
+    torch.testing.assert_close(y, torch.stack(ys, 1))
+    params = layer.step_params(torch.complex128)
+    y1, x1 = layer.step(u[:, 0], x0, params)
+    torch.testing.assert_close((y1, x1), (ys[0], xs[0]))  # no reset at t = 0
