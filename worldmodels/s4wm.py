@@ -30,7 +30,7 @@ from worldmodels.ops.scan import linear_scan
 from worldmodels.nets import XS_LATENT, fill_size
 from worldmodels.ssm import BlockStepper, SSMCore, as_complex, as_real, complex_dtype, init_log_dt
 
-# Parameter counts are close to the RSSM and S5WM of the same size at s and m (see `longdream bench worldmodel`).
+# Core parameters at xs: 0.15M (RSSM 0.14M, S5WM 0.18M); at s: 5.8M (RSSM 3.9M, S5WM 10.0M): not matched.
 SIZES = {
     "xs": {"d_model": 64, "d_state": 16, "layers": 1, "hidden": 64, **XS_LATENT},
     "s": {"d_model": 512, "d_state": 32, "layers": 2, "hidden": 512, "stoch": 32, "classes": 32},
