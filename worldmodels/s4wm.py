@@ -164,17 +164,21 @@ class S4Rollout:
         self.block, self.horizon, self.t = block, horizon, 0
         self.x0 = as_complex(x0["ssm"])  # (B, 2, H, N)
         self.inputs: list[list[Tensor]] = [[], []]  # each layer's inputs, latest first
+        self.discrete = []  # per layer, made once: Lambda_bar^t for t = 0..horizon (horizon + 1, H, N), B_bar (H, N)
         self.kernels = []  # per layer: output free response (B, horizon + 1, H) and kernel (horizon, H)
         for i, ssm in enumerate(block.ssms):
             _, B_bar, C = ssm.step_params(self.x0.dtype)
-            self.kernels.append(self._responses(ssm, i, 2 * C, B_bar, ssm.D))
+            self.discrete.append((ssm.powers(horizon, self.x0.dtype), B_bar))
+            self.kernels.append(self._responses(i, 2 * C, ssm.D))
         self.read_kernels = None  # made at the first `read`, from the readout's weights
 
-    def _responses(self, ssm: S4Layer, i: int, G: Tensor, B_bar: Tensor, D: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _responses(self, i: int, G: Tensor, D: Tensor | None) -> tuple[Tensor, Tensor]:
         """Free responses Re(G . Lambda_bar^t x_0) for t = 0..horizon, (B, horizon + 1, H), and the
-        kernel K_j = Re(G . Lambda_bar^j B_bar) for j = 0..horizon - 1 (+ D at lag 0), (horizon, H)."""
+        kernel K_j = Re(G . Lambda_bar^j B_bar) for j = 0..horizon - 1 (+ D at lag 0), (horizon, H), of
+        layer i."""
+        powers, B_bar = self.discrete[i]
         with torch.autocast(self.x0.device.type, enabled=False):  # the SSM's maths stay in full precision
-            GP = G * ssm.powers(self.horizon, self.x0.dtype)  # (horizon + 1, H, N): G Lambda_bar^t
+            GP = G * powers  # (horizon + 1, H, N): G Lambda_bar^t
             # Re(a b) = a_re b_re - a_im b_im: one real product with (re, -im) pairs over (N, 2) per channel
             B, H, N = self.x0[:, i].shape
             GP_pairs = torch.stack([GP.real, -GP.imag], -1).permute(1, 2, 3, 0).reshape(H, 2 * N, -1)
@@ -206,8 +210,7 @@ class S4Rollout:
         if self.read_kernels is None:
             w = readout.weight  # (H, N, 2): w_re Re x + w_im Im x = Re((w_re - i w_im) x)
             G = torch.complex(w[..., 0], -w[..., 1]).to(self.x0.dtype)
-            _, B_bar, _ = self.block.ssms[1].step_params(self.x0.dtype)
-            self.read_kernels = self._responses(self.block.ssms[1], 1, G, B_bar, None)
+            self.read_kernels = self._responses(1, G, None)
         if self.t == 0:
             return self.read_kernels[0][:, 0]
         return self._convolve(1, *self.read_kernels)
