@@ -5,13 +5,16 @@ Shapes (B, D, T) = (16, 1024, 1024), (4, 1024, 4096), (1, 256, 16384), (64, 512,
 over CUDA events, effective bandwidth (12 bytes per fp32 element forward, 32 forward+backward; half
 that per element for bf16) and its ratio to the device's copy bandwidth measured in the same run.
 Comparators in the same run: the PyTorch loop (`linear_scan_ref`), accelerated-scan (optional `bench`
-extra; layout (B, C, T), power-of-two T) and TorchRL's `vec_td_lambda_return_estimate`.
+extra; layout (B, C, T), power-of-two T; `accel=scalar` its Triton kernels, the default, `accel=warp` its
+CUDA ones, which nvcc builds at import for minutes, `accel=none` neither) and TorchRL's
+`vec_td_lambda_return_estimate`.
 
 On a CPU it times the chunked PyTorch scan (the CPU's fast path) against the loop at reduced shapes
 and says so: GPU figures need a GPU.
 """
 from __future__ import annotations
 
+import importlib
 import statistics
 import time
 
@@ -21,7 +24,8 @@ from bench.report import machine, markdown, parse, write
 
 SCAN_SHAPES = [(16, 1024, 1024), (4, 1024, 4096), (1, 256, 16384), (64, 512, 64)]
 RETURN_SHAPES = [(16384, 16), (1024, 333), (64, 4096)]
-DEFAULTS = {"device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": 50, "loop_repeats": 3, "out": ""}
+DEFAULTS = {"device": "cuda" if torch.cuda.is_available() else "cpu", "repeats": 50, "loop_repeats": 3, "out": "",
+            "accel": "scalar"}
 
 
 def timeit(fn, repeats: int, device: str) -> float:
@@ -65,10 +69,16 @@ def main(argv: list[str]) -> dict:
         reps = min(reps, 5)
     copy_tbs = copy_bandwidth(dev, reps)
     backend = "triton" if gpu else "chunked"
-    try:
-        from accelerated_scan.warp import scan as accel_scan
-    except ImportError:
-        accel_scan = None
+    accel_scan = None
+    if a["accel"] not in ("scalar", "warp", "none"):
+        from agents.config import ConfigError
+
+        raise ConfigError(f"accel must be scalar, warp or none, got '{a['accel']}'")
+    if gpu and a["accel"] != "none":
+        try:  # scalar: its Triton kernels; warp: its CUDA kernels, built by nvcc at import (minutes)
+            accel_scan = importlib.import_module(f"accelerated_scan.{a['accel']}").scan
+        except ImportError:
+            pass
 
     rows = []
     for B, D, T in shapes:

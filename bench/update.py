@@ -9,7 +9,9 @@ deter 320; TorchRL's block GRU reaches its count with deter 512), RSSM only: for
 `comparator=<path to a TorchRL DreamerV3 timing script>` that script runs in the same session and
 the table gives the ratio: TorchRL's recipe trains the actor by REINFORCE, so `actor_grad=reinforce`
 does the same work (the default, dynamics gradients for these continuous actions, adds a backward
-pass through the 15 imagined steps). `precision=bf16` runs the forward passes under bfloat16 autocast
+pass through the 15 imagined steps). `comparator_modes=` passes the script's modes (e.g.
+`eager,cudagraph,compile_cudagraph`; default: the script's own). On CUDA, float32 products run at
+`matmul_precision=` (default "high", TF32, as the comparator's default), set for both sides. `precision=bf16` runs the forward passes under bfloat16 autocast
 (agent.precision). `compile_step=true` adds, for each backbone with a compilable imagination step
 (Mamba: MambaConfig.compile_step), a row with it compiled beside the eager one. `backbone=all` (or a comma-separated list) times every backbone in the
 same run, each at its own xs and s dims; the rows give the resolved dims and counts. At xs the agents'
@@ -38,7 +40,8 @@ PRESETS = {
 MATCHED = {("p064", "size1m"), ("s", "size12m")}  # (ours, TorchRL's) at about the same parameter count
 DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
             "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "",
-            "context": False, "actor_grad": "auto", "precision": "fp32", "compile_step": False}
+            "context": False, "actor_grad": "auto", "precision": "fp32", "compile_step": False,
+            "comparator_modes": "", "matmul_precision": "high"}
 
 
 def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool = False) -> dict:
@@ -95,6 +98,46 @@ def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool 
             "transitions_per_s": round(B * T * 1e3 / statistics.median(times), 1)}
 
 
+def _variant(r: dict) -> str:
+    return " (CUDA graph)" if r.get("graph") else " (compiled step)" if r["compiled_step"] else ""
+
+
+def render(data: dict) -> str:
+    """The markdown table of a results dict (as written to update_<device>*.json)."""
+    a, rows, comp = data["args"], data["longdream"], data["comparator"]
+    plain = [r for r in rows if not r["compiled_step"] and not r.get("graph")]
+    rssm = {r["size"]: r["median_ms"] for r in plain if r["backbone"] == "rssm"}
+    eager = {(r["backbone"], r["size"]): r["median_ms"] for r in plain}
+
+    def faster(ours: float, theirs: float, what: str) -> str:
+        ratio = theirs / ours
+        return f"{ratio:.2f}x faster than {what}" if ratio >= 1 else f"{1 / ratio:.2f}x slower than {what}"
+
+    def ratios(r: dict) -> str:
+        out = [f"{r['median_ms'] / rssm[r['size']]:.2f}x the RSSM's time"] if r["backbone"] != "rssm" and r["size"] in rssm and not _variant(r) else []
+        if _variant(r) and (r["backbone"], r["size"]) in eager:
+            out.append(faster(r["median_ms"], eager[r["backbone"], r["size"]], "eager"))
+        return "; ".join(out)
+
+    table_rows = [[f"longdream {r['backbone']} {r['size']}{_variant(r)}", f"{r['params'] / 1e6:.2f}M", r["median_ms"],
+                   r["transitions_per_s"], ratios(r)] for r in rows]
+    for c in comp:
+        counts = c.get("params", {})
+        params = counts.get("optimized_total", counts.get("total")) if isinstance(counts, dict) else counts
+        table_rows.append([f"TorchRL DreamerV3 {c['size']} ({c['mode']})",
+                           f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else params,
+                           c["median_ms"], c.get("transitions_per_s", ""), ""])
+        for r, tr in zip(rows, table_rows):
+            if (r["size"], c["size"]) in MATCHED:
+                tr[4] = "; ".join(x for x in (tr[4], faster(r["median_ms"], c["median_ms"], f"TorchRL {c['size']} {c['mode']}")) if x)
+    grad = {"auto": "dynamics", "dynamics": "dynamics", "reinforce": "REINFORCE"}[a["actor_grad"]]
+    title = (f"One learner update, B{a['batch']} x T{a['seq']}, H15, 24-dim obs, 6-dim action, actor gradient {grad}, "
+             f"{'fp32' if a['precision'] == 'fp32' else 'bf16 autocast'}"
+             f"{', float32 matmul precision ' + a.get('matmul_precision', 'highest') if a['device'].startswith('cuda') else ''}, "
+             f"{data['machine']}; median of {a['repeats']}")
+    return title + "\n\n" + markdown(["system", "params", "median ms", "transitions/s", "ratio"], table_rows)
+
+
 RSSM_ONLY = ("p025", "p064")  # widths matched to TorchRL's RSSM: no other backbone has them
 
 
@@ -118,6 +161,8 @@ def main(argv: list[str]) -> dict:
     if "rssm" not in backbones and "sizes=" in " ".join(argv) and set(asked) & set(RSSM_ONLY):
         raise ConfigError(f"sizes {', '.join(RSSM_ONLY)} are RSSM dims matched to TorchRL's; for backbone "
                           f"{a['backbone']} use sizes=xs,s")
+    if a["device"].startswith("cuda"):  # float32 products as the comparator takes them ("high": TF32)
+        torch.set_float32_matmul_precision(a["matmul_precision"])
     rows = []
     for b in backbones:
         has_step = "compile_step" in {f.name for f in dataclasses.fields(BACKBONES[b][1])}
@@ -133,35 +178,12 @@ def main(argv: list[str]) -> dict:
     if a["comparator"]:
         comp = run_comparator(a["comparator"], ["--device", a["device"], "--sizes", a["comparator_sizes"],
                                                 "--repeats", str(a["repeats"]), "--warmup", str(a["warmup"]),
-                                                "--batch", str(a["batch"]), "--seq", str(a["seq"])])
-    rssm = {r["size"]: r["median_ms"] for r in rows if r["backbone"] == "rssm"}
-    eager = {(r["backbone"], r["size"]): r["median_ms"] for r in rows if not r["compiled_step"]}
-
-    def ratios(r: dict) -> str:
-        out = [f"{r['median_ms'] / rssm[r['size']]:.2f}x the RSSM's time"] if r["backbone"] != "rssm" and r["size"] in rssm else []
-        if r["compiled_step"] and (r["backbone"], r["size"]) in eager:
-            gain = eager[r["backbone"], r["size"]] / r["median_ms"]
-            out.append(f"{gain:.2f}x faster than eager" if gain >= 1 else f"{1 / gain:.2f}x slower than eager")
-        return "; ".join(out)
-
-    table_rows = [[f"longdream {r['backbone']} {r['size']}{' (compiled step)' if r['compiled_step'] else ''}",
-                   f"{r['params'] / 1e6:.2f}M", r["median_ms"], r["transitions_per_s"], ratios(r)] for r in rows]
-    for c in comp:
-        counts = c.get("params", {})
-        params = counts.get("optimized_total", counts.get("total")) if isinstance(counts, dict) else counts
-        table_rows.append([f"TorchRL DreamerV3 {c['size']} ({c['mode']})",
-                           f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else params,
-                           c["median_ms"], c.get("transitions_per_s", ""), ""])
-        for r, tr in zip(rows, table_rows):
-            if (r["size"], c["size"]) in MATCHED:
-                ratio = c["median_ms"] / r["median_ms"]
-                tr[4] = "; ".join(x for x in (tr[4], f"{ratio:.2f}x {'faster' if ratio >= 1 else 'slower'} than TorchRL {c['size']}") if x)
-    grad = {"auto": "dynamics", "dynamics": "dynamics", "reinforce": "REINFORCE"}[a["actor_grad"]]
-    title = (f"One learner update, B{a['batch']} x T{a['seq']}, H15, 24-dim obs, 6-dim action, actor gradient {grad}, eager {'fp32' if a['precision'] == 'fp32' else 'bf16 autocast'}, "
-             f"{machine(a['device'])}; median of {a['repeats']}")
-    table = title + "\n\n" + markdown(["system", "params", "median ms", "transitions/s", "ratio"], table_rows)
+                                                "--batch", str(a["batch"]), "--seq", str(a["seq"]),
+                                                "--matmul-precision", a["matmul_precision"]]
+                              + (["--modes", a["comparator_modes"]] if a["comparator_modes"] else []))
     args = {**a, "comparator": Path(a["comparator"]).name}  # the script, not where it lay
     data = {"machine": machine(a["device"]), "args": args, "longdream": rows, "comparator": comp}
+    table = render(data)
     # other settings than the defaults get results files of their own, beside the default one
     suffix = ("_reinforce" if a["actor_grad"] == "reinforce" else "") + ("_bf16" if a["precision"] == "bf16" else "") \
         + ("_compiled" if a["compile_step"] else "")
