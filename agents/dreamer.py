@@ -41,7 +41,7 @@ from agents.optim import LaProp
 from agents.returns import lambda_return
 from worldmodels.base import flatten_state
 from worldmodels.model import WorldModel
-from worldmodels.nets import TwoHot, full, mlp, unimix_probs
+from worldmodels.nets import TwoHot, full, mlp, sample_index, unimix_probs
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ class AgentConfig:
     penalty: float = 0.0  # > 0: imagined rewards minus penalty x the disagreement of an ensemble of one-step
     #                       latent predictors (MOPO/MOReL-style, against model exploitation offline)
     ensemble: int = 5  # members of that ensemble
+    cuda_graph: bool = False  # CUDA only: the whole update captured in one CUDA graph and replayed every step
+    #                           (agents/cudagraph.py; Adam, one process, fixed batch shapes)
 
     def __post_init__(self):
         if self.actor_grad not in ("auto", "reinforce", "dynamics"):
@@ -85,6 +87,27 @@ class AgentConfig:
             raise ValueError(f"agent.precision must be fp32 or bf16, got '{self.precision}'")
         if self.penalty < 0 or self.ensemble < 2:
             raise ValueError("agent.penalty must be >= 0 and agent.ensemble >= 2 (a disagreement needs two members)")
+
+
+class OneHot:
+    """A one-hot categorical over probs (..., K), as torch's OneHotCategorical scores it (log_prob,
+    entropy), drawn by `sample_index`. Not torch's own: its Categorical inside checks its arguments
+    whatever validate_args says, reading values back to the host at every imagined step."""
+
+    def __init__(self, probs: Tensor):
+        self.probs = probs / probs.sum(-1, keepdim=True)
+
+    def _logp(self) -> Tensor:
+        return self.probs.clamp_min(torch.finfo(self.probs.dtype).tiny).log()
+
+    def sample(self) -> Tensor:
+        return F.one_hot(sample_index(self.probs), self.probs.shape[-1]).to(self.probs.dtype)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return (value * self._logp()).sum(-1)
+
+    def entropy(self) -> Tensor:
+        return -(self.probs * self._logp()).sum(-1)
 
 
 class Actor(nn.Module):
@@ -102,10 +125,13 @@ class Actor(nn.Module):
         out = full(self.net(feat))  # the distribution's maths in float32, also under bf16 autocast
         if self.discrete:
             probs = unimix_probs(out, self.cfg.unimix)
-            return torch.distributions.OneHotCategorical(probs=probs)
+            return OneHot(probs)
         mean, std = out.chunk(2, -1)
         std = self.cfg.min_std + (self.cfg.max_std - self.cfg.min_std) * torch.sigmoid(std + 2.0)
-        return torch.distributions.Independent(torch.distributions.Normal(torch.tanh(mean), std), 1)
+        # no argument validation: its checks read values back to the host at every imagined step (and
+        # a CUDA graph cannot hold them); the parameters are valid by construction
+        return torch.distributions.Independent(torch.distributions.Normal(torch.tanh(mean), std, validate_args=False), 1,
+                                               validate_args=False)
 
     def sample(self, feat: Tensor) -> Tensor:
         """A sample as the distribution gives it: continuous ones are not clipped here (the env and the
@@ -140,8 +166,9 @@ class ReturnNorm(nn.Module):
         low = torch.quantile(flat, self.cfg.retnorm_low)
         high = torch.quantile(flat, self.cfg.retnorm_high)
         d = self.cfg.retnorm_decay
-        if self.initialised:
-            low, high = d * self.low + (1 - d) * low, d * self.high + (1 - d) * high
+        # the first step takes the percentiles as they are (chosen on the device: no read-back)
+        low = torch.where(self.initialised, d * self.low + (1 - d) * low, low)
+        high = torch.where(self.initialised, d * self.high + (1 - d) * high, high)
         return torch.clamp(high - low, min=1.0), (low, high)
 
     def commit(self, state: tuple[Tensor, Tensor]) -> None:
@@ -162,20 +189,24 @@ class Agent(nn.Module):
         self.ensemble = (Ensemble(feat, spec.action_dim, math.prod(wm.core.state_shapes()["stoch"]), nets.units, cfg.ensemble)
                          if cfg.penalty > 0 else None)
 
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+    def optimizers(self, capturable: bool = False) -> dict[str, torch.optim.Optimizer]:
+        """One optimiser per module. `capturable`: Adam keeps its step count on the device, as a CUDA
+        graph of the update needs (agents/cudagraph.py)."""
         c = self.cfg
         if c.optimizer == "laprop":
             mods = {"wm": self.wm, "actor": self.actor, "critic": self.critic}
             if self.ensemble is not None:
                 mods["ensemble"] = self.ensemble
             return {k: LaProp(m.parameters(), lr=c.lr, agc=c.agc, warmup=c.warmup) for k, m in mods.items()}
+        if capturable and c.optimizer != "adam":
+            raise ValueError("a capturable optimiser needs agent.optimizer=adam (LaProp counts its steps on the host)")
         opts = {
-            "wm": torch.optim.Adam(self.wm.parameters(), lr=c.wm_lr, eps=1e-8),
-            "actor": torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr, eps=1e-5),
-            "critic": torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5),
+            "wm": torch.optim.Adam(self.wm.parameters(), lr=c.wm_lr, eps=1e-8, capturable=capturable),
+            "actor": torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr, eps=1e-5, capturable=capturable),
+            "critic": torch.optim.Adam(self.critic.parameters(), lr=c.critic_lr, eps=1e-5, capturable=capturable),
         }
         if self.ensemble is not None:
-            opts["ensemble"] = torch.optim.Adam(self.ensemble.parameters(), lr=c.wm_lr, eps=1e-8)
+            opts["ensemble"] = torch.optim.Adam(self.ensemble.parameters(), lr=c.wm_lr, eps=1e-8, capturable=capturable)
         return opts
 
 
@@ -302,22 +333,43 @@ def replay_value_loss(agent: Agent, feat: Tensor, batch: dict, boot: Tensor) -> 
     return (weight[:, :-1] * loss).mean()
 
 
-def autocast(agent: Agent):
+def autocast(agent: Agent, cache: bool = True):
     """The context the update's forward passes run in: bfloat16 autocast with agent.precision=bf16
     (matrix products in bf16; weights, gradients' accumulation, optimiser state, the heads'
-    distributions and the losses in float32), nothing otherwise."""
+    distributions and the losses in float32), nothing otherwise. `cache=False` for a CUDA graph's
+    capture (autocast's cache of cast weights must not outlive it)."""
     device = next(agent.parameters()).device.type
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=agent.cfg.precision == "bf16")
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=agent.cfg.precision == "bf16", cache_enabled=cache)
 
 
-def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) -> tuple[dict[str, Tensor], dict | None]:
+def mutable_state(agent: Agent, opts: dict[str, torch.optim.Optimizer]) -> list[Tensor]:
+    """Every tensor an update step writes: the trained weights, the optimisers' state, the return
+    normaliser's buffers and the slow critic."""
+    out = [p for p in agent.parameters()] + list(agent.retnorm.buffers())
+    for opt in opts.values():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                out += [v for v in opt.state.get(p, {}).values() if isinstance(v, Tensor)]
+    return out
+
+
+def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict,
+           graphable: bool = False) -> tuple[dict[str, Tensor], dict | None]:
     """One learner step: world model, then actor and critic in imagination, then the slow critic.
     A batch with replay context ("start", and "burn" where states are stored every k rows) starts each
     window from the state stored before it. Returns the metrics and the posterior states (B, T, ...),
     for the replay to refresh; a non-finite loss skips the whole step (states None) so it never
-    reaches the weights."""
+    reaches the weights.
+
+    `graphable=True`: the same step with no read-back to the host, so that a CUDA graph can hold it
+    (agents/cudagraph.py; Adam only, one process). The optimisers step unconditionally and, where a
+    loss or a gradient norm is non-finite, every tensor the step wrote (`mutable_state`) is put back
+    on the device; optimiser state that the step created is put back to zeros, a fresh Adam's. The
+    states come back always; metrics["train/nonfinite"] says whether the step was undone."""
     cfg = agent.cfg
-    with autocast(agent):
+    if graphable and (cfg.optimizer != "adam" or distributed.active()):
+        raise ValueError("a graphable update needs agent.optimizer=adam and one process")
+    with autocast(agent, cache=not graphable):
         start = agent.wm.context_state(batch["start"], batch.get("burn")) if "start" in batch else None
         total, terms, states, feat, wm_metrics = agent.wm.loss(
             batch["obs"], batch["action"], batch["reward"], batch["is_first"], batch["is_terminal"], start=start)
@@ -336,7 +388,7 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) ->
     losses = {"wm": total, "actor": ac_losses["actor"], "critic": ac_losses["critic"] + repval * ac_losses.get("repval", 0.0)}
     if agent.ensemble is not None:
         losses["ensemble"] = ac_losses["ensemble"]
-    if not distributed.all_true(all(torch.isfinite(v) for v in losses.values()), total.device):  # on every rank
+    if not graphable and not distributed.all_true(all(torch.isfinite(v) for v in losses.values()), total.device):  # on every rank
         return {"train/nonfinite": torch.ones(())}, None
 
     for opt in opts.values():
@@ -351,7 +403,11 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) ->
     if cfg.optimizer == "laprop":  # AGC inside the optimiser bounds each tensor's update instead
         clips = {name: (mod, float("inf")) for name, (mod, _) in clips.items()}
     norms = {name: nn.utils.clip_grad_norm_(mod.parameters(), clip) for name, (mod, clip) in clips.items()}
-    if not all(torch.isfinite(n) for n in norms.values()):
+    if graphable:
+        ok = torch.stack([torch.isfinite(v).all() for v in [*losses.values(), *norms.values()]]).all()
+        kept = mutable_state(agent, opts)
+        before = [t.detach().clone() for t in kept]
+    elif not all(torch.isfinite(n) for n in norms.values()):
         for opt in opts.values():
             opt.zero_grad(set_to_none=True)
         return {"train/nonfinite": torch.ones(())}, None
@@ -361,11 +417,18 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict) ->
     with torch.no_grad():
         for slow, fast in zip(agent.slow_critic.parameters(), agent.critic.parameters()):
             slow.lerp_(fast, cfg.slow_critic_mix)
+        if graphable:  # undo the step where it was not finite
+            for t, old in zip(kept, before):
+                t.copy_(torch.where(ok, t, old))
+            seen = {id(t) for t in kept}
+            for t in mutable_state(agent, opts):
+                if id(t) not in seen:  # created by this step
+                    t.copy_(torch.where(ok, t, torch.zeros_like(t)))
 
     metrics = {f"loss/{k}": v.detach() for k, v in terms.items()}
     metrics.update({f"loss/{k}": v.detach() for k, v in ac_losses.items()})
     metrics.update({f"train/grad_norm_{k}": v for k, v in norms.items()})
     metrics.update({f"train/{k}": v for k, v in wm_metrics.items()})
     metrics.update(ac_metrics)
-    metrics["train/nonfinite"] = torch.zeros(())
+    metrics["train/nonfinite"] = (~ok).float() if graphable else torch.zeros(())
     return metrics, {k: v.detach() for k, v in states.items()}

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from agents import checkpoint, distributed
 from agents.collect import CollectorError, make_collector
 from agents.config import Config, ConfigError, compose, config_mismatch
+from agents.cudagraph import GraphedUpdate
 from agents.dreamer import Agent, update
 from agents.policy import EVAL, EXPLORE, RANDOM, DreamerPolicy
 from agents.replay import Replay
@@ -102,6 +103,8 @@ def train(cfg: Config) -> dict:
     t = cfg.train
     if t.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
+    if cfg.agent.cuda_graph and (not t.device.startswith("cuda") or cfg.agent.optimizer != "adam"):
+        raise ConfigError("agent.cuda_graph=true needs device=cuda and agent.optimizer=adam; drop it otherwise")
     group = distributed.setup(t.device)  # one process unless launched by torchrun (agents/distributed.py)
     if group.world > 1 and t.device.startswith("cuda"):
         t = dataclasses.replace(t, device=f"cuda:{group.local_rank}")
@@ -110,6 +113,8 @@ def train(cfg: Config) -> dict:
     np.random.seed(t.seed + group.rank)
 
     run_dir = shard_dir(Path(t.run_dir), group)
+    if cfg.agent.cuda_graph and (group.world > 1 or t.offline):
+        raise ConfigError("agent.cuda_graph=true is for online training in one process; drop it (or torchrun, offline=)")
     if t.offline and group.world > 1:
         raise ConfigError("offline training runs in one process; launch it without torchrun")
     lock = RunLock(run_dir).acquire()  # one process per run_dir; released however this one ends
@@ -171,7 +176,12 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
     distributed.broadcast_module(agent)  # rank 0's weights everywhere (the same seed made them already)
     if group.rank:  # each rank draws its own windows and imagination noise
         torch.manual_seed(t.seed + 7919 * group.rank)
-    opts = agent.optimizers()
+    if cfg.agent.cuda_graph:  # the update captured in one CUDA graph (checked in `train`: CUDA, Adam, one process)
+        opts = agent.optimizers(capturable=True)
+        step_fn = GraphedUpdate(agent, opts)
+    else:
+        opts = agent.optimizers()
+        step_fn = functools.partial(update, agent, opts)
     # about the rows this rank writes: one per step plus one per episode end (where the estimate falls
     # short, the replay reports a full disk as it grows)
     expected_rows = t.steps // world + t.envs * (t.collect_every + t.seq_len)
@@ -242,8 +252,8 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
                 tic = time.time()
                 while counters["updates_due"] >= 1:
                     batch = replay.sample(device)
-                    m, states = update(agent, opts, batch)
-                    if states is not None:
+                    m, states = step_fn(batch)
+                    if states is not None and not m["train/nonfinite"]:
                         replay.refresh(batch, states)  # the stored states follow the model
                     counters["updates"] += 1
                     counters["updates_due"] -= 1

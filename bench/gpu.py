@@ -1,11 +1,13 @@
 """`longdream bench gpu`: the GPU benchmarks in one command and one report. It runs, in one process
 and one session, `bench scan` (the Triton scan against the copy bandwidth, the loop, accelerated-scan
-and TorchRL's lambda-return), `bench update backbone=all` at xs and s, the RSSM at p064 and s with REINFORCE beside
-TorchRL's DreamerV3 when `comparator=` names its timing script, and `bench worldmodel` (train step
-against L, imagination), then writes gpu_<device>.json / .md: their tables with the machine, the
-commit and each part's wall time. Sized to take under 10 minutes on one GPU.
+and TorchRL's lambda-return), `bench update backbone=all` at xs and s, eager and captured in a CUDA
+graph, the RSSM at p064 and s with REINFORCE beside TorchRL's DreamerV3 (its modes
+`comparator_modes=`, default eager and cudagraph) when `comparator=` names its timing script, and
+`bench worldmodel` (train step against L up to 4096, imagination), then writes gpu_<device>.json /
+.md: their tables with the machine, the commit and each part's wall time. Sized to take under 10
+minutes on one GPU.
 
-    longdream bench gpu [comparator=<torchrl_dv3_update.py>] [out=<folder>]
+    longdream bench gpu [comparator=<torchrl_dv3_update.py>] [comparator_modes=eager,cudagraph] [out=<folder>]
 
 Without CUDA it is an error; `device=cpu quick=true` runs the same chain at toy sizes (the tests).
 """
@@ -19,16 +21,17 @@ import torch
 
 from bench.report import RESULTS, commit, machine, parse, write
 
-DEFAULTS = {"device": "cuda", "comparator": "", "out": "", "quick": False}
+DEFAULTS = {"device": "cuda", "comparator": "", "out": "", "quick": False, "comparator_modes": "eager,cudagraph"}
 
 
 def parts(a: dict) -> list[tuple[str, str, list[str]]]:
     """(benchmark, results file stem, its arguments) in the order they run; quick: toy sizes for a
     check of the chain. The comparator's row runs with REINFORCE, as TorchRL's recipe does."""
     dev, d = [f"device={a['device']}"], a["device"].split(":")[0]
-    update = ["backbone=all", "sizes=xs,s", "repeats=10", "warmup=3"]
-    versus = ["backbone=rssm", "sizes=p064,s", "actor_grad=reinforce", "repeats=10", "warmup=3"]
-    worldmodel = ["lengths=64,256,1024,4096,16384", "tokens=16384", "horizons=16,64,256,1024", "starts=1024"]
+    update = ["backbone=all", "sizes=xs,s", "repeats=10", "warmup=3", "graph=true"]
+    versus = ["backbone=rssm", "sizes=p064,s", "actor_grad=reinforce", "repeats=10", "warmup=3", "graph=true",
+              f"comparator_modes={a['comparator_modes']}"]
+    worldmodel = ["lengths=64,256,1024,4096", "tokens=16384", "horizons=16,64,256,1024", "starts=1024"]
     scan = []
     if a["quick"]:
         update = ["backbone=all", "sizes=xs", "repeats=1", "warmup=0", "batch=2", "seq=8"]

@@ -13,7 +13,9 @@ pass through the 15 imagined steps). `comparator_modes=` passes the script's mod
 `eager,cudagraph,compile_cudagraph`; default: the script's own). On CUDA, float32 products run at
 `matmul_precision=` (default "high", TF32, as the comparator's default), set for both sides. `precision=bf16` runs the forward passes under bfloat16 autocast
 (agent.precision). `compile_step=true` adds, for each backbone with a compilable imagination step
-(Mamba: MambaConfig.compile_step), a row with it compiled beside the eager one. `backbone=all` (or a comma-separated list) times every backbone in the
+(Mamba: MambaConfig.compile_step), a row with it compiled beside the eager one. `graph=true` (CUDA)
+adds, per backbone and size, a row with the whole update captured in one CUDA graph and replayed
+(agents/cudagraph.py, `agent.cuda_graph`), beside the eager one. `backbone=all` (or a comma-separated list) times every backbone in the
 same run, each at its own xs and s dims; the rows give the resolved dims and counts. At xs the agents'
 counts are close (0.36M to 0.43M); at s they are not (core parameters: RSSM 3.9M, S4WM 5.8M, S5WM
 10.0M, Mamba 9.7M, TSSM 15.0M), so an s row compares presets, not matched models.
@@ -41,10 +43,11 @@ MATCHED = {("p064", "size1m"), ("s", "size12m")}  # (ours, TorchRL's) at about t
 DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
             "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "",
             "context": False, "actor_grad": "auto", "precision": "fp32", "compile_step": False,
-            "comparator_modes": "", "matmul_precision": "high"}
+            "comparator_modes": "", "matmul_precision": "high", "graph": False}
 
 
-def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool = False) -> dict:
+def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool = False, graph: bool = False) -> dict:
+    from agents.cudagraph import GraphedUpdate
     from agents.dreamer import Agent, AgentConfig, update
     from worldmodels.model import BACKBONES, ObsSpec, WorldModel
     from worldmodels.nets import NetsConfig
@@ -60,7 +63,8 @@ def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool 
     dev = torch.device(a["device"])
     wm = WorldModel(backbone, core_cfg, nets, ObsSpec(pixels=False, obs_dim=24, action_dim=6))
     agent = Agent(wm, AgentConfig(actor_grad=a["actor_grad"], precision=a["precision"])).to(dev)
-    opts = agent.optimizers()
+    opts = agent.optimizers(capturable=graph)
+    step = GraphedUpdate(agent, opts, warmup=max(1, a["warmup"])) if graph else (lambda b: update(agent, opts, b))
     B, T = a["batch"], a["seq"]
     g = torch.Generator().manual_seed(0)
     is_first = torch.zeros(B, T)
@@ -82,18 +86,18 @@ def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool 
                              "z": torch.randint(K, (B, P, S), generator=g).to(dev),
                              "length": torch.randint(k, (B,), generator=g).to(dev)}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(a["warmup"]):
-        update(agent, opts, batch)
+    for _ in range(max(1, a["warmup"]) + 1 if graph else a["warmup"]):  # graph: eager warm-up, then the capture
+        step(batch)
     times = []
     for _ in range(a["repeats"]):
         sync()
         t = time.perf_counter()
-        m, _ = update(agent, opts, batch)
+        m, _ = step(batch)
         sync()
         times.append((time.perf_counter() - t) * 1e3)
     assert m["train/nonfinite"] == 0, "non-finite loss in the benchmark batch"
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    return {"backbone": backbone, "size": size, "compiled_step": compiled, "params": params, "dims": dataclasses.asdict(core_cfg), "median_ms": round(statistics.median(times), 1),
+    return {"backbone": backbone, "size": size, "compiled_step": compiled, "graph": graph, "params": params, "dims": dataclasses.asdict(core_cfg), "median_ms": round(statistics.median(times), 1),
             "min_ms": round(min(times), 1), "n": len(times),
             "transitions_per_s": round(B * T * 1e3 / statistics.median(times), 1)}
 
@@ -150,6 +154,8 @@ def main(argv: list[str]) -> dict:
         raise ConfigError(f"actor_grad must be auto, dynamics or reinforce, got '{a['actor_grad']}'")
     if a["precision"] not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be fp32 or bf16, got '{a['precision']}'")
+    if a["graph"] and not a["device"].startswith("cuda"):
+        raise ConfigError("graph=true times the update captured in a CUDA graph: it needs device=cuda")
     backbones = list(BACKBONES) if a["backbone"] == "all" else a["backbone"].split(",")
     for b in backbones:
         if b not in BACKBONES:
@@ -169,11 +175,12 @@ def main(argv: list[str]) -> dict:
         for size in asked:
             if size in RSSM_ONLY and b != "rssm":  # widths matched to TorchRL's RSSM: no other backbone has them
                 continue
-            for compiled in (False, True) if a["compile_step"] and has_step else (False,):
-                r = time_update(size, a, b, compiled)
+            variants = [(False, False)] + ([(True, False)] if a["compile_step"] and has_step else []) \
+                + ([(False, True)] if a["graph"] else [])
+            for compiled, graph in variants:
+                r = time_update(size, a, b, compiled, graph)
                 rows.append(r)
-                print(f"[update] {b} {size}{' compiled step' if compiled else ''}: {r['params'] / 1e6:.2f}M params, "
-                      f"{r['median_ms']} ms", file=sys.stderr)
+                print(f"[update] {b} {size}{_variant(r)}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms", file=sys.stderr)
     comp = []
     if a["comparator"]:
         comp = run_comparator(a["comparator"], ["--device", a["device"], "--sizes", a["comparator_sizes"],
@@ -186,6 +193,6 @@ def main(argv: list[str]) -> dict:
     table = render(data)
     # other settings than the defaults get results files of their own, beside the default one
     suffix = ("_reinforce" if a["actor_grad"] == "reinforce" else "") + ("_bf16" if a["precision"] == "bf16" else "") \
-        + ("_compiled" if a["compile_step"] else "")
+        + ("_compiled" if a["compile_step"] else "") + ("_graph" if a["graph"] else "")
     write(f"update_{a['device'].split(':')[0]}{suffix}", data, table, a["out"] or None)
     return data

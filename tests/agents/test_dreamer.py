@@ -165,3 +165,70 @@ def test_bf16_reaches_the_matrix_products_and_the_heads_stay_float32():
 def test_precision_must_be_known():
     with pytest.raises(ValueError, match="agent.precision must be fp32 or bf16"):
         AgentConfig(precision="fp16")
+
+
+def _snapshot(agent, opts):
+    from agents.dreamer import mutable_state
+
+    return [t.detach().clone() for t in mutable_state(agent, opts)]
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_graphable_update_equals_the_update(discrete):
+    """The CUDA graph's step run eagerly (no read-back, undo on the device) is the same step."""
+    runs = []
+    for graphable in (False, True):
+        agent, opts = make(discrete)
+        torch.manual_seed(3)
+        out = [update(agent, opts, batch(), graphable=graphable) for _ in range(3)]
+        runs.append((agent, opts, out))
+    (a1, o1, out1), (a2, o2, out2) = runs
+    for x, y in zip(_snapshot(a1, o1), _snapshot(a2, o2)):
+        assert torch.equal(x, y)
+    for (m1, s1), (m2, s2) in zip(out1, out2):
+        assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+        assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_graphable_update_undoes_a_nonfinite_step(first):
+    """A NaN loss: every weight, optimiser moment and step count, the return normaliser and the slow
+    critic are as before (a first step's new optimiser state is a fresh one's zeros), and the next
+    finite step is the one an agent that never saw the NaN batch takes."""
+    bad = batch()
+    bad["reward"][0, 3] = float("nan")
+    agent, opts = make()
+    ref, ref_opts = make()
+    if not first:
+        for a, o in ((agent, opts), (ref, ref_opts)):
+            torch.manual_seed(5)
+            update(a, o, batch(), graphable=True)
+    before = _snapshot(agent, opts)
+    m, states = update(agent, opts, bad, graphable=True)
+    assert m["train/nonfinite"] == 1 and states is not None
+    after = _snapshot(agent, opts)
+    for x, y in zip(before, after):
+        assert torch.equal(x, y)
+    assert all(not t.any() for t in after[len(before):])  # state the NaN step created: zeros
+    torch.manual_seed(7)
+    update(agent, opts, batch(), graphable=True)
+    torch.manual_seed(7)
+    update(ref, ref_opts, batch(), graphable=True)
+    for x, y in zip(_snapshot(agent, opts), _snapshot(ref, ref_opts)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_one_hot_actor_distribution_scores_as_torch():
+    from agents.dreamer import OneHot
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, 5, generator=g) + 0.01
+    ref = torch.distributions.OneHotCategorical(probs=probs)
+    d = OneHot(probs)
+    value = torch.nn.functional.one_hot(torch.randint(5, (64,), generator=g), 5).float()
+    torch.testing.assert_close(d.log_prob(value), ref.log_prob(value))
+    torch.testing.assert_close(d.entropy(), ref.entropy())
+    torch.manual_seed(0)
+    draws = OneHot(probs[:1].expand(20000, 5)).sample()
+    assert draws.sum(-1).eq(1).all()
+    torch.testing.assert_close(draws.mean(0), ref.probs[0], atol=0.015, rtol=0)
