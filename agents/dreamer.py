@@ -135,8 +135,14 @@ class Actor(nn.Module):
 
     def sample(self, feat: Tensor) -> Tensor:
         """A sample as the distribution gives it: continuous ones are not clipped here (the env and the
-        dynamics bound them), so that REINFORCE scores the action that was actually drawn."""
-        return self.dist(feat).sample()
+        dynamics bound them), so that REINFORCE scores the action that was actually drawn. Continuous
+        ones are drawn as mean + std * N(0, 1) with no gradient: torch's Normal.sample (torch.normal)
+        reads the std back to the host to check it, which a CUDA graph cannot hold."""
+        d = self.dist(feat)
+        if self.discrete:
+            return d.sample()
+        with torch.no_grad():
+            return d.rsample()
 
     def rsample(self, feat: Tensor) -> Tensor:
         """A reparameterised sample (continuous actions), unclipped like `sample`."""

@@ -85,37 +85,42 @@ def test_update_runs_on_cuda(backbone, precision):
     assert any(not torch.equal(a, b) for a, b in zip(before, agent.parameters()))
 
 
-def _agent(backbone, capturable):
+def _agent(backbone, capturable, actor_grad="auto", discrete=False):
     from agents.dreamer import Agent, AgentConfig
 
     torch.manual_seed(0)
-    wm = WorldModel(backbone, BACKBONES[backbone][1](size="xs"), NetsConfig(name="xs"), ObsSpec(pixels=False, obs_dim=24, action_dim=6))
-    agent = Agent(wm, AgentConfig()).to(DEV)
+    wm = WorldModel(backbone, BACKBONES[backbone][1](size="xs"), NetsConfig(name="xs"),
+                    ObsSpec(pixels=False, obs_dim=24, action_dim=6, discrete=discrete))
+    agent = Agent(wm, AgentConfig(actor_grad=actor_grad)).to(DEV)
     return agent, agent.optimizers(capturable=capturable)
 
 
-def _batches(n, Bu=4, Tu=32):
+def _batches(n, Bu=4, Tu=32, discrete=False):
     g = torch.Generator().manual_seed(4)
     out = []
     for _ in range(n):
         is_first = torch.zeros(Bu, Tu)
-        is_first[:, 0] = is_first[:2, 20] = 1
-        b = {"obs": torch.randn(Bu, Tu, 24, generator=g), "action": torch.rand(Bu, Tu, 6, generator=g) * 2 - 1,
+        is_first[:, 0] = is_first[:2, Tu * 5 // 8] = 1
+        action = (torch.nn.functional.one_hot(torch.randint(6, (Bu, Tu), generator=g), 6).float() if discrete
+                  else torch.rand(Bu, Tu, 6, generator=g) * 2 - 1)
+        b = {"obs": torch.randn(Bu, Tu, 24, generator=g), "action": action,
              "reward": torch.rand(Bu, Tu, generator=g), "is_first": is_first, "is_terminal": torch.zeros(Bu, Tu)}
         out.append({k: v.to(DEV) for k, v in b.items()})
     return out
 
 
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
-def test_cuda_graph_update_equals_its_eager_twin(backbone):
+@pytest.mark.parametrize("backbone,actor_grad,discrete", [(b, "auto", False) for b in sorted(BACKBONES)]
+                         + [("rssm", "reinforce", False), ("rssm", "auto", True)])
+def test_cuda_graph_update_equals_its_eager_twin(backbone, actor_grad, discrete):
     """Two eager warm-up steps, the capture, three replays on new batches: the same weights, optimiser
-    state and metrics as the graphable update run eagerly with the same seeds."""
+    state and metrics as the graphable update run eagerly with the same seeds (dynamics gradients,
+    REINFORCE, discrete actions)."""
     from agents.cudagraph import GraphedUpdate
     from agents.dreamer import mutable_state, update
 
-    batches = _batches(5)
-    graphed, g_opts = _agent(backbone, True)
-    eager, e_opts = _agent(backbone, True)
+    batches = _batches(5, discrete=discrete)
+    graphed, g_opts = _agent(backbone, True, actor_grad, discrete)
+    eager, e_opts = _agent(backbone, True, actor_grad, discrete)
     step = GraphedUpdate(graphed, g_opts, warmup=2)
     for i, b in enumerate(batches):
         torch.cuda.manual_seed(100 + i)
