@@ -39,7 +39,9 @@ PRESETS = {
     "p025": ({"deter": 128, "hidden": 64, "stoch": 32, "classes": 4}, {"units": 64, "layers": 2}),
     "p064": ({"deter": 320, "hidden": 64, "stoch": 32, "classes": 4}, {"units": 64, "layers": 2}),
 }
-MATCHED = {("p064", "size1m"), ("s", "size12m")}  # (ours, TorchRL's) at about the same parameter count
+# (ours, the comparator's) at about the same parameter count: TorchRL's sizes, and sheeprl's (its timing
+# script's p064 and its own dreamer_v3_S preset)
+MATCHED = {("p064", "size1m"), ("s", "size12m"), ("p064", "p064"), ("s", "S")}
 DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
             "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "",
             "context": False, "actor_grad": "auto", "precision": "fp32", "compile_step": False,
@@ -128,12 +130,13 @@ def render(data: dict) -> str:
     for c in comp:
         counts = c.get("params", {})
         params = counts.get("optimized_total", counts.get("total")) if isinstance(counts, dict) else counts
-        table_rows.append([f"TorchRL DreamerV3 {c['size']} ({c['mode']})",
+        name = c.get("system", "TorchRL DreamerV3")
+        table_rows.append([f"{name} {c['size']} ({c['mode']})",
                            f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else params,
                            c["median_ms"], c.get("transitions_per_s", ""), ""])
         for r, tr in zip(rows, table_rows):
             if (r["size"], c["size"]) in MATCHED:
-                tr[4] = "; ".join(x for x in (tr[4], faster(r["median_ms"], c["median_ms"], f"TorchRL {c['size']} {c['mode']}")) if x)
+                tr[4] = "; ".join(x for x in (tr[4], faster(r["median_ms"], c["median_ms"], f"{name.split()[0]} {c['size']} {c['mode']}")) if x)
     grad = {"auto": "dynamics", "dynamics": "dynamics", "reinforce": "REINFORCE"}[a["actor_grad"]]
     title = (f"One learner update, B{a['batch']} x T{a['seq']}, H15, 24-dim obs, 6-dim action, actor gradient {grad}, "
              f"{'fp32' if a['precision'] == 'fp32' else 'bf16 autocast'}"
@@ -183,16 +186,19 @@ def main(argv: list[str]) -> dict:
                 print(f"[update] {b} {size}{_variant(r)}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms", file=sys.stderr)
     comp = []
     if a["comparator"]:
+        system = "sheeprl DreamerV3" if "sheeprl" in Path(a["comparator"]).name else "TorchRL DreamerV3"
         comp = run_comparator(a["comparator"], ["--device", a["device"], "--sizes", a["comparator_sizes"],
                                                 "--repeats", str(a["repeats"]), "--warmup", str(a["warmup"]),
                                                 "--batch", str(a["batch"]), "--seq", str(a["seq"]),
                                                 "--matmul-precision", a["matmul_precision"]]
                               + (["--modes", a["comparator_modes"]] if a["comparator_modes"] else []))
+        comp = [{"system": system, **c} for c in comp]
     args = {**a, "comparator": Path(a["comparator"]).name}  # the script, not where it lay
     data = {"machine": machine(a["device"]), "args": args, "longdream": rows, "comparator": comp}
     table = render(data)
     # other settings than the defaults get results files of their own, beside the default one
     suffix = ("_reinforce" if a["actor_grad"] == "reinforce" else "") + ("_bf16" if a["precision"] == "bf16" else "") \
-        + ("_compiled" if a["compile_step"] else "") + ("_graph" if a["graph"] else "")
+        + ("_compiled" if a["compile_step"] else "") + ("_graph" if a["graph"] else "") \
+        + ("_sheeprl" if "sheeprl" in Path(a["comparator"]).name else "")
     write(f"update_{a['device'].split(':')[0]}{suffix}", data, table, a["out"] or None)
     return data
