@@ -112,12 +112,16 @@ def _empty_like_rows(obs: Tensor | TensorDictBase, n: int) -> Tensor | TensorDic
 class Replay:
     def __init__(self, capacity: int, batch_size: int, seq_len: int, directory: str | Path, obs_keys: str | list[str],
                  n_envs: int = 1, state_shapes: dict[str, tuple[int, ...]] | None = None, context: bool = True,
-                 every: int = 0, state_dtype: torch.dtype = torch.float32, expected_rows: int | None = None):
+                 every: int = 0, state_dtype: torch.dtype = torch.float32, expected_rows: int | None = None,
+                 fixed_shapes: bool = False):
         """`capacity` rows in all (split evenly over `n_envs` streams); `state_shapes`, the backbone's
         carried state (core.state_shapes()), is stored where `context` is on, every `every` rows
         (0: chosen by size, see `context_every`). `expected_rows`, the rows the run will write in all
-        (None: the capacity), sizes the free-space check: the files are sparse and grow as rows come."""
+        (None: the capacity), sizes the free-space check: the files are sparse and grow as rows come.
+        `fixed_shapes`: every batch has the same shapes (a CUDA graph of the update needs them): the
+        burn-in rows are always k - 1, each window's own `length` of them read."""
         self.batch_size, self.seq_len, self.n_envs = batch_size, seq_len, n_envs
+        self.fixed_shapes = fixed_shapes
         self.obs_keys = [obs_keys] if isinstance(obs_keys, str) else list(obs_keys)
         self.directory = Path(directory)
         self.state_shapes = dict(state_shapes or {}) if context else {}
@@ -341,7 +345,7 @@ class Replay:
         out["known"] = known
         out["is_first"][~known.to(out["is_first"].device), 0] = 1.0
         burn = torch.where(known, start - anchor, 0)  # (B,) rows between anchor and window start
-        P = int(burn.max())
+        P = self.k - 1 if self.fixed_shapes else int(burn.max())
         out["burn"] = None
         if P:
             lb = anchor[:, None] + torch.arange(P)  # (B, P) every one of them lies in [lo, hi)

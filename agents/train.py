@@ -187,7 +187,7 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
     expected_rows = t.steps // world + t.envs * (t.collect_every + t.seq_len)
     replay = Replay(max(t.replay_capacity // world, t.envs * t.seq_len), t.batch_size, t.seq_len, run_dir / "replay", policy.obs_keys, t.envs,
                     state_shapes=agent.wm.core.state_shapes(), context=t.replay_context, every=t.replay_context_every,
-                    expected_rows=expected_rows)
+                    expected_rows=expected_rows, fixed_shapes=cfg.agent.cuda_graph)
     counters = {"env_steps": 0, "agent_steps": 0, "updates": 0, "updates_due": 0.0, "episodes": 0,
                 "nonfinite": 0, "last_log": 0, "last_eval": 0, "last_video": 0}
 

@@ -253,10 +253,11 @@ def backbone(request):
     return request.param
 
 
-@pytest.mark.parametrize("every", [1, 4])
-def test_window_from_stored_state_equals_whole_episode(tmp_path, backbone, every):
+@pytest.mark.parametrize("every,fixed", [(1, False), (4, False), (4, True)])
+def test_window_from_stored_state_equals_whole_episode(tmp_path, backbone, every, fixed):
     """For every backbone: a window started from its stored state (directly, or burned in from the
-    anchor before it) gives, in float64, the states of observing the whole stream from its start."""
+    anchor before it) gives, in float64, the states of observing the whole stream from its start;
+    also with burn-ins of a fixed k - 1 rows (for a CUDA graph), each window reading its own length."""
     torch.manual_seed(0)
     core_cls, cfg_cls = BACKBONES[backbone]
     wm = WorldModel(backbone, cfg_cls(size="xs"), NetsConfig(), ObsSpec(pixels=False, obs_dim=3, action_dim=A)).double()
@@ -269,7 +270,7 @@ def test_window_from_stored_state_equals_whole_episode(tmp_path, backbone, every
             z_rows.append(torch.zeros_like(z_rows[-1]))
     z_rows = torch.stack(z_rows)  # (L, S)
     rp = Replay(capacity=200, batch_size=24, seq_len=T, directory=tmp_path, obs_keys="observation",
-                state_shapes=wm.core.state_shapes(), every=every, state_dtype=torch.float64)
+                state_shapes=wm.core.state_shapes(), every=every, state_dtype=torch.float64, fixed_shapes=fixed)
     for i in range(0, n_steps, 10):  # collector batches of 10
         rp.add(frames[i:i + 10])
     L = rp.hi[0]
@@ -282,6 +283,7 @@ def test_window_from_stored_state_equals_whole_episode(tmp_path, backbone, every
         assert batch["known"].all()
         if every > 1:
             assert batch["burn"] is not None and (batch["burn"]["length"] > 0).any()
+            assert not fixed or batch["burn"]["obs"].shape[1] == every - 1
         start = {k: v.double() for k, v in wm.context_state(batch["start"], as_double(batch["burn"])).items()}
         _, s = batch["where"]
         l = s[:, None] + torch.arange(T)
