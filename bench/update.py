@@ -7,7 +7,8 @@ Sizes: the presets (xs, s) and two matched to TorchRL's DreamerV3 walker preset 
 deter 320; TorchRL's block GRU reaches its count with deter 512), RSSM only: for another
 `backbone=` the default list drops them and asking for them is an error. With
 `comparator=<path to a TorchRL DreamerV3 timing script>` that script runs in the same session and
-the table gives the ratio: TorchRL's recipe trains the actor by REINFORCE, so `actor_grad=reinforce`
+the table gives the ratio (a script named *sheeprl* is sheeprl's DreamerV3, with `comparator_sizes=p064,S`;
+its actor learns through the dynamics, as ours by default): TorchRL's recipe trains the actor by REINFORCE, so `actor_grad=reinforce`
 does the same work (the default, dynamics gradients for these continuous actions, adds a backward
 pass through the 15 imagined steps). `comparator_modes=` passes the script's modes (e.g.
 `eager,cudagraph,compile_cudagraph`; default: the script's own). On CUDA, float32 products run at
