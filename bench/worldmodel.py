@@ -2,7 +2,8 @@
 sequence, heads, KL, backward, optimiser step) against sequence length L at a fixed number of tokens
 per batch (R2I's method: B = tokens / L), and imagination throughput (imagined latent steps per
 second) against the horizon. Memory: the bytes autograd saves for the backward of one train step
-(each storage once; on any device) and, on CUDA, the peak allocated. For the Transformer, imagination through its KV
+(each storage once; on any device) and, on CUDA, the step's peak allocated above what was allocated
+before it. For the Transformer, imagination through its KV
 cache beside re-running the window every step (horizons up to `recompute_max`).
 
     longdream bench worldmodel [backbones=rssm,s5wm] [lengths=64,256,1024,4096] [tokens=4096]
@@ -12,6 +13,7 @@ cache beside re-running the window every step (horizons up to `recompute_max`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import statistics
 import time
@@ -81,10 +83,12 @@ def main(argv: list[str]) -> dict:
                 wm.loss(*batch)[0].backward()
                 opt.step()
 
-            if dev.type == "cuda":
+            if dev.type == "cuda":  # the step's own peak: above what is allocated before it (model, batch, garbage)
+                gc.collect()
+                base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
             s = _timed(step, a["repeats"], dev)
-            mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None
+            mem = (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.type == "cuda" else None
             opt.zero_grad(set_to_none=True)
             loss, saved = saved_for_backward(lambda: wm.loss(*batch)[0])
             del loss
@@ -119,7 +123,7 @@ def main(argv: list[str]) -> dict:
     fmt = lambda v: "-" if v is None else f"{v:.1f}"
     table = (f"World-model train step at {a['tokens']} tokens per batch (B = tokens / L), size {a['size']}, "
              f"{machine(a['device'])}; median of {a['repeats']}\n\n")
-    table += markdown(["backbone", "params", "L", "B", "ms / step", "us / token", "saved for backward MiB", "peak MiB"],
+    table += markdown(["backbone", "params", "L", "B", "ms / step", "us / token", "saved for backward MiB", "step peak MiB"],
                       [[r["backbone"], f"{r['params'] / 1e6:.2f}M", r["L"], r["B"], fmt(r["ms"]), f"{r['us_per_token']:.2f}",
                         fmt(r.get("saved_mib")), fmt(r["peak_mib"])] for r in train_rows])
     table += (f"\n\nImagination from {a['starts']} start states (Transformer window {a['window']}, started "
