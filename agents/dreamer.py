@@ -199,13 +199,13 @@ class Agent(nn.Module):
         """One optimiser per module. `capturable`: Adam keeps its step count on the device, as a CUDA
         graph of the update needs (agents/cudagraph.py)."""
         c = self.cfg
+        if capturable and c.optimizer != "adam":
+            raise ValueError("a capturable optimiser needs agent.optimizer=adam (LaProp counts its steps on the host)")
         if c.optimizer == "laprop":
             mods = {"wm": self.wm, "actor": self.actor, "critic": self.critic}
             if self.ensemble is not None:
                 mods["ensemble"] = self.ensemble
             return {k: LaProp(m.parameters(), lr=c.lr, agc=c.agc, warmup=c.warmup) for k, m in mods.items()}
-        if capturable and c.optimizer != "adam":
-            raise ValueError("a capturable optimiser needs agent.optimizer=adam (LaProp counts its steps on the host)")
         opts = {
             "wm": torch.optim.Adam(self.wm.parameters(), lr=c.wm_lr, eps=1e-8, capturable=capturable),
             "actor": torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr, eps=1e-5, capturable=capturable),

@@ -232,3 +232,12 @@ def test_one_hot_actor_distribution_scores_as_torch():
     draws = OneHot(probs[:1].expand(20000, 5)).sample()
     assert draws.sum(-1).eq(1).all()
     torch.testing.assert_close(draws.mean(0), ref.probs[0], atol=0.015, rtol=0)
+
+
+def test_graphable_update_and_capturable_optimisers_need_adam():
+    wm = WorldModel("rssm", RSSMConfig(), NetsConfig(), ObsSpec(pixels=False, obs_dim=3, action_dim=2))
+    agent = Agent(wm, AgentConfig(optimizer="laprop"))
+    with pytest.raises(ValueError, match="needs agent.optimizer=adam"):
+        agent.optimizers(capturable=True)
+    with pytest.raises(ValueError, match="needs agent.optimizer=adam"):
+        update(agent, agent.optimizers(), batch(), graphable=True)
