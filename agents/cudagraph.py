@@ -65,7 +65,8 @@ class GraphedUpdate:
             return out
         if self.graph is None:
             self.static = _clone_tree(batch)
-            self.shapes = {k: (v.shape, v.dtype) for k, v in _leaves(self.static).items()}
+            self.static_leaves = _leaves(self.static)  # the buffers the graph reads, filled at every replay
+            self.shapes = {k: (v.shape, v.dtype) for k, v in self.static_leaves.items()}
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.out = update(self.agent, self.opts, self.static, graphable=True)
@@ -75,7 +76,7 @@ class GraphedUpdate:
             if shapes != self.shapes:
                 raise ValueError("the batch changed shape or keys since the CUDA graph was captured: "
                                  f"{sorted(set(shapes.items()) ^ set(self.shapes.items()), key=str)[:2]}")
-            for k, v in _leaves(self.static).items():
+            for k, v in self.static_leaves.items():
                 v.copy_(leaves[k])
         self.graph.replay()
         return self.out

@@ -186,8 +186,9 @@ def main(argv: list[str]) -> dict:
                 rows.append(r)
                 print(f"[update] {b} {size}{_variant(r)}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms", file=sys.stderr)
     comp = []
+    sheeprl = "sheeprl" in Path(a["comparator"]).name  # else TorchRL's timing script
     if a["comparator"]:
-        system = "sheeprl DreamerV3" if "sheeprl" in Path(a["comparator"]).name else "TorchRL DreamerV3"
+        system = "sheeprl DreamerV3" if sheeprl else "TorchRL DreamerV3"
         comp = run_comparator(a["comparator"], ["--device", a["device"], "--sizes", a["comparator_sizes"],
                                                 "--repeats", str(a["repeats"]), "--warmup", str(a["warmup"]),
                                                 "--batch", str(a["batch"]), "--seq", str(a["seq"]),
@@ -200,6 +201,6 @@ def main(argv: list[str]) -> dict:
     # other settings than the defaults get results files of their own, beside the default one
     suffix = ("_reinforce" if a["actor_grad"] == "reinforce" else "") + ("_bf16" if a["precision"] == "bf16" else "") \
         + ("_compiled" if a["compile_step"] else "") + ("_graph" if a["graph"] else "") \
-        + ("_sheeprl" if "sheeprl" in Path(a["comparator"]).name else "")
+        + ("_sheeprl" if sheeprl else "")
     write(f"update_{a['device'].split(':')[0]}{suffix}", data, table, a["out"] or None)
     return data
