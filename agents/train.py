@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gymnasium.error import DependencyNotInstalled
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -70,8 +71,15 @@ def build_agent(cfg: Config, device: str) -> tuple[Agent, DreamerPolicy, dict]:
 @torch.no_grad()
 def evaluate(cfg: Config, policy: DreamerPolicy, shapes: dict, episodes: int, seed: int,
              video: Path | None = None) -> list[float]:
-    """Run `episodes` greedy episodes; optionally save the first one as a video."""
-    env = _collect_env(cfg.env, seed, shapes, render=video is not None and not cfg.env.pixels)
+    """Run `episodes` greedy episodes; optionally save the first one as a video (skipped, with a warning,
+    where the env cannot render here: a missing renderer must not stop a run)."""
+    try:
+        env = _collect_env(cfg.env, seed, shapes, render=video is not None and not cfg.env.pixels)
+    except (ImportError, DependencyNotInstalled) as e:  # e.g. no pygame for the classic-control envs
+        if video is None or cfg.env.pixels:
+            raise
+        _warn_once(f"eval videos off: the env cannot render here ({str(e).splitlines()[0]})")
+        video, env = None, _collect_env(cfg.env, seed, shapes, render=False)
     old_mode = int(policy.mode)
     policy.mode.fill_(EVAL)
     returns = []
@@ -84,6 +92,11 @@ def evaluate(cfg: Config, policy: DreamerPolicy, shapes: dict, episodes: int, se
     policy.mode.fill_(old_mode)
     env.close()
     return returns
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    tqdm.write(f"warning: {message}")
 
 
 def shard_dir(run_dir: Path, group: distributed.Group) -> Path:

@@ -31,7 +31,7 @@ def parts(a: dict) -> list[tuple[str, str, list[str]]]:
     update = ["backbone=all", "sizes=xs,s", "repeats=10", "warmup=3", "graph=true"]
     versus = ["backbone=rssm", "sizes=p064,s", "actor_grad=reinforce", "repeats=10", "warmup=3", "graph=true",
               f"comparator_modes={a['comparator_modes']}"]
-    worldmodel = ["lengths=64,256,1024,4096", "tokens=16384", "horizons=16,64,256,1024", "starts=1024"]
+    worldmodel = ["lengths=64,256,1024,4096", "tokens=16384", "horizons=16,64,256,1024", "starts=1024", "repeats=2"]
     scan = []
     if a["quick"]:
         update = ["backbone=all", "sizes=xs", "repeats=1", "warmup=0", "batch=2", "seq=8"]

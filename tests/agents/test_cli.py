@@ -252,3 +252,15 @@ def test_freed_large_blocks_are_reused():
     pages = 4 * 16384 * (640 + 255) * 4 // 4096  # the activations of four passes, in 4 KiB pages
     assert applied and not default_applied
     assert tuned < 0.2 * pages and default > 0.5 * pages and tuned < default / 5, (tuned, default, pages)
+
+
+def test_eval_without_a_renderer_warns_and_still_evaluates(pendulum_run, capsys, monkeypatch):
+    """A machine without the env's renderer (pygame for Pendulum) loses the eval video, not the run."""
+    from agents import train
+
+    monkeypatch.setitem(sys.modules, "pygame", None)  # `import pygame` now fails, as where it is not installed
+    train._warn_once.cache_clear()
+    assert main(["eval", f"run_dir={pendulum_run}", "episodes=1"]) == 0
+    out = capsys.readouterr()
+    assert "eval videos off: the env cannot render here" in out.out + out.err
+    assert "eval over 1 episodes" in out.out

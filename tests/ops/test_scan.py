@@ -10,6 +10,7 @@ from worldmodels.ops.scan import linear_scan, linear_scan_ref
 
 triton_ok = scan.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 needs_triton = pytest.mark.skipif(not triton_ok, reason="triton not installed or not runnable here")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton tests run: the GPU, else the interpreter
 
 
 def make(B, T, D, dtype, device="cpu", seed=0):
@@ -53,25 +54,39 @@ def compare(device, dtype, T, reverse, tol, B=2, D=19, backend="triton"):
 @pytest.mark.parametrize("T", [1, 7, 64, 77])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_triton_fp32_matches_float64_reference(T, reverse):
-    compare("cpu", torch.float32, T, reverse, 1e-5)
+    compare(DEV, torch.float32, T, reverse, 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [0, 8])
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_time_chunks_and_prefetch_match_reference(split, prefetch, reverse):
+    """The kernel's other launch shapes: time cut into chunks (two passes: each chunk's map, then the
+    output from h0 and the maps before), and the next tile loaded while one is scanned."""
+    cfg = scan.KernelConfig(block_t=4, block_d=16, warps=1, prefetch=prefetch, split=split)
+    assert (scan._chunks(cfg, 2, 77, 19, torch.device("cpu"))[1] > 1) == bool(split)
+    with scan.kernel_config(cfg):
+        compare(DEV, torch.float32, 77, reverse, 1e-5)
+        compare(DEV, torch.bfloat16, 33, reverse, 3e-2)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_triton_half_precision(dtype, tol):
-    compare("cpu", dtype, 33, False, tol)
-    compare("cpu", dtype, 33, True, tol)
+    compare(DEV, dtype, 33, False, tol)
+    compare(DEV, dtype, 33, True, tol)
 
 
 @needs_triton
 @pytest.mark.parametrize("reverse", [False, True])
 def test_triton_complex(reverse):
-    compare("cpu", torch.complex64, 41, reverse, 1e-5)
+    compare(DEV, torch.complex64, 41, reverse, 1e-5)
 
 
 @needs_triton
 def test_triton_without_h0_or_reset_and_broadcast_a():
-    a, b, _, _ = make(2, 9, 4, torch.float32)
+    a, b, _, _ = make(2, 9, 4, torch.float32, DEV)
     a = a[:1].float().expand(2, -1, -1)  # broadcast a over the batch
     fast = linear_scan(a, b.float(), backend="triton")
     torch.testing.assert_close(fast, linear_scan_ref(a, b.float()))
@@ -170,6 +185,11 @@ def test_cuda_matches_reference(dtype, tol, reverse):
     """On the GPU: what the interpreter cannot check (rounding order, real parallel execution)."""
     compare("cuda", dtype, 1000, reverse, tol, B=4, D=256)
     compare("cuda", dtype, 64, reverse, tol, B=64, D=512)
+    if not dtype.is_complex:  # the other launch shapes of the real kernel: time chunks, prefetch, wide tiles
+        for cfg in (scan.KernelConfig(split=8, prefetch=True), scan.KernelConfig(block_t=128, block_d=64, warps=8, split=4)):
+            with scan.kernel_config(cfg):
+                compare("cuda", dtype, 1000, reverse, tol, B=4, D=256)
+                compare("cuda", dtype, 3000, reverse, tol, B=1, D=37)
 
 
 def _aot(*args):
@@ -190,7 +210,9 @@ def test_kernels_compile_ahead_of_time_for_sm90(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     out = _aot("--arch", "90", "--quick")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "sm_90: 32 kernel variants compiled" in out.stdout
+    from worldmodels.ops.aot import variants
+
+    assert f"sm_90: {len(list(variants(quick=True)))} kernel variants compiled" in out.stdout
 
 
 @pytest.mark.slow
@@ -207,7 +229,11 @@ def test_launch_tiles_are_the_compiled_ones():
     """The time tile `_launch` picks for any T is one of those the ahead-of-time compile covers."""
     if scan.triton is None:
         pytest.skip("triton not installed")
-    tiles = {c["BLOCK_T"] for *_, c in scan.kernel_variants()}
-    for T in [1, 2, 3, 7, 8, 33, 64, 65, 1000]:
-        bt = scan._block_t(T)
-        assert bt in tiles and bt == min(64, scan.triton.next_power_of_2(T))
+    compiled = {(c["MODE"], c["BLOCK_T"]) for _, k, _, c, _ in scan.kernel_variants() if k is scan._scan_kernel}
+    cfg = scan.DEFAULT_CONFIG
+    for T in [1, 2, 3, 7, 8, 33, 64, 65, 1000, 100000]:
+        for B, D in [(1, 1), (1, 256), (64, 512)]:
+            bt, chunks, _ = scan._chunks(cfg, B, T, D, torch.device("cpu"))
+            assert bt == min(cfg.block_t, scan.triton.next_power_of_2(T))
+            modes = [scan.SINGLE] if chunks == 1 else [scan.AGGREGATE, scan.FINISH]
+            assert all((m, bt) in compiled for m in modes), (T, B, D, bt, chunks)

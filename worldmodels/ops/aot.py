@@ -19,9 +19,9 @@ import time
 def variants(quick: bool = False):
     from worldmodels.ops import scan
 
-    for name, kernel, sig, const in scan.kernel_variants():
-        if not quick or const["BLOCK_T"] in (1, scan.MAX_BLOCK_T):
-            yield name, kernel, sig, const
+    for name, kernel, sig, const, options in scan.kernel_variants():
+        if not quick or const["BLOCK_T"] in (1, scan.MAX_BLOCK_T, scan.DEFAULT_CONFIG.block_t):
+            yield name, kernel, sig, const, options
 
 
 def compile_all(archs: list[int], quick: bool = False) -> list[tuple[int, str, int]]:
@@ -33,9 +33,10 @@ def compile_all(archs: list[int], quick: bool = False) -> list[tuple[int, str, i
 
     done = []
     for arch in archs:
-        for name, kernel, sig, const in variants(quick):
+        for name, kernel, sig, const, options in variants(quick):
             try:
-                k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32))
+                k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
+                                   options=options)
             except Exception as e:  # noqa: BLE001 - whatever the compiler raises, name the variant
                 raise RuntimeError(f"sm_{arch} {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
             done.append((arch, name, len(k.asm["cubin"])))

@@ -31,6 +31,9 @@ The agent's lambda-returns (agents/returns.py) are one reverse scan.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import os
 
 import torch
@@ -214,30 +217,70 @@ if triton is not None:
         return tl.sum(tl.where(rows == row, x, 0.0), axis=0)  # (BLOCK_D,)
 
     @triton.jit
-    def _scan_kernel(A, X, H0, OUT, LAST, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_b, pid_d = tl.program_id(0), tl.program_id(1)
+    def _tile(base, tile, lo, hi, D, offs_d, mask_d, BLOCK_T: tl.constexpr):
+        """Offsets and mask of time tile `tile` (rows tile * BLOCK_T ...) of one batch row's channels,
+        rows outside [lo, hi) masked."""
+        offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask = (offs_t[:, None] >= lo) & (offs_t[:, None] < hi) & mask_d[None, :]
+        return base + offs_t[:, None] * D + offs_d[None, :], mask
+
+    @triton.jit
+    def _scan_kernel(A, X, H0, OUT, LAST, AGG, T, D, TILES_PER_CHUNK, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+                     MODE: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # grid (B, D / BLOCK_D, chunks): a program scans BLOCK_D channels of one batch row over one chunk
+        # of TILES_PER_CHUNK time tiles. MODE 0: one chunk, the whole sequence. MODE 1: write the chunk's
+        # map h -> P h + S (P = product of its a, S = its state from zero) to AGG (B, chunks, 2, D), no
+        # output. MODE 2: start from h0 composed with the maps of the chunks before, write the output.
+        pid_b, pid_d, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_chunks = tl.num_programs(2)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         mask_d = offs_d < D
-        if HAS_H0:
+        h = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_H0 and MODE != 1:
             h = tl.load(H0 + pid_b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        else:
-            h = tl.zeros([BLOCK_D], dtype=tl.float32)
+        p = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
+        if MODE == 2:  # the state this chunk starts from
+            agg = AGG + pid_b.to(tl.int64) * n_chunks * 2 * D + offs_d
+            n_before = n_chunks - 1 - pid_c if REVERSE else pid_c
+            for j in range(n_before):
+                c = n_chunks - 1 - j if REVERSE else j
+                pa = tl.load(agg + 2 * c * D, mask=mask_d, other=1.0)
+                ps = tl.load(agg + (2 * c + 1) * D, mask=mask_d, other=0.0)
+                h = pa * h + ps
         base = pid_b.to(tl.int64) * T * D
-        n_tiles = tl.cdiv(T, BLOCK_T)
-        for i in range(n_tiles):
-            tile = n_tiles - 1 - i if REVERSE else i
-            offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,)
-            mask = (offs_t[:, None] < T) & mask_d[None, :]
-            ptr = base + offs_t[:, None] * D + offs_d[None, :]  # (BLOCK_T, BLOCK_D)
-            # padding is the identity (a=1, b=0), so it neither moves nor breaks the carry
-            a = tl.load(A + ptr, mask=mask, other=1.0).to(tl.float32)
-            x = tl.load(X + ptr, mask=mask, other=0.0).to(tl.float32)
+        first = pid_c * TILES_PER_CHUNK
+        count = tl.minimum(TILES_PER_CHUNK, tl.cdiv(T, BLOCK_T) - first)
+        lo, hi = first * BLOCK_T, tl.minimum(T, (first + count) * BLOCK_T)  # the chunk's time steps
+        start = first + count - 1 if REVERSE else first
+        step = -1 if REVERSE else 1
+        if PREFETCH:  # the next tile's loads are in flight while this one is scanned
+            ptr, mask = _tile(base, start, lo, hi, D, offs_d, mask_d, BLOCK_T)
+            a_next = tl.load(A + ptr, mask=mask, other=1.0)
+            x_next = tl.load(X + ptr, mask=mask, other=0.0)
+        for i in range(count):
+            if PREFETCH:
+                a, x, cur, cur_mask = a_next.to(tl.float32), x_next.to(tl.float32), ptr, mask
+                ptr, mask = _tile(base, start + step * (i + 1), lo, hi, D, offs_d, mask_d, BLOCK_T)
+                a_next = tl.load(A + ptr, mask=mask, other=1.0)
+                x_next = tl.load(X + ptr, mask=mask, other=0.0)
+            else:
+                cur, cur_mask = _tile(base, start + step * i, lo, hi, D, offs_d, mask_d, BLOCK_T)
+                # padding is the identity (a=1, b=0), so it neither moves nor breaks the carry
+                a = tl.load(A + cur, mask=cur_mask, other=1.0).to(tl.float32)
+                x = tl.load(X + cur, mask=cur_mask, other=0.0).to(tl.float32)
             a_cum, x_cum = tl.associative_scan((a, x), axis=0, combine_fn=_combine, reverse=REVERSE)
             hs = a_cum * h[None, :] + x_cum  # (BLOCK_T, BLOCK_D)
-            tl.store(OUT + ptr, hs.to(OUT.dtype.element_ty), mask=mask)
+            if MODE != 1:
+                tl.store(OUT + cur, hs.to(OUT.dtype.element_ty), mask=cur_mask)
+            else:
+                p = p * _pick_row(a_cum, 0 if REVERSE else BLOCK_T - 1, BLOCK_T)
             h = _pick_row(hs, 0 if REVERSE else BLOCK_T - 1, BLOCK_T)
-        tl.store(LAST + pid_b * D + offs_d, h.to(LAST.dtype.element_ty), mask=mask_d)
+        if MODE == 1:
+            agg = AGG + (pid_b.to(tl.int64) * n_chunks + pid_c) * 2 * D + offs_d
+            tl.store(agg, p, mask=mask_d)
+            tl.store(agg + D, h, mask=mask_d)
+        elif pid_c == (0 if REVERSE else n_chunks - 1):  # the chunk that holds the sequence's end
+            tl.store(LAST + pid_b * D + offs_d, h.to(LAST.dtype.element_ty), mask=mask_d)
 
     @triton.jit
     def _scan_complex_kernel(A, X, H0, OUT, LAST, T, D, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
@@ -276,30 +319,92 @@ if triton is not None:
         tl.store(LAST + pid_b * 2 * D + 2 * offs_d + 1, hi, mask=mask_d)
 
 
-BLOCK_D = 32  # channels per program
-MAX_BLOCK_T = 64  # time steps per tile: a power of two up to this, the smallest that holds T
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """How `_launch` tiles the real scan: BLOCK_T time steps by BLOCK_D channels per tile, `warps` warps
+    per program, `prefetch` the next tile while scanning this one, and `split`: when fewer than
+    split x (the GPU's multiprocessors) programs would run (few batch rows and channels, long T), time
+    is cut into chunks scanned in two passes (each chunk's map P h + S, then the output from h0 and the
+    maps of the chunks before), which reads the inputs twice but keeps every multiprocessor busy.
+    0 never splits. `bench scan sweep=true` times a grid of these on the GPU."""
+    block_t: int = 64
+    block_d: int = 32
+    warps: int = 4
+    prefetch: bool = False
+    split: int = 0
+
+
+# The default from `bench scan sweep=true` on an H200 (bench/results/scan_sweep_cuda.md): 128-step tiles
+# with the next one prefetched, and time chunks where fewer than 8 programs per multiprocessor would run
+# (4.7x at (B, D, T) = (1, 256, 16384), 1.4x at (4, 1024, 4096) over the former 64-step tiles).
+DEFAULT_CONFIG = KernelConfig(block_t=128, block_d=32, warps=4, prefetch=True, split=8)
+_override: KernelConfig | None = None
+
+
+@contextlib.contextmanager
+def kernel_config(cfg: KernelConfig):
+    """Launch the real Triton scan with `cfg` inside the block (benchmarks and tests)."""
+    global _override
+    old, _override = _override, cfg
+    try:
+        yield
+    finally:
+        _override = old
+
+
+BLOCK_D = 32  # channels per program of the complex kernel
+MAX_BLOCK_T = 64  # its time steps per tile: a power of two up to this, the smallest that holds T
 REAL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # what the real kernel takes
+SINGLE, AGGREGATE, FINISH = 0, 1, 2  # the real kernel's modes
 
 
-def _block_t(T: int) -> int:
-    return min(MAX_BLOCK_T, 1 << max(T - 1, 0).bit_length())
+def _block_t(T: int, cap: int) -> int:
+    return min(cap, 1 << max(T - 1, 0).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _chunks(cfg: KernelConfig, B: int, T: int, D: int, device: torch.device) -> tuple[int, int, int]:
+    """(time tile, chunks, tiles per chunk) for a (B, T, D) scan under `cfg`."""
+    bt = _block_t(T, cfg.block_t)
+    n_tiles = -(-T // bt)
+    rows = B * -(-D // cfg.block_d)
+    want = cfg.split * _multiprocessors(device)
+    chunks = min(n_tiles, -(-want // rows)) if cfg.split and rows < want else 1
+    per_chunk = -(-n_tiles // chunks)
+    return bt, -(-n_tiles // per_chunk), per_chunk
 
 
 def kernel_variants():
-    """Every (name, kernel, signature, constexprs) that `_launch` can run, in the form
-    `triton.compiler.ASTSource` takes: the tests compile each ahead of time for real GPUs, which
-    catches what the CPU interpreter cannot (types, layouts, register limits)."""
-    blocks = [1 << i for i in range(MAX_BLOCK_T.bit_length())]  # 1, 2, ..., MAX_BLOCK_T
-    for kernel, dtypes in ((_scan_kernel, REAL_DTYPES.values()), (_scan_complex_kernel, ["fp32"])):
-        for dt in dtypes:  # complex64 travels as float32 (re, im) pairs
-            sig = {**{n: f"*{dt}" for n in ("A", "X", "H0", "OUT", "LAST")}, "T": "i32", "D": "i32",
-                   **{c: "constexpr" for c in ("HAS_H0", "REVERSE", "BLOCK_T", "BLOCK_D")}}
-            for has_h0 in (False, True):
-                for reverse in (False, True):
-                    for bt in blocks:
-                        const = {"HAS_H0": has_h0, "REVERSE": reverse, "BLOCK_T": bt, "BLOCK_D": BLOCK_D}
-                        name = f"{kernel.__name__}[{dt}, h0={has_h0}, reverse={reverse}, BLOCK_T={bt}]"
-                        yield name, kernel, sig, const
+    """Every (name, kernel, signature, constexprs, options) that `_launch` can run under the default
+    config, in the form `triton.compiler.ASTSource` takes: the tests compile each ahead of time for real
+    GPUs, which catches what the CPU interpreter cannot (types, layouts, register limits)."""
+    cfg = DEFAULT_CONFIG
+    blocks = [1 << i for i in range(cfg.block_t.bit_length())]  # 1, 2, ..., cfg.block_t
+    for dt in REAL_DTYPES.values():
+        sig = {**{n: f"*{dt}" for n in ("A", "X", "H0", "OUT", "LAST")}, "AGG": "*fp32", "T": "i32", "D": "i32",
+               "TILES_PER_CHUNK": "i32",
+               **{c: "constexpr" for c in ("HAS_H0", "REVERSE", "MODE", "PREFETCH", "BLOCK_T", "BLOCK_D")}}
+        for reverse in (False, True):
+            modes = [(SINGLE, bt, h0) for bt in blocks for h0 in (False, True)]
+            if cfg.split:  # chunks only where there are several tiles: at the full tile
+                modes += [(AGGREGATE, cfg.block_t, False), (FINISH, cfg.block_t, False), (FINISH, cfg.block_t, True)]
+            for mode, bt, has_h0 in modes:
+                const = {"HAS_H0": has_h0, "REVERSE": reverse, "MODE": mode, "PREFETCH": cfg.prefetch, "BLOCK_T": bt,
+                         "BLOCK_D": cfg.block_d}
+                name = f"_scan_kernel[{dt}, mode={mode}, h0={has_h0}, reverse={reverse}, BLOCK_T={bt}]"
+                yield name, _scan_kernel, sig, const, {"num_warps": cfg.warps}
+    sig = {**{n: "*fp32" for n in ("A", "X", "H0", "OUT", "LAST")}, "T": "i32", "D": "i32",
+           **{c: "constexpr" for c in ("HAS_H0", "REVERSE", "BLOCK_T", "BLOCK_D")}}
+    for has_h0 in (False, True):  # complex64 travels as float32 (re, im) pairs
+        for reverse in (False, True):
+            for bt in [1 << i for i in range(MAX_BLOCK_T.bit_length())]:
+                const = {"HAS_H0": has_h0, "REVERSE": reverse, "BLOCK_T": bt, "BLOCK_D": BLOCK_D}
+                name = f"_scan_complex_kernel[fp32, h0={has_h0}, reverse={reverse}, BLOCK_T={bt}]"
+                yield name, _scan_complex_kernel, sig, const, {"num_warps": 4}
 
 
 def _launch(a: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
@@ -307,15 +412,23 @@ def _launch(a: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Ten
     B, T, D = x.shape
     out = torch.empty_like(x)
     last = torch.empty(B, D, dtype=x.dtype, device=x.device)
-    BLOCK_T = _block_t(T)
-    grid = (B, triton.cdiv(D, BLOCK_D))
     if x.is_complex():
         view = lambda t: torch.view_as_real(t.resolve_conj())
-        kernel, args = _scan_complex_kernel, (view(a), view(x), view(h0) if h0 is not None else view(last),
-                                              view(out), view(last))
-    else:
-        kernel, args = _scan_kernel, (a, x, h0 if h0 is not None else last, out, last)
-    kernel[grid](*args, T, D, HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D)
+        _scan_complex_kernel[(B, triton.cdiv(D, BLOCK_D))](
+            view(a), view(x), view(h0) if h0 is not None else view(last), view(out), view(last), T, D,
+            HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_T=_block_t(T, MAX_BLOCK_T), BLOCK_D=BLOCK_D)
+        return out, last
+    cfg = _override or DEFAULT_CONFIG
+    bt, chunks, per_chunk = _chunks(cfg, B, T, D, x.device)
+    grid = (B, triton.cdiv(D, cfg.block_d), chunks)
+    opts = dict(REVERSE=reverse, PREFETCH=cfg.prefetch, BLOCK_T=bt, BLOCK_D=cfg.block_d, num_warps=cfg.warps)
+    h0_arg = h0 if h0 is not None else last
+    if chunks == 1:
+        _scan_kernel[grid](a, x, h0_arg, out, last, last, T, D, per_chunk, HAS_H0=h0 is not None, MODE=SINGLE, **opts)
+        return out, last
+    agg = torch.empty(B, chunks, 2, D, dtype=torch.float32, device=x.device)
+    _scan_kernel[grid](a, x, h0_arg, out, last, agg, T, D, per_chunk, HAS_H0=False, MODE=AGGREGATE, **opts)
+    _scan_kernel[grid](a, x, h0_arg, out, last, agg, T, D, per_chunk, HAS_H0=h0 is not None, MODE=FINISH, **opts)
     return out, last
 
 
