@@ -213,7 +213,8 @@ def sweep(a: dict) -> dict:
             timed[cfg] = ms
             return ms
 
-        default_ms = time_cfg(scan.DEFAULT_CONFIG)
+        default = scan.default_config(B, D, x.device)
+        default_ms = time_cfg(default)
         for cfg in grid:
             time_cfg(cfg)
         for cfg in sorted(timed, key=timed.get)[:3]:
@@ -224,7 +225,7 @@ def sweep(a: dict) -> dict:
         n = B * T * D
         for cfg, ms in timed.items():
             rows.append({"shape": (B, D, T), **dataclasses.asdict(cfg), "chunks": scan._chunks(cfg, B, T, D, x.device)[1],
-                         "fwd_ms": ms, "fwd_tbs": 12 * n / (ms * 1e-3) / 1e12, "default": cfg == scan.DEFAULT_CONFIG,
+                         "fwd_ms": ms, "fwd_tbs": 12 * n / (ms * 1e-3) / 1e12, "default": cfg == default,
                          "vs_default": default_ms / ms})
         data = _write_sweep(rows, dev, gpu, copy_tbs, reps, a["out"])  # after every shape: a stopped sweep keeps them
     return data

@@ -51,7 +51,7 @@ def compare(device, dtype, T, reverse, tol, B=2, D=19, backend="triton"):
 
 
 @needs_triton
-@pytest.mark.parametrize("T", [1, 7, 64, 77])
+@pytest.mark.parametrize("T", [1, 7, 64, 77, 300])  # 300: the few-rows default cuts time into chunks
 @pytest.mark.parametrize("reverse", [False, True])
 def test_triton_fp32_matches_float64_reference(T, reverse):
     compare(DEV, torch.float32, T, reverse, 1e-5)
@@ -229,11 +229,13 @@ def test_launch_tiles_are_the_compiled_ones():
     """The time tile `_launch` picks for any T is one of those the ahead-of-time compile covers."""
     if scan.triton is None:
         pytest.skip("triton not installed")
-    compiled = {(c["MODE"], c["BLOCK_T"]) for _, k, _, c, _ in scan.kernel_variants() if k is scan._scan_kernel}
-    cfg = scan.DEFAULT_CONFIG
+    compiled = {(c["MODE"], c["BLOCK_T"], c["PREFETCH"], o["num_warps"])
+                for _, k, _, c, o in scan.kernel_variants() if k is scan._scan_kernel}
     for T in [1, 2, 3, 7, 8, 33, 64, 65, 1000, 100000]:
         for B, D in [(1, 1), (1, 256), (64, 512)]:
+            cfg = scan.default_config(B, D, torch.device("cpu"))
+            assert cfg is (scan.FEW_ROWS_CONFIG if B * -(-D // 32) < 4 else scan.DEFAULT_CONFIG)  # 4 "multiprocessors" off CUDA
             bt, chunks, _ = scan._chunks(cfg, B, T, D, torch.device("cpu"))
             assert bt == min(cfg.block_t, scan.triton.next_power_of_2(T))
             modes = [scan.SINGLE] if chunks == 1 else [scan.AGGREGATE, scan.FINISH]
-            assert all((m, bt) in compiled for m in modes), (T, B, D, bt, chunks)
+            assert all((m, bt, cfg.prefetch, cfg.warps) in compiled for m in modes), (T, B, D, bt, chunks)

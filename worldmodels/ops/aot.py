@@ -20,7 +20,7 @@ def variants(quick: bool = False):
     from worldmodels.ops import scan
 
     for name, kernel, sig, const, options in scan.kernel_variants():
-        if not quick or const["BLOCK_T"] in (1, scan.MAX_BLOCK_T, scan.DEFAULT_CONFIG.block_t):
+        if not quick or const["BLOCK_T"] in (1, scan.MAX_BLOCK_T, scan.FEW_ROWS_CONFIG.block_t):
             yield name, kernel, sig, const, options
 
 

@@ -6,7 +6,12 @@
   time in tiles of BLOCK_T steps: a tile of (a, b) is loaded once, scanned in registers with
   `tl.associative_scan` under the combine (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2), composed with
   the carried state, stored, and the tile's last state becomes the carry. Every element is read and
-  written once (12 bytes per fp32 element forward). The backward is the same scan run the other way
+  written once (12 bytes per fp32 element forward). Where fewer programs than multiprocessors would
+  run (few batch rows and channels, long T), time is also cut into chunks: a first pass writes each
+  chunk's map h -> P h + S, a second starts each chunk from h0 composed with the maps before it (the
+  inputs are read twice, every multiprocessor works). `KernelConfig` holds the launch (tile sizes,
+  warps, prefetch of the next tile, chunking); `kernel_config(cfg)` overrides the defaults (benchmarks,
+  tests). The backward is the same scan run the other way
   over the shifted a (dL/dh_t = g_t + a_{t+1} dL/dh_{t+1}), then dL/da_t = g_t h_{t-1}, dL/db_t = g_t.
   Used for CUDA tensors, and for CPU tensors under TRITON_INTERPRET=1 (tests only: slow).
 - `linear_scan_chunked`: the same combine in plain PyTorch, blocked: doubling steps inside chunks of
@@ -334,10 +339,13 @@ class KernelConfig:
     split: int = 0
 
 
-# The default from `bench scan sweep=true` on an H200 (bench/results/scan_sweep_cuda.md): 128-step tiles
-# with the next one prefetched, and time chunks where fewer than 8 programs per multiprocessor would run
-# (4.7x at (B, D, T) = (1, 256, 16384), 1.4x at (4, 1024, 4096) over the former 64-step tiles).
-DEFAULT_CONFIG = KernelConfig(block_t=128, block_d=32, warps=4, prefetch=True, split=8)
+# The defaults, from `bench scan sweep=true` on an H200 (bench/results/scan_sweep_cuda.md). Where at least
+# one program per multiprocessor runs, 64-step tiles without prefetch (no other config was faster beyond
+# the timing noise). Where fewer would run (few batch rows and channels, long T), 128-step tiles with the
+# next one prefetched and time cut into chunks until 8 programs per multiprocessor run: 0.106 against
+# 0.483 ms at (B, D, T) = (1, 256, 16384), 0.169 against 0.210 ms at (4, 1024, 4096).
+DEFAULT_CONFIG = KernelConfig(block_t=64, block_d=32, warps=4, prefetch=False, split=0)
+FEW_ROWS_CONFIG = KernelConfig(block_t=128, block_d=32, warps=4, prefetch=True, split=8)
 _override: KernelConfig | None = None
 
 
@@ -378,25 +386,33 @@ def _chunks(cfg: KernelConfig, B: int, T: int, D: int, device: torch.device) -> 
     return bt, -(-n_tiles // per_chunk), per_chunk
 
 
+def default_config(B: int, D: int, device: torch.device) -> KernelConfig:
+    """The launch config for a (B, T, D) scan: FEW_ROWS_CONFIG where fewer programs than multiprocessors
+    would run without time chunks, else DEFAULT_CONFIG."""
+    rows = B * -(-D // DEFAULT_CONFIG.block_d)
+    return FEW_ROWS_CONFIG if rows < _multiprocessors(device) else DEFAULT_CONFIG
+
+
 def kernel_variants():
     """Every (name, kernel, signature, constexprs, options) that `_launch` can run under the default
-    config, in the form `triton.compiler.ASTSource` takes: the tests compile each ahead of time for real
+    configs, in the form `triton.compiler.ASTSource` takes: the tests compile each ahead of time for real
     GPUs, which catches what the CPU interpreter cannot (types, layouts, register limits)."""
-    cfg = DEFAULT_CONFIG
-    blocks = [1 << i for i in range(cfg.block_t.bit_length())]  # 1, 2, ..., cfg.block_t
-    for dt in REAL_DTYPES.values():
-        sig = {**{n: f"*{dt}" for n in ("A", "X", "H0", "OUT", "LAST")}, "AGG": "*fp32", "T": "i32", "D": "i32",
-               "TILES_PER_CHUNK": "i32",
-               **{c: "constexpr" for c in ("HAS_H0", "REVERSE", "MODE", "PREFETCH", "BLOCK_T", "BLOCK_D")}}
-        for reverse in (False, True):
-            modes = [(SINGLE, bt, h0) for bt in blocks for h0 in (False, True)]
-            if cfg.split:  # chunks only where there are several tiles: at the full tile
-                modes += [(AGGREGATE, cfg.block_t, False), (FINISH, cfg.block_t, False), (FINISH, cfg.block_t, True)]
-            for mode, bt, has_h0 in modes:
-                const = {"HAS_H0": has_h0, "REVERSE": reverse, "MODE": mode, "PREFETCH": cfg.prefetch, "BLOCK_T": bt,
-                         "BLOCK_D": cfg.block_d}
-                name = f"_scan_kernel[{dt}, mode={mode}, h0={has_h0}, reverse={reverse}, BLOCK_T={bt}]"
-                yield name, _scan_kernel, sig, const, {"num_warps": cfg.warps}
+    for cfg in (DEFAULT_CONFIG, FEW_ROWS_CONFIG):
+        blocks = [1 << i for i in range(cfg.block_t.bit_length())]  # 1, 2, ..., cfg.block_t
+        for dt in REAL_DTYPES.values():
+            sig = {**{n: f"*{dt}" for n in ("A", "X", "H0", "OUT", "LAST")}, "AGG": "*fp32", "T": "i32", "D": "i32",
+                   "TILES_PER_CHUNK": "i32",
+                   **{c: "constexpr" for c in ("HAS_H0", "REVERSE", "MODE", "PREFETCH", "BLOCK_T", "BLOCK_D")}}
+            for reverse in (False, True):
+                modes = [(SINGLE, bt, h0) for bt in blocks for h0 in (False, True)]
+                if cfg.split:  # chunks only where there are several tiles: at the full tile
+                    modes += [(AGGREGATE, cfg.block_t, False), (FINISH, cfg.block_t, False), (FINISH, cfg.block_t, True)]
+                for mode, bt, has_h0 in modes:
+                    const = {"HAS_H0": has_h0, "REVERSE": reverse, "MODE": mode, "PREFETCH": cfg.prefetch, "BLOCK_T": bt,
+                             "BLOCK_D": cfg.block_d}
+                    name = (f"_scan_kernel[{dt}, mode={mode}, h0={has_h0}, reverse={reverse}, BLOCK_T={bt}, "
+                            f"prefetch={cfg.prefetch}, warps={cfg.warps}]")
+                    yield name, _scan_kernel, sig, const, {"num_warps": cfg.warps}
     sig = {**{n: "*fp32" for n in ("A", "X", "H0", "OUT", "LAST")}, "T": "i32", "D": "i32",
            **{c: "constexpr" for c in ("HAS_H0", "REVERSE", "BLOCK_T", "BLOCK_D")}}
     for has_h0 in (False, True):  # complex64 travels as float32 (re, im) pairs
@@ -418,7 +434,7 @@ def _launch(a: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Ten
             view(a), view(x), view(h0) if h0 is not None else view(last), view(out), view(last), T, D,
             HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_T=_block_t(T, MAX_BLOCK_T), BLOCK_D=BLOCK_D)
         return out, last
-    cfg = _override or DEFAULT_CONFIG
+    cfg = _override or default_config(B, D, x.device)
     bt, chunks, per_chunk = _chunks(cfg, B, T, D, x.device)
     grid = (B, triton.cdiv(D, cfg.block_d), chunks)
     opts = dict(REVERSE=reverse, PREFETCH=cfg.prefetch, BLOCK_T=bt, BLOCK_D=cfg.block_d, num_warps=cfg.warps)
