@@ -17,7 +17,8 @@ As in Mamba: A_log starts at log(1..N) in every channel (S4D-real), D_skip at 1,
 the inverse softplus of step sizes drawn log-uniformly from [dt_min, dt_max]; the input enters to first
 order in delta (delta B x, not zero-order hold). A, B, C and delta depend on the input, so the
 recurrence is time-varying but still linear in h: training runs it with `linear_scan` over
-(B, T, D * N) per block (`selective_scan`), acting and imagination step the conv window (the last
+(B, T, D * N) per block (`selective_scan_fused`: the backward written out, recomputing the decays
+instead of keeping them; `selective_scan` is its autograd twin), acting and imagination step the conv window (the last
 d_conv - 1 inputs) and the SSM state one token at a time (`MambaMixer.step`, on `selective_scan_ref`).
 At `is_first` both reset: the SSM state to zero and the conv window to empty (inputs from before the
 episode start are masked out of the convolution). The SSM state is carried in float32. The shared
@@ -96,6 +97,83 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if z is not None:
         y = y * F.silu(z.to(dtype))
     return y.to(out), hs
+
+
+def selective_scan_fused(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None = None,
+                         delta_bias: Tensor | None = None, h0: Tensor | None = None,
+                         reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`selective_scan` (same signature and results) with its backward written out, the path training
+    takes. Autograd through `selective_scan` keeps three (Bt, T, D, N) tensors per block until the
+    backward pass besides the states: exp(delta A), its reset-masked copy and the scan's own copy.
+    This keeps only the inputs and the states (which are an output anyway: imagination starts from
+    them and the heads read the last block's), and the backward recomputes exp(delta A) from the
+    inputs and runs the adjoint recurrence as one reverse `linear_scan` (as mamba-ssm's kernels
+    recompute their states in the backward pass)."""
+    out, dtype = u.dtype, _real(u)
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    y, hs = _SelectiveScan.apply(*(cast(x) for x in (u, delta, A, B, C, D, z, delta_bias, h0)), reset)
+    return y.to(out), hs
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, bias, h0, reset):
+        a, _ = _decay(delta, A, bias, reset)  # (Bt, T, D, N)
+        dt = F.softplus(delta if bias is None else delta + bias)
+        b = (dt * u)[..., None] * B[:, :, None, :]
+        hs = linear_scan(a.flatten(2), b.flatten(2), h0=None if h0 is None else h0.flatten(1)).unflatten(2, A.shape)
+        del a, b
+        y = torch.einsum("btdn,btn->btd", hs, C) + D * u
+        if z is not None:
+            y = y * F.silu(z)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, h0, reset, hs)
+        return y, hs
+
+    @staticmethod
+    def backward(ctx, gy, ghs):
+        u, delta, A, B, C, D, z, bias, h0, reset, hs = ctx.saved_tensors
+        a, pre = _decay(delta, A, bias, reset)  # the masked decays again, (Bt, T, D, N)
+        dt = F.softplus(pre)
+        gz = None
+        if z is not None:  # y = yc SiLU(z): SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
+            sz = torch.sigmoid(z)
+            gz = gy * (torch.einsum("btdn,btn->btd", hs, C) + D * u) * sz * (1 + z * (1 - sz))
+            gy = gy * z * sz
+        # dL/dh_t: from the output and from the states themselves; the adjoint recurrence
+        # g_t = G_t + a_{t+1} g_{t+1} runs backwards through the same scan
+        G = gy[..., None] * C[:, :, None, :]
+        if ghs is not None:
+            G = G + ghs
+        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], 1)
+        g = linear_scan(a_next.flatten(2), G.flatten(2), reverse=True).unflatten(2, A.shape)
+        del a_next, G
+        gh0 = a[:, 0] * g[:, 0] if h0 is not None else None
+        start = h0[:, None] if h0 is not None else hs.new_zeros(hs[:, :1].shape)
+        ga = g * torch.cat([start, hs[:, :-1]], 1)  # dL/da_t = g_t h_{t-1}
+        ga *= a  # dL/d(delta_t A): exp's derivative, zero where the reset masked a
+        del a
+        gA = torch.einsum("btdn,btd->dn", ga, dt)
+        gdt = torch.einsum("btdn,dn->btd", ga, A)
+        del ga
+        gbu = torch.einsum("btdn,btn->btd", g, B)  # dL/d(delta_t u_t)
+        gB = torch.einsum("btdn,btd->btn", g, dt * u)
+        del g
+        gdt = gdt + gbu * u
+        gu = gbu * dt + gy * D
+        gC = torch.einsum("btd,btdn->btn", gy, hs)
+        gD = (gy * u).sum((0, 1))
+        gpre = gdt * torch.sigmoid(pre)  # softplus' = sigmoid
+        gbias = gpre.sum((0, 1)) if bias is not None else None
+        return gu, gpre, gA, gB, gC, gD, gz, gbias, gh0, None
+
+
+def _decay(delta: Tensor, A: Tensor, bias: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
+    """exp(softplus(delta + bias) A), zero where reset starts an episode (Bt, T, D, N); and delta + bias."""
+    pre = delta if bias is None else delta + bias
+    a = torch.exp(F.softplus(pre)[..., None] * A)
+    if reset is not None:
+        a = a * (1 - reset.to(a.dtype))[..., None, None]
+    return a, pre
 
 
 def ssm_step(h: Tensor, dt: Tensor, A: Tensor, x: Tensor, B: Tensor, C: Tensor, D: Tensor,
@@ -186,7 +264,7 @@ class MambaMixer(nn.Module):
         x, windows = causal_conv(x, x0["conv"], reset, self.conv_weight, self.conv_bias)
         x = F.silu(x)
         delta, B, C = self._ssm_inputs(x)
-        y, hs = selective_scan(x, delta, -self.A_log.exp(), B, C, self.D, z, self.dt_proj.bias, x0["ssm"], reset)
+        y, hs = selective_scan_fused(x, delta, -self.A_log.exp(), B, C, self.D, z, self.dt_proj.bias, x0["ssm"], reset)
         return self.out_proj(y), {"conv": windows, "ssm": hs}
 
     def step(self, u: Tensor, x0: dict[str, Tensor], reset: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worldmodels.mamba import (MambaConfig, MambaMixer, MambaWM, compiled_ssm_step, selective_scan, selective_scan_ref,
-                               ssm_step)
+from worldmodels.mamba import (MambaConfig, MambaMixer, MambaWM, compiled_ssm_step, selective_scan, selective_scan_fused,
+                               selective_scan_ref, ssm_step)
 
 Bt, Dn, N = 3, 6, 4
 
@@ -24,8 +24,9 @@ def scan_inputs(T, dtype=torch.float32, seed=0):
     return {k: v.to(dtype) for k, v in x.items()}
 
 
+@pytest.mark.parametrize("fast", [selective_scan, selective_scan_fused])
 @pytest.mark.parametrize("T", [9, 40])  # 40: the chunked linear_scan, as training runs on a CPU
-def test_scan_equals_reference(T):
+def test_scan_equals_reference(T, fast):
     """float32 `selective_scan` against the float64 loop: outputs, every state (the final one included)
     and the gradients of all inputs, across resets and from a nonzero h0."""
     x32 = {k: v.requires_grad_(k != "reset") for k, v in scan_inputs(T).items()}
@@ -33,7 +34,7 @@ def test_scan_equals_reference(T):
     g = torch.Generator().manual_seed(1)
     wy, wh = torch.randn(Bt, T, Dn, generator=g), torch.randn(Bt, T, Dn, N, generator=g)
     out = []
-    for fn, x in ((selective_scan, x32), (selective_scan_ref, x64)):
+    for fn, x in ((fast, x32), (selective_scan_ref, x64)):
         y, hs = fn(**x)
         loss = (y * wy.to(y.dtype)).sum() + (hs * wh.to(hs.dtype)).sum()
         grads = torch.autograd.grad(loss, [v for k, v in x.items() if k != "reset"])
@@ -48,7 +49,7 @@ def test_scan_equals_reference(T):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
 
 
-@pytest.mark.parametrize("fn", [selective_scan, selective_scan_ref])
+@pytest.mark.parametrize("fn", [selective_scan, selective_scan_fused, selective_scan_ref])
 def test_scan_is_mambas_recurrence(fn):
     """Two steps written out: delta = softplus(delta + bias) (the bias inside), h_1 = delta_1 B_1 u_1
     (first order in B, not zero-order hold), h_2 = exp(delta_2 A) h_1 + delta_2 B_2 u_2,
@@ -194,3 +195,44 @@ def test_compiled_step_equals_the_eager_step():
         feats.append((feat, *torch.autograd.grad(feat.square().sum(), [weight, core.blocks[0].mixer.A_log])))
     for a, b in zip(*feats):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("optional", [True, False])
+def test_fused_scan_backward_passes_gradcheck(optional):
+    """The written-out backward against finite differences in float64, with and without the optional
+    inputs (z, delta_bias, h0, reset)."""
+    x = scan_inputs(7, torch.float64)
+    if not optional:
+        x.update(z=None, delta_bias=None, h0=None, reset=None)
+    names = [k for k, v in x.items() if v is not None and k != "reset"]
+    rest = {k: v for k, v in x.items() if k not in names}
+
+    def f(*args):
+        return selective_scan_fused(**dict(zip(names, args)), **rest)
+
+    assert torch.autograd.gradcheck(f, tuple(x[k].requires_grad_() for k in names))
+
+
+def test_fused_scan_keeps_only_the_states_for_backward():
+    """What autograd holds between forward and backward: the composite path keeps several
+    (Bt, T, D, N) tensors besides the states; the fused one only the states and its (Bt, T, .) inputs."""
+    T = 40
+    x = {k: v.requires_grad_(k != "reset") for k, v in scan_inputs(T).items()}
+    big = Bt * T * Dn * N * 4  # bytes of one (Bt, T, D, N) float32 tensor
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(**x)
+        return sum(seen.values())
+
+    small = sum(v.nbytes for v in x.values())  # every input, none of them (Bt, T, D, N)
+    composite, fused = saved_bytes(selective_scan), saved_bytes(selective_scan_fused)
+    # the states (their buffer padded to whole chunks of the scan: T = 40 -> 48) and the inputs
+    assert fused <= 1.2 * big + small, (fused / big, small / big)
+    assert composite >= fused + 2.5 * big, (fused / big, composite / big)
