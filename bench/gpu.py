@@ -7,7 +7,9 @@ graph, the RSSM at p064 and s with REINFORCE beside TorchRL's DreamerV3 (its mod
 .md: their tables with the machine, the commit and each part's wall time. Sized to take under 10
 minutes on one GPU.
 
-    longdream bench gpu [comparator=<torchrl_dv3_update.py>] [comparator_modes=eager,cudagraph] [out=<folder>]
+    longdream bench gpu [comparator=<torchrl_dv3_update.py>] [comparator_modes=eager,cudagraph] [sweep=true] [out=<folder>]
+
+`sweep=true` first runs `bench scan sweep=true` (the scan kernel's launch configs, both kernels).
 
 Without CUDA it is an error; `device=cpu quick=true` runs the same chain at toy sizes (the tests).
 """
@@ -21,7 +23,8 @@ import torch
 
 from bench.report import RESULTS, commit, machine, parse, write
 
-DEFAULTS = {"device": "cuda", "comparator": "", "out": "", "quick": False, "comparator_modes": "eager,cudagraph"}
+DEFAULTS = {"device": "cuda", "comparator": "", "out": "", "quick": False, "comparator_modes": "eager,cudagraph",
+            "sweep": False}
 
 
 def parts(a: dict) -> list[tuple[str, str, list[str]]]:
@@ -39,6 +42,8 @@ def parts(a: dict) -> list[tuple[str, str, list[str]]]:
         worldmodel = ["lengths=8,16", "tokens=16", "horizons=4", "starts=4", "repeats=1", "recompute_max=4"]
         scan = ["repeats=1", "loop_repeats=1"]
     out = [("scan", f"scan_{d}", dev + scan), ("update", f"update_{d}", dev + update)]
+    if a["sweep"]:  # the scan kernel's launch configs first (bench scan sweep=true), about two minutes on an H200
+        out.insert(0, ("scan", f"scan_sweep_{d}", dev + ["sweep=true"] + (["repeats=1", "configs=16/16/1/1/0"] if a["quick"] else ["repeats=20"])))
     if a["comparator"] or a["quick"]:
         out.append(("update", f"update_{d}_reinforce", dev + versus + ([f"comparator={a['comparator']}"] if a["comparator"] else [])))
     return out + [("worldmodel", f"worldmodel_{d}", dev + worldmodel)]

@@ -28,6 +28,7 @@ DEFAULTS = {"device": "cuda" if torch.cuda.is_available() else "cpu", "repeats":
             "accel": "scalar", "sweep": False, "graph": True,
             "configs": ""}
 SWEEP = {"block_t": (16, 32, 64, 128), "block_d": (32, 64), "warps": (1, 2, 4, 8), "prefetch": (False, True)}
+SWEEP_ROWS = {"block_d": (32, 128, 256), "warps": (1, 2), "stages": (4, 8, 16)}  # the row-walking kernel
 SWEEP_SPLITS = (2, 4, 8, 16)
 
 
@@ -185,13 +186,15 @@ def sweep(a: dict) -> dict:
 
     dev, reps = a["device"], a["repeats"]
     gpu = dev == "cuda" and torch.cuda.is_available()
-    shapes = SCAN_SHAPES if gpu else [(2, 64, 256), (1, 16, 1024)]
+    shapes = SCAN_SHAPES if gpu else [(2, 32, 64), (1, 16, 256)]
     grid = [scan.KernelConfig(*c) for c in itertools.product(*SWEEP.values())] if gpu else \
         [scan.KernelConfig(block_t=16, block_d=16, warps=1, prefetch=p) for p in (False, True)]
+    grid += [scan.KernelConfig(kind="rows", block_d=bd, warps=w, stages=st) for bd, w, st in
+             itertools.product(*SWEEP_ROWS.values())] if gpu else [scan.KernelConfig(kind="rows", block_d=16, warps=1, stages=2)]
     splits = SWEEP_SPLITS if gpu else (2,)
-    if a["configs"]:  # only these, e.g. configs=64/32/4/1/8,128/32/4/1/0 (block_t/block_d/warps/prefetch/split)
-        grid = [scan.KernelConfig(*(int(v) for v in c.split("/")[:3]), bool(int(c.split("/")[3])), int(c.split("/")[4]))
-                for c in a["configs"].split(",")]
+    if a["configs"]:  # only these: block_t/block_d/warps/prefetch/split for the tile kernel, e.g.
+        # configs=64/32/4/1/8, or rows/block_d/warps/stages/split for the row-walking one, e.g. rows/128/1/8/16
+        grid = [_parse_config(c) for c in a["configs"].split(",")]
         splits = ()
     copy_tbs = copy_bandwidth(dev, reps)
     backend = "triton"
@@ -227,14 +230,15 @@ def sweep(a: dict) -> dict:
             rows.append({"shape": (B, D, T), **dataclasses.asdict(cfg), "chunks": scan._chunks(cfg, B, T, D, x.device)[1],
                          "fwd_ms": ms, "fwd_tbs": 12 * n / (ms * 1e-3) / 1e12, "default": cfg == default,
                          "vs_default": default_ms / ms})
-        data = _write_sweep(rows, dev, gpu, copy_tbs, reps, a["out"])  # after every shape: a stopped sweep keeps them
+        data = _write_sweep(rows, dev, gpu and a["graph"], copy_tbs, reps, a["out"])  # after every shape: a stopped sweep keeps them
     return data
 
 
-def _write_sweep(rows: list[dict], dev: str, gpu: bool, copy_tbs: float, reps: int, out: str) -> dict:
+def _write_sweep(rows: list[dict], dev: str, graph: bool, copy_tbs: float, reps: int, out: str) -> dict:
+    timing = "GPU time (10 calls per CUDA graph replay)" if graph else "each call timed as it runs"
     table = (f"Linear-scan kernel configs, forward fp32, {machine(dev)}; copy bandwidth {copy_tbs:.2f} TB/s; "
-             f"median of {reps}; GPU time (10 calls per CUDA graph replay); per shape the default and the ten fastest\n\n")
-    keys = ["block_t", "block_d", "warps", "prefetch", "split", "chunks"]
+             f"median of {reps}; {timing}; per shape the default and the ten fastest\n\n")
+    keys = ["kind", "block_t", "block_d", "warps", "prefetch", "stages", "split", "chunks"]
     body = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         mine = sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["fwd_ms"])
@@ -242,6 +246,16 @@ def _write_sweep(rows: list[dict], dev: str, gpu: bool, copy_tbs: float, reps: i
             body.append([shape, "default" if r["default"] else "", *(r[k] for k in keys), f"{r['fwd_ms']:.3f}",
                          f"{100 * r['fwd_tbs'] / copy_tbs:.0f}%", f"{r['vs_default']:.2f}x"])
     table += markdown(["(B, D, T)", "", *keys, "fwd ms", "% of copy", "speed-up over default"], body)
-    data = {"machine": machine(dev), "copy_tbs": copy_tbs, "rows": rows}
+    gpu = dev.startswith("cuda")
+    data = {"machine": machine(dev), "copy_tbs": copy_tbs, "graph": graph, "rows": rows}
     write(f"scan_sweep_{'cuda' if gpu else 'cpu'}", data, table, out or None)
     return data
+
+
+def _parse_config(text: str):
+    from worldmodels.ops.scan import KernelConfig
+
+    f = text.split("/")
+    if f[0] == "rows":
+        return KernelConfig(kind="rows", block_d=int(f[1]), warps=int(f[2]), stages=int(f[3]), split=int(f[4]))
+    return KernelConfig(block_t=int(f[0]), block_d=int(f[1]), warps=int(f[2]), prefetch=bool(int(f[3])), split=int(f[4]))

@@ -62,10 +62,11 @@ def test_bench_gpu_without_cuda_is_a_one_line_error(capsys):
 
 
 def test_bench_gpu_chain_at_toy_sizes(tmp_path):
-    """device=cpu quick=true: the three parts run and land in one report with their wall times."""
-    assert main(["bench", "gpu", "device=cpu", "quick=true", f"out={tmp_path}"]) == 0
+    """device=cpu quick=true: the three parts (and the scan sweep first, with sweep=true) run and land in
+    one report with their wall times."""
+    assert main(["bench", "gpu", "device=cpu", "quick=true", "sweep=true", f"out={tmp_path}"]) == 0
     data = json.loads((tmp_path / "gpu_cpu.json").read_text())
-    assert list(data["parts"]) == ["scan_cpu", "update_cpu", "update_cpu_reinforce", "worldmodel_cpu"]
+    assert list(data["parts"]) == ["scan_sweep_cpu", "scan_cpu", "update_cpu", "update_cpu_reinforce", "worldmodel_cpu"]
     report = (tmp_path / "gpu_cpu.md").read_text()
     for part in ("scan", "update", "worldmodel"):
         assert f"## bench {part}" in report and (tmp_path / f"{part}_cpu.json").exists()

@@ -72,6 +72,19 @@ def test_triton_time_chunks_and_prefetch_match_reference(split, prefetch, revers
 
 
 @needs_triton
+@pytest.mark.parametrize("split", [0, 8])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_triton_row_walking_kernel_matches_reference(split, reverse):
+    """The sweep's other kernel (KernelConfig kind "rows": each thread walks its channels step by step),
+    alone and with time chunks."""
+    cfg = scan.KernelConfig(kind="rows", block_d=16, warps=1, stages=2, split=split)
+    assert (scan._chunks(cfg, 2, 77, 19, torch.device("cpu"))[1] > 1) == bool(split)
+    with scan.kernel_config(cfg):
+        compare(DEV, torch.float32, 77, reverse, 1e-5)
+        compare(DEV, torch.bfloat16, 33, reverse, 3e-2)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_triton_half_precision(dtype, tol):
     compare(DEV, dtype, 33, False, tol)
@@ -186,7 +199,8 @@ def test_cuda_matches_reference(dtype, tol, reverse):
     compare("cuda", dtype, 1000, reverse, tol, B=4, D=256)
     compare("cuda", dtype, 64, reverse, tol, B=64, D=512)
     if not dtype.is_complex:  # the other launch shapes of the real kernel: time chunks, prefetch, wide tiles
-        for cfg in (scan.KernelConfig(split=8, prefetch=True), scan.KernelConfig(block_t=128, block_d=64, warps=8, split=4)):
+        for cfg in (scan.KernelConfig(split=8, prefetch=True), scan.KernelConfig(block_t=128, block_d=64, warps=8, split=4),
+                    scan.KernelConfig(kind="rows", block_d=128, warps=1, stages=8, split=8)):
             with scan.kernel_config(cfg):
                 compare("cuda", dtype, 1000, reverse, tol, B=4, D=256)
                 compare("cuda", dtype, 3000, reverse, tol, B=1, D=37)
@@ -213,6 +227,9 @@ def test_kernels_compile_ahead_of_time_for_sm90(tmp_path, monkeypatch):
     from worldmodels.ops.aot import variants
 
     assert f"sm_90: {len(list(variants(quick=True)))} kernel variants compiled" in out.stdout
+    out = _aot("--arch", "90", "--candidates")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"sm_90: {len(list(variants(candidates=True)))} kernel variants compiled" in out.stdout
 
 
 @pytest.mark.slow
@@ -239,3 +256,19 @@ def test_launch_tiles_are_the_compiled_ones():
             assert bt == min(cfg.block_t, scan.triton.next_power_of_2(T))
             modes = [scan.SINGLE] if chunks == 1 else [scan.AGGREGATE, scan.FINISH]
             assert all((m, bt, cfg.prefetch, cfg.warps) in compiled for m in modes), (T, B, D, bt, chunks)
+
+
+@needs_triton
+def test_bench_scan_sweep_times_the_configs_it_is_given(tmp_path):
+    """`bench scan sweep=true configs=...` (through the interpreter off CUDA): every shape gets the
+    default's row and one per config given, all checked against the default's output."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the sweep runs the full shapes; this checks its bookkeeping")
+    from bench import scan as bench_scan
+
+    data = bench_scan.main(["sweep=true", "device=cpu", "repeats=1", f"out={tmp_path}", "configs=rows/16/1/2/4,16/16/1/1/0"])
+    shapes = {tuple(r["shape"]) for r in data["rows"]}
+    assert len(shapes) == 2 and len(data["rows"]) == 3 * len(shapes)
+    assert sum(r["default"] for r in data["rows"]) == len(shapes)
+    assert {r["kind"] for r in data["rows"]} == {"tile", "rows"}
+    assert (tmp_path / "scan_sweep_cpu.md").read_text().count("| default |") == len(shapes)

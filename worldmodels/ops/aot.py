@@ -2,10 +2,11 @@
 (no GPU needed: Triton ships its own ptxas). The CPU interpreter runs the kernels' arithmetic but not
 their compilation, so type, layout and register errors would otherwise first show on a GPU.
 
-    python -m worldmodels.ops.aot [--arch 80,90] [--quick]
+    python -m worldmodels.ops.aot [--arch 80,90] [--quick] [--candidates]
 
 Prints one line per target and exits 1 naming the first variant that fails. `--quick` compiles the
-smallest and largest time tile only. Run it without TRITON_INTERPRET (under the interpreter
+smallest and largest time tile only; `--candidates` compiles the kernels that only a
+`KernelConfig` override launches (the sweep's candidates) instead. Run it without TRITON_INTERPRET (under the interpreter
 `triton.jit` gives functions that cannot be compiled).
 """
 from __future__ import annotations
@@ -16,15 +17,18 @@ import sys
 import time
 
 
-def variants(quick: bool = False):
+def variants(quick: bool = False, candidates: bool = False):
     from worldmodels.ops import scan
 
+    if candidates:
+        yield from scan.candidate_variants()
+        return
     for name, kernel, sig, const, options in scan.kernel_variants():
         if not quick or const["BLOCK_T"] in (1, scan.MAX_BLOCK_T, scan.FEW_ROWS_CONFIG.block_t):
             yield name, kernel, sig, const, options
 
 
-def compile_all(archs: list[int], quick: bool = False) -> list[tuple[int, str, int]]:
+def compile_all(archs: list[int], quick: bool = False, candidates: bool = False) -> list[tuple[int, str, int]]:
     """Compile every variant for each compute capability (e.g. 80, 90); returns (arch, variant, cubin
     bytes) per compile, and raises RuntimeError naming the first variant that does not compile."""
     import triton
@@ -33,7 +37,7 @@ def compile_all(archs: list[int], quick: bool = False) -> list[tuple[int, str, i
 
     done = []
     for arch in archs:
-        for name, kernel, sig, const, options in variants(quick):
+        for name, kernel, sig, const, options in variants(quick, candidates):
             try:
                 k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
                                    options=options)
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated")
     p.add_argument("--quick", action="store_true", help="the smallest and largest time tile only")
+    p.add_argument("--candidates", action="store_true", help="the kernels no default launches (sweep candidates)")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)", file=sys.stderr)
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     archs = [int(x) for x in a.arch.split(",")]
     tic = time.time()
     try:
-        done = compile_all(archs, a.quick)
+        done = compile_all(archs, a.quick, a.candidates)
     except RuntimeError as e:
         print(f"aot: {e}", file=sys.stderr)
         return 1

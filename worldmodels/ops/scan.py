@@ -230,6 +230,24 @@ if triton is not None:
         return base + offs_t[:, None] * D + offs_d[None, :], mask
 
     @triton.jit
+    def _chunk_start(H0, AGG, pid_b, pid_c, n_chunks, D, offs_d, mask_d, HAS_H0: tl.constexpr,
+                     REVERSE: tl.constexpr, MODE: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The state a program's chunk starts from: zero in the aggregate pass (MODE 1), else h0 (or
+        zero), and in the finishing pass (MODE 2) composed with the maps of the chunks before."""
+        h = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if HAS_H0 and MODE != 1:
+            h = tl.load(H0 + pid_b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if MODE == 2:
+            agg = AGG + pid_b.to(tl.int64) * n_chunks * 2 * D + offs_d
+            n_before = n_chunks - 1 - pid_c if REVERSE else pid_c
+            for j in range(n_before):
+                c = n_chunks - 1 - j if REVERSE else j
+                pa = tl.load(agg + 2 * c * D, mask=mask_d, other=1.0)
+                ps = tl.load(agg + (2 * c + 1) * D, mask=mask_d, other=0.0)
+                h = pa * h + ps
+        return h
+
+    @triton.jit
     def _scan_kernel(A, X, H0, OUT, LAST, AGG, T, D, TILES_PER_CHUNK, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
                      MODE: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         # grid (B, D / BLOCK_D, chunks): a program scans BLOCK_D channels of one batch row over one chunk
@@ -240,18 +258,8 @@ if triton is not None:
         n_chunks = tl.num_programs(2)
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
         mask_d = offs_d < D
-        h = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_H0 and MODE != 1:
-            h = tl.load(H0 + pid_b * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        h = _chunk_start(H0, AGG, pid_b, pid_c, n_chunks, D, offs_d, mask_d, HAS_H0, REVERSE, MODE, BLOCK_D)
         p = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
-        if MODE == 2:  # the state this chunk starts from
-            agg = AGG + pid_b.to(tl.int64) * n_chunks * 2 * D + offs_d
-            n_before = n_chunks - 1 - pid_c if REVERSE else pid_c
-            for j in range(n_before):
-                c = n_chunks - 1 - j if REVERSE else j
-                pa = tl.load(agg + 2 * c * D, mask=mask_d, other=1.0)
-                ps = tl.load(agg + (2 * c + 1) * D, mask=mask_d, other=0.0)
-                h = pa * h + ps
         base = pid_b.to(tl.int64) * T * D
         first = pid_c * TILES_PER_CHUNK
         count = tl.minimum(TILES_PER_CHUNK, tl.cdiv(T, BLOCK_T) - first)
@@ -285,6 +293,39 @@ if triton is not None:
             tl.store(agg, p, mask=mask_d)
             tl.store(agg + D, h, mask=mask_d)
         elif pid_c == (0 if REVERSE else n_chunks - 1):  # the chunk that holds the sequence's end
+            tl.store(LAST + pid_b * D + offs_d, h.to(LAST.dtype.element_ty), mask=mask_d)
+
+    @triton.jit
+    def _scan_rows_kernel(A, X, H0, OUT, LAST, AGG, T, D, STEPS_PER_CHUNK, HAS_H0: tl.constexpr,
+                          REVERSE: tl.constexpr, MODE: tl.constexpr, STAGES: tl.constexpr, BLOCK_D: tl.constexpr):
+        # `_scan_kernel`'s grid and modes, with no tile scan: each thread walks its channels one time step
+        # at a time (h = a h + x in registers), the loop software-pipelined STAGES steps deep so that
+        # loads run ahead of the recurrence. A candidate for `bench scan sweep=true` (KernelConfig kind
+        # "rows"); chunks are runs of STEPS_PER_CHUNK steps.
+        pid_b, pid_d, pid_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_chunks = tl.num_programs(2)
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        h = _chunk_start(H0, AGG, pid_b, pid_c, n_chunks, D, offs_d, mask_d, HAS_H0, REVERSE, MODE, BLOCK_D)
+        p = tl.full([BLOCK_D], 1.0, dtype=tl.float32)
+        base = pid_b.to(tl.int64) * T * D
+        first = pid_c * STEPS_PER_CHUNK
+        count = tl.minimum(STEPS_PER_CHUNK, T - first)
+        for i in tl.range(0, count, num_stages=STAGES):
+            t = first + count - 1 - i if REVERSE else first + i
+            ptr = base + t * D + offs_d
+            a = tl.load(A + ptr, mask=mask_d, other=1.0).to(tl.float32)
+            x = tl.load(X + ptr, mask=mask_d, other=0.0).to(tl.float32)
+            h = a * h + x
+            if MODE != 1:
+                tl.store(OUT + ptr, h.to(OUT.dtype.element_ty), mask=mask_d)
+            else:
+                p = p * a
+        if MODE == 1:
+            agg = AGG + (pid_b.to(tl.int64) * n_chunks + pid_c) * 2 * D + offs_d
+            tl.store(agg, p, mask=mask_d)
+            tl.store(agg + D, h, mask=mask_d)
+        elif pid_c == (0 if REVERSE else n_chunks - 1):
             tl.store(LAST + pid_b * D + offs_d, h.to(LAST.dtype.element_ty), mask=mask_d)
 
     @triton.jit
@@ -331,12 +372,16 @@ class KernelConfig:
     split x (the GPU's multiprocessors) programs would run (few batch rows and channels, long T), time
     is cut into chunks scanned in two passes (each chunk's map P h + S, then the output from h0 and the
     maps of the chunks before), which reads the inputs twice but keeps every multiprocessor busy.
-    0 never splits. `bench scan sweep=true` times a grid of these on the GPU."""
+    0 never splits. `kind="rows"` runs `_scan_rows_kernel` instead (no tile scan: each thread walks
+    its channels step by step, `stages` steps of loads in flight; block_t and prefetch unused), a
+    candidate the defaults do not use. `bench scan sweep=true` times a grid of these on the GPU."""
     block_t: int = 64
     block_d: int = 32
     warps: int = 4
     prefetch: bool = False
     split: int = 0
+    kind: str = "tile"
+    stages: int = 4
 
 
 # The defaults, from `bench scan sweep=true` on an H200 (bench/results/scan_sweep_cuda.md). Where at least
@@ -377,7 +422,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 def _chunks(cfg: KernelConfig, B: int, T: int, D: int, device: torch.device) -> tuple[int, int, int]:
     """(time tile, chunks, tiles per chunk) for a (B, T, D) scan under `cfg`."""
-    bt = _block_t(T, cfg.block_t)
+    bt = 1 if cfg.kind == "rows" else _block_t(T, cfg.block_t)  # rows: chunks count steps
     n_tiles = -(-T // bt)
     rows = B * -(-D // cfg.block_d)
     want = cfg.split * _multiprocessors(device)
@@ -423,6 +468,21 @@ def kernel_variants():
                 yield name, _scan_complex_kernel, sig, const, {"num_warps": 4}
 
 
+def candidate_variants():
+    """The row-walking kernel (`KernelConfig(kind="rows")`, not a default) in the same form as
+    `kernel_variants`, for the ahead-of-time compile check: fp32 and bf16, every mode, both
+    directions, a few pipeline depths."""
+    for dt in ("fp32", "bf16"):
+        sig = {**{n: f"*{dt}" for n in ("A", "X", "H0", "OUT", "LAST")}, "AGG": "*fp32", "T": "i32", "D": "i32",
+               "STEPS_PER_CHUNK": "i32", **{c: "constexpr" for c in ("HAS_H0", "REVERSE", "MODE", "STAGES", "BLOCK_D")}}
+        for mode in (SINGLE, AGGREGATE, FINISH):
+            for reverse in (False, True):
+                for stages in (2, 8):
+                    const = {"HAS_H0": mode != AGGREGATE, "REVERSE": reverse, "MODE": mode, "STAGES": stages, "BLOCK_D": 128}
+                    yield (f"_scan_rows_kernel[{dt}, mode={mode}, reverse={reverse}, STAGES={stages}]", _scan_rows_kernel,
+                           sig, const, {"num_warps": 1})
+
+
 def _launch(a: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor]:
     """Run the kernel on contiguous (B, T, D) inputs of one dtype; returns (h, last)."""
     B, T, D = x.shape
@@ -437,14 +497,18 @@ def _launch(a: Tensor, x: Tensor, h0: Tensor | None, reverse: bool) -> tuple[Ten
     cfg = _override or default_config(B, D, x.device)
     bt, chunks, per_chunk = _chunks(cfg, B, T, D, x.device)
     grid = (B, triton.cdiv(D, cfg.block_d), chunks)
-    opts = dict(REVERSE=reverse, PREFETCH=cfg.prefetch, BLOCK_T=bt, BLOCK_D=cfg.block_d, num_warps=cfg.warps)
+    if cfg.kind == "rows":
+        kernel, opts = _scan_rows_kernel, dict(STAGES=cfg.stages)
+    else:
+        kernel, opts = _scan_kernel, dict(PREFETCH=cfg.prefetch, BLOCK_T=bt)
+    opts.update(REVERSE=reverse, BLOCK_D=cfg.block_d, num_warps=cfg.warps)
     h0_arg = h0 if h0 is not None else last
     if chunks == 1:
-        _scan_kernel[grid](a, x, h0_arg, out, last, last, T, D, per_chunk, HAS_H0=h0 is not None, MODE=SINGLE, **opts)
+        kernel[grid](a, x, h0_arg, out, last, last, T, D, per_chunk, HAS_H0=h0 is not None, MODE=SINGLE, **opts)
         return out, last
     agg = torch.empty(B, chunks, 2, D, dtype=torch.float32, device=x.device)
-    _scan_kernel[grid](a, x, h0_arg, out, last, agg, T, D, per_chunk, HAS_H0=False, MODE=AGGREGATE, **opts)
-    _scan_kernel[grid](a, x, h0_arg, out, last, agg, T, D, per_chunk, HAS_H0=h0 is not None, MODE=FINISH, **opts)
+    kernel[grid](a, x, h0_arg, out, last, agg, T, D, per_chunk, HAS_H0=False, MODE=AGGREGATE, **opts)
+    kernel[grid](a, x, h0_arg, out, last, agg, T, D, per_chunk, HAS_H0=h0 is not None, MODE=FINISH, **opts)
     return out, last
 
 
