@@ -105,6 +105,9 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
     if run.exists() and checkpoint.latest(run) is None:  # a run stopped before its first checkpoint: start afresh
         shutil.rmtree(run, ignore_errors=True)
     resumed = run.exists()
+    run.mkdir(parents=True, exist_ok=True)  # as `longdream train` leaves it: eval, dataset and adapt read it (keep=true)
+    if not (run / "overrides.json").exists():
+        (run / "overrides.json").write_text(json.dumps([o for o in overrides if not o.startswith("run_dir=")]))
     tic = time.time()
     res = train(cfg)
     wall = time.time() - tic

@@ -104,9 +104,9 @@ def _minari():
 
 
 def check_name(name: str) -> str:
-    if not re.fullmatch(r"([A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]+-v\d+", name):
-        raise _error(f"dataset name '{name}' is not a Minari id: use [namespace/][env/]name-v<version>, e.g. "
-                     "longdream/hopper/medium-v0")
+    if not re.fullmatch(r"([-\w]+/)*[-\w]+-v\d+", name):  # Minari's own id pattern: no dots
+        raise _error(f"dataset name '{name}' is not a Minari id: use [namespace/][env/]name-v<version> (letters, digits, "
+                     "'-' and '_'), e.g. longdream/hopper/medium-v0")
     return name
 
 
@@ -366,6 +366,8 @@ def main(argv: list[str]) -> Path:
     from agents.train import _collect_env, build_agent
 
     opts = parse(argv)
+    if opts["name"]:
+        check_name(opts["name"])  # before any rollout
     if opts["name"] and not opts["overwrite"]:  # before any rollout: an existing dataset stays as it is
         with _root(opts["root"] or None):
             if (default_root() / check_name(opts["name"])).exists():

@@ -132,6 +132,9 @@ def test_dataset_errors_are_one_line(tmp_path, capsys):
         D.load("test/none/x-v0", tmp_path)
     with pytest.raises(ConfigError, match="not a Minari id"):
         D.load("no version", tmp_path)
+    with pytest.raises(ConfigError, match="not a Minari id"):  # Minari rejects dots: refused before any rollout
+        D.main(["kind=random", "env=pendulum", "episodes=1", "name=test/toy/noise0.5-v0", f"root={tmp_path}"])
+    assert not (tmp_path / "test" / "toy" / "noise0.5-v0").exists()
     name = "test/toy/broken-v0"
     D.write(name, random_episodes(False), *spaces(False), {"kind": "random", "env": "Toy-v0"}, root=tmp_path)
     with pytest.raises(ConfigError, match="exists"):

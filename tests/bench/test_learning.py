@@ -94,3 +94,18 @@ def test_several_tasks_need_a_suite_name():
 
     with pytest.raises(ConfigError, match="several tasks need a suite"):
         learning.main(["tasks=pendulum,cartpole"])
+
+
+def test_kept_run_is_a_run_directory_the_other_commands_read(tmp_path, capsys):
+    """keep=true leaves the run as `longdream train` does (overrides.json included), so eval, dataset
+    and adapt take it as run_dir."""
+    from agents.cli import main
+
+    extra = "prefill=64 batch_size=2 seq_len=8 train_ratio=16 collect_every=8 eval_every=0 eval_episodes=1 env.time_limit=40"
+    learning.main(["env=pendulum", "backbones=rssm", "steps=120", "preset=quickstart", f"extra={extra}", "episodes=1",
+                   "keep=true", f"out={tmp_path}"])
+    run = next(tmp_path.glob("learning-pendulum-rssm-seed0*"))
+    assert "run_dir=" not in (run / "overrides.json").read_text()
+    capsys.readouterr()
+    assert main(["eval", f"run_dir={run}", "episodes=1"]) == 0
+    assert "eval over 1 episodes" in capsys.readouterr().out
