@@ -82,9 +82,10 @@ def default_root() -> Path:
 
 @contextlib.contextmanager
 def _root(root: str | Path | None):
-    """Minari finds datasets through $MINARI_DATASETS_PATH: point it at `root` for the call."""
+    """Minari finds datasets through $MINARI_DATASETS_PATH: point it at `root` for the call (made absolute:
+    Minari joins a relative root onto its own data path when it sizes a new dataset)."""
     old = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(Path(root) if root else default_root())
+    os.environ["MINARI_DATASETS_PATH"] = str(Path(root or default_root()).resolve())
     try:
         yield
     finally:

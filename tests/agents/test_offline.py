@@ -125,6 +125,14 @@ def test_replay_episodes_are_the_whole_episodes_of_each_stream(tmp_path):
     assert [int(e.obs[0, 1]) for e in eps] == [2, 3]
 
 
+def test_dataset_under_a_relative_root(tmp_path, monkeypatch):
+    """root= relative to the working directory (Minari alone would look for the data under it twice)."""
+    monkeypatch.chdir(tmp_path)
+    D.write("test/toy/rel-v0", random_episodes(False), *spaces(False), {"kind": "random", "env": "Toy-v0"}, root="sets")
+    assert len(D.load("test/toy/rel-v0", "sets").episodes) == len(random_episodes(False))
+    assert (tmp_path / "sets" / "test" / "toy" / "rel-v0" / "longdream.json").exists()
+
+
 def test_dataset_errors_are_one_line(tmp_path, capsys):
     from agents.cli import main
 
