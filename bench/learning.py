@@ -6,7 +6,11 @@ target: the wall time from the run's start to its first periodic evaluation (`ev
 `eval_episodes`) at or above it ("-" where none reached it, or the run was resumed).
 
     longdream bench learning [tasks=pendulum,hopper] [backbones=rssm,s5wm] [steps=20000] [seeds=0,1]
-                             [suite=<name>] [device=cpu] [preset=pendulum_cpu] [extra="k=v k=v"]
+                             [suite=<name>] [device=cpu] [preset=pendulum_cpu] [extra="k=v k=v"] [keep=true]
+
+`keep=true` keeps each run's directory (runs/bench/learning-<task>-<backbone>-seed<s>, or under `out=`)
+as `longdream train` leaves one, so that `eval`, `dataset` and `adapt` take it as run_dir; by default
+it is deleted once its row is written.
 
 `tasks` are env configs (configs/env/<name>.yaml; `env=` is the one-task spelling); one run per task,
 backbone and seed. The results file is bench/results/learning_<suite>.json / .md (suite: the task's
