@@ -21,7 +21,6 @@ Errors a user can fix (bad keys, unknown envs, corrupt checkpoints) print one li
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ BENCHES = ("update", "learning", "scan", "worldmodel", "gpu", "stress", "checkpo
 
 
 def cmd_train(args: list[str]) -> int:
-    from agents.config import _key, load_config
+    from agents.config import load_config, save_overrides
     from agents.train import train
 
     from agents.runlock import os_error
@@ -38,9 +37,7 @@ def cmd_train(args: list[str]) -> int:
     cfg, overrides = load_config(args)
     run_dir = Path(cfg.train.run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "overrides.json").exists():
-            (run_dir / "overrides.json").write_text(json.dumps([o for o in overrides if _key(o) != "run_dir"]))
+        save_overrides(run_dir, overrides)
     except OSError as err:
         raise os_error(run_dir, err) from None
     if cfg.train.algo == "decision":

@@ -228,6 +228,14 @@ def _key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
+def save_overrides(run_dir: Path, overrides: list[str]) -> None:
+    """Record a new run's overrides (all but run_dir) in run_dir/overrides.json, which resume, eval,
+    dataset and adapt read back; an existing record stays as it is."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "overrides.json").exists():
+        (run_dir / "overrides.json").write_text(json.dumps([o for o in overrides if _key(o) != "run_dir"]))
+
+
 def _merge_overrides(old: list[str], new: list[str]) -> list[str]:
     """Later overrides of the same key win (Hydra rejects a key given twice)."""
     merged = {_key(o): o for o in old}

@@ -95,7 +95,7 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
     """Train one (task, backbone, seed), evaluate it, and return its row; None where the results
     already hold it. A run directory left by a stopped run resumes from its checkpoint."""
     from agents import checkpoint
-    from agents.config import load_config
+    from agents.config import load_config, save_overrides
     from agents.train import build_agent, evaluate, train
 
     # runs with other settings get their own directory, so that they can run side by side
@@ -112,9 +112,7 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
     if run.exists() and checkpoint.latest(run) is None:  # a run stopped before its first checkpoint: start afresh
         shutil.rmtree(run, ignore_errors=True)
     resumed = run.exists()
-    run.mkdir(parents=True, exist_ok=True)  # as `longdream train` leaves it: eval, dataset and adapt read it (keep=true)
-    if not (run / "overrides.json").exists():
-        (run / "overrides.json").write_text(json.dumps([o for o in overrides if not o.startswith("run_dir=")]))
+    save_overrides(run, overrides)  # as `longdream train` leaves it: eval, dataset and adapt read it (keep=true)
     tic = time.time()
     res = train(cfg)
     wall = time.time() - tic

@@ -118,8 +118,7 @@ def selective_scan_fused(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, h0, reset):
-        a, _ = _decay(delta, A, bias, reset)  # (Bt, T, D, N)
-        dt = F.softplus(delta if bias is None else delta + bias)
+        a, _, dt = _decay(delta, A, bias, reset)  # (Bt, T, D, N), (Bt, T, D)
         b = (dt * u)[..., None] * B[:, :, None, :]
         hs = linear_scan(a.flatten(2), b.flatten(2), h0=None if h0 is None else h0.flatten(1)).unflatten(2, A.shape)
         del a, b
@@ -132,8 +131,7 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, ghs):
         u, delta, A, B, C, D, z, bias, h0, reset, hs = ctx.saved_tensors
-        a, pre = _decay(delta, A, bias, reset)  # the masked decays again, (Bt, T, D, N)
-        dt = F.softplus(pre)
+        a, pre, dt = _decay(delta, A, bias, reset)  # the masked decays again, (Bt, T, D, N)
         gz = None
         if z is not None:  # y = yc SiLU(z): SiLU'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
             sz = torch.sigmoid(z)
@@ -167,13 +165,15 @@ class _SelectiveScan(torch.autograd.Function):
         return gu, gpre, gA, gB, gC, gD, gz, gbias, gh0, None
 
 
-def _decay(delta: Tensor, A: Tensor, bias: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
-    """exp(softplus(delta + bias) A), zero where reset starts an episode (Bt, T, D, N); and delta + bias."""
+def _decay(delta: Tensor, A: Tensor, bias: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """exp(softplus(delta + bias) A), zero where reset starts an episode (Bt, T, D, N); delta + bias, and
+    its softplus (Bt, T, D)."""
     pre = delta if bias is None else delta + bias
-    a = torch.exp(F.softplus(pre)[..., None] * A)
+    dt = F.softplus(pre)
+    a = torch.exp(dt[..., None] * A)
     if reset is not None:
         a = a * (1 - reset.to(a.dtype))[..., None, None]
-    return a, pre
+    return a, pre, dt
 
 
 def ssm_step(h: Tensor, dt: Tensor, A: Tensor, x: Tensor, B: Tensor, C: Tensor, D: Tensor,
