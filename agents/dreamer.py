@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from agents import distributed
 from agents.optim import LaProp
 from agents.returns import lambda_return
-from worldmodels.base import flatten_state
+from worldmodels.base import imagine_all
 from worldmodels.model import WorldModel
 from worldmodels.nets import TwoHot, full, mlp, sample_index, unimix_probs
 
@@ -249,7 +249,8 @@ def actor_grad_mode(agent: Agent) -> str:
 
 
 def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) -> tuple[dict, dict, tuple]:
-    """Actor and critic losses from imagined rollouts that start at `starts` (N, ...), the metrics,
+    """Actor and critic losses from imagined rollouts that start at each of `starts`, the posterior
+    states (B, T, ...) (N = B*T rollouts, start_cont (N,)), the metrics,
     and the return normaliser's new state (committed by the caller once the step is taken). With
     dynamics gradients the losses reach into the world model and critic; the caller must apply each
     loss to its own module's parameters only."""
@@ -260,7 +261,7 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
     with torch.set_grad_enabled(dynamics):  # REINFORCE needs no gradient through the dynamics
         # the actor reads sg(state): dynamics gradients reach it through its actions only
         policy = (lambda f: agent.actor.rsample(f.detach())) if dynamics else agent.actor.sample
-        feat, action = wm.core.imagine(starts, policy, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
+        feat, action = imagine_all(wm.core, starts, policy, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
         reward = wm.reward.mean(wm.reward(feat))[:, 1:]  # (N, H) reward on arrival at step t+1
         cont = torch.sigmoid(full(wm.cont(feat)).squeeze(-1))[:, 1:]  # (N, H)
         if agent.ensemble is not None:  # the step from t to t+1 is as uncertain as the members disagree on it
@@ -379,7 +380,7 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict,
         start = agent.wm.context_state(batch["start"], batch.get("burn")) if "start" in batch else None
         total, terms, states, feat, wm_metrics = agent.wm.loss(
             batch["obs"], batch["action"], batch["reward"], batch["is_first"], batch["is_terminal"], start=start)
-        starts = {k: v.detach() for k, v in flatten_state(states).items()}  # (B*T, ...)
+        starts = {k: v.detach() for k, v in states.items()}  # (B, T, ...)
         start_cont = 1.0 - batch["is_terminal"].flatten().float()  # (B*T,)
         ac_losses, ac_metrics, retnorm_state, ret = imagine_losses(agent, starts, start_cont)
         repval = agent.wm.loss_cfg.repval

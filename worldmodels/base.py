@@ -45,6 +45,15 @@ class Backbone(Protocol):
         the actions (N, H+1, A) the policy took at each of them."""
 
 
+def imagine_all(core: Backbone, states: State, policy: Policy, horizon: int) -> tuple[Tensor, Tensor]:
+    """Imagination from every state `observe` returned, (B, T, ...): features and actions
+    (B*T, H+1, ...) in flatten_state's order. A core whose consecutive states share most of their
+    content (the Transformer's sliding KV window) does this itself (its `imagine_all`, equal to
+    imagining from the flattened states); the others imagine from flatten_state(states)."""
+    own = getattr(core, "imagine_all", None)
+    return own(states, policy, horizon) if own else core.imagine(flatten_state(states), policy, horizon)
+
+
 def index_state(state: State, t: int | slice) -> State:
     return {k: v[:, t] for k, v in state.items()}
 

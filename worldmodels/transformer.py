@@ -16,9 +16,13 @@ is valid when its position is >= 0, so a zeroed state (an episode start, or Torc
 empty cache. Keys are stored already rotated by their position; rotary embeddings make attention
 depend only on the offset between positions, so positions past the training length are fine.
 
-Unlike the state-space cores, the training path holds T x (W + T) attention scores per head, and
-the states it returns (for imagination from every step) hold a window of keys per step: memory grows
-with W * T. That is the price of attention; the state-space backbones do not pay it.
+Unlike the state-space cores, the training path holds T x (W + T) attention scores per head. The
+states it returns hold a window of keys per step, but as views of one (B, L, W + T, D) buffer: the
+window slides by one token per step. Imagination from every one of them (`imagine_all`, what the
+learner does) attends to that buffer directly, one matrix product per row and head, instead of
+copying B*T windows and reading each of them per imagined step; anything that copies the states
+(the replay) pays W x D per step and layer. That is the price of attention; the state-space
+backbones do not pay it.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worldmodels.base import Policy, State
+from worldmodels.base import Policy, State, flatten_state
 from worldmodels.nets import XS_LATENT, action_input, categorical_kl, fill_size, full, mlp, sample_onehot, token_in, unimix_probs
 
 SIZES = {
@@ -60,12 +64,20 @@ class TransformerConfig:
             raise ValueError(f"transformer window must be >= 1, got {self.window}")
 
 
-def rotate(x: Tensor, pos: Tensor, base: float) -> Tensor:
-    """Rotary position embedding of x (B, heads, T, dh) at positions pos (B, T)."""
+def rotation(pos: Tensor, dh: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles at positions pos (B, T), each (B, T, 1, 1, dh/2): computed once
+    per pass or step and shared by every layer and by queries and keys, in the parameters' dtype (not
+    an autocast dtype, whose 8-bit mantissa cannot hold positions past 256)."""
+    half = dh // 2
+    freq = base ** (-torch.arange(half, device=pos.device, dtype=dtype) / half)  # (dh/2,)
+    angle = pos.to(dtype)[..., None, None, None] * freq
+    return angle.cos(), angle.sin()
+
+
+def rotate(x: Tensor, rot: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotary position embedding of x (B, T, ..., dh) by `rotation` (B, T, 1, 1, dh/2)."""
+    cos, sin = rot
     half = x.shape[-1] // 2
-    freq = base ** (-torch.arange(half, device=x.device, dtype=x.dtype) / half)  # (dh/2,)
-    angle = pos.to(x.dtype)[:, None, :, None] * freq  # (B, 1, T, dh/2)
-    cos, sin = angle.cos(), angle.sin()
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
 
@@ -83,39 +95,80 @@ class Layer(nn.Module):
         B, T, D = x.shape
         return x.reshape(B, T, self.heads, D // self.heads).transpose(1, 2)
 
-    def _qkv(self, x: Tensor, pos: Tensor, base: float) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
-        q, k, v = self.split(q), self.split(k), self.split(v)
-        return rotate(q, pos, base), rotate(k, pos, base), v
+    def _qkv(self, x: Tensor, rot: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys (rotated) and values of x (B, T, D), each (B, heads, T, dh)."""
+        B, T, D = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(B, T, 3, self.heads, D // self.heads)
+        q, k = rotate(qkv[:, :, :2], rot).permute(2, 0, 3, 1, 4)  # queries and keys in one rotation
+        return q, k, qkv[:, :, 2].transpose(1, 2)
 
     def _out(self, x: Tensor, att: Tensor) -> Tensor:  # att (B, heads, T, dh)
         B, T, D = x.shape
         x = x + self.proj(att.transpose(1, 2).reshape(B, T, D))
         return x + self.mlp(self.norm2(x))
 
-    def forward(self, x: Tensor, pos: Tensor, cache_k: Tensor, cache_v: Tensor, mask: Tensor, base: float):
-        """x (B, T, D) attends to the cache (B, W, D) and to itself under mask (B, T, W + T). Returns the
+    def forward(self, x: Tensor, rot: tuple[Tensor, Tensor], cache_k: Tensor, cache_v: Tensor, mask: Tensor):
+        """x (B, T, D) at rotation `rot` attends to the cache (B, W, D) and to itself under mask (B, T, W + T). Returns the
         new x and this layer's rotated keys and values for the T tokens, (B, T, D) each."""
         B, T, D = x.shape
-        q, k, v = self._qkv(x, pos, base)
+        q, k, v = self._qkv(x, rot)
         keys = torch.cat([self.split(cache_k), k], 2)
         values = torch.cat([self.split(cache_v), v], 2)
         att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
         merge = lambda t: t.transpose(1, 2).reshape(B, T, D)  # noqa: E731
         return self._out(x, att), merge(k), merge(v)
 
-    def step(self, x: Tensor, pos: Tensor, cache_k: Tensor, cache_v: Tensor, new_k: list[Tensor],
-             new_v: list[Tensor], mask: Tensor, base: float) -> tuple[Tensor, Tensor, Tensor]:
-        """One token x (B, 1, D) at pos (B, 1) attends to a fixed cache (B, heads, W, dh), to earlier
-        tokens' keys and values (lists of (B, heads, 1, dh)) and to itself, under mask (B, W + n + 1).
-        The softmax runs over the scores of both parts, so the cache is read, never copied. Returns
-        the new x and the token's rotated key and value, (B, heads, 1, dh)."""
-        q, k, v = self._qkv(x, pos, base)
-        keys, values = torch.cat([*new_k, k], 2), torch.cat([*new_v, v], 2)  # (B, heads, n + 1, dh)
-        scores = torch.cat([q @ cache_k.transpose(-1, -2), q @ keys.transpose(-1, -2)], -1) * q.shape[-1] ** -0.5
-        p = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)  # (B, heads, 1, W + n + 1)
-        W = cache_k.shape[2]
-        return self._out(x, p[..., :W] @ cache_v + p[..., W:] @ values), k, v
+    def step(self, x: Tensor, rot: tuple[Tensor, Tensor], cache: "_OwnWindows | _SharedWindows", new_k: list[Tensor],
+             new_v: list[Tensor], mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One token x (N, 1, D) at rotation `rot` attends to the fixed start cache (its `scores` and
+        `read` for this layer; C slots per token), to earlier tokens' keys and values (lists of
+        (N, heads, 1, dh)) and to itself, under mask (N, C + n + 1). The softmax runs over the
+        scores of both parts, so the cache is read, never copied. Returns the new x and the token's
+        rotated key and value, (N, heads, 1, dh)."""
+        q, k, v = self._qkv(x, rot)
+        keys, values = torch.cat([*new_k, k], 2), torch.cat([*new_v, v], 2)  # (N, heads, n + 1, dh)
+        scores = torch.cat([cache.scores(q), q @ keys.transpose(-1, -2)], -1) * q.shape[-1] ** -0.5
+        p = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)  # (N, heads, 1, C + n + 1)
+        C = scores.shape[-1] - keys.shape[2]
+        return self._out(x, cache.read(p[..., :C]) + p[..., C:] @ values), k, v
+
+
+class _OwnWindows:
+    """The start cache of one layer when every start has a window of its own: keys and values
+    (N, heads, W, dh), slot j of start n at position p0_n - W + j."""
+
+    def __init__(self, k: Tensor, v: Tensor):
+        self.k, self.v = k, v
+
+    def scores(self, q: Tensor) -> Tensor:  # q (N, heads, 1, dh) -> (N, heads, 1, W)
+        return q @ self.k.transpose(-1, -2)
+
+    def read(self, p: Tensor) -> Tensor:  # p (N, heads, 1, W) -> (N, heads, 1, dh)
+        return p @ self.v
+
+
+class _SharedWindows:
+    """The start cache of one layer when the N = B*T starts are `observe`'s consecutive states: start
+    (b, t)'s slot j is token t + j of one buffer per row, keys and values (B, heads, W + T - 1, dh).
+    A step's attention to the cache is then one (T x dh) @ (dh x (W + T - 1)) product per row and
+    head over a buffer read once, instead of N products of one query against W slots (N windows of
+    W x D read per layer, twice more in the backward pass). Slots outside a start's window are
+    masked (see TSSM.imagine_all)."""
+
+    def __init__(self, k: Tensor, v: Tensor, T: int):
+        self.k, self.v, self.T = k, v, T
+
+    def _rows(self, x: Tensor) -> Tensor:  # (N, heads, 1, c) -> (B, heads, T, c)
+        return x.reshape(-1, self.T, x.shape[1], x.shape[-1]).transpose(1, 2)
+
+    def _flat(self, x: Tensor) -> Tensor:  # (B, heads, T, c) -> (N, heads, 1, c)
+        return x.transpose(1, 2).reshape(-1, x.shape[1], 1, x.shape[-1])
+
+    def scores(self, q: Tensor) -> Tensor:  # (N, heads, 1, dh) -> (N, heads, 1, W + T - 1)
+        return self._flat(self._rows(q) @ self.k.transpose(-1, -2))
+
+    def read(self, p: Tensor) -> Tensor:  # (N, heads, 1, W + T - 1) -> (N, heads, 1, dh)
+        return self._flat(self._rows(p) @ self.v)
 
 
 class TSSM(nn.Module):
@@ -139,6 +192,9 @@ class TSSM(nn.Module):
         p = next(self.parameters())
         return {k: torch.zeros(batch_size, *s, device=p.device, dtype=p.dtype) for k, s in self.state_shapes().items()}
 
+    def _rotation(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        return rotation(pos, self.cfg.d_model // self.cfg.heads, self.cfg.rope_base, self.norm.weight.dtype)
+
     def _logits(self, net: nn.Module, x: Tensor) -> Tensor:
         return full(net(x)).reshape(*x.shape[:-1], self.cfg.stoch, self.cfg.classes)
 
@@ -160,9 +216,10 @@ class TSSM(nn.Module):
         see_seq = ((t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < W))[None] \
             & (t[None, None, :] >= last_reset[:, :, None])  # (B, T, T)
         mask = torch.cat([see_cache, see_seq], -1)
+        rot = self._rotation(pos)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, pos, state["k"][:, i], state["v"][:, i], mask, self.cfg.rope_base)
+            x, k, v = layer(x, rot, state["k"][:, i], state["v"][:, i], mask)
             ks.append(k)
             vs.append(v)
         # the cache after step t is the last W tokens up to t: a sliding window over [cache, new]
@@ -209,12 +266,42 @@ class TSSM(nn.Module):
         imagined so far, within the window. Sliding the cache would copy all W slots per step and,
         with gradients through the dynamics, scatter them back in the backward pass; here only the
         imagined keys (at most `horizon` per layer) carry gradients."""
-        N, W, dev = state["stoch"].shape[0], self.cfg.window, state["stoch"].device
+        W, dev = self.cfg.window, state["stoch"].device
         p0 = state["pos"][:, 0].round().long()  # (N,) position of the first imagined token
         j = torch.arange(W, device=dev)
         filled = p0[:, None] - W + j >= 0  # (N, W) cache slots that hold a token
-        cache = [(layer.split(state["k"][:, i]).contiguous(), layer.split(state["v"][:, i]).contiguous())
-                 for i, layer in enumerate(self.layers)]  # (N, heads, W, dh), read by every step
+        # token i sees cache slot j while p0 - W + j > p0 + i - W (j > i)
+        windows = [_OwnWindows(layer.split(state["k"][:, i]).contiguous(), layer.split(state["v"][:, i]).contiguous())
+                   for i, layer in enumerate(self.layers)]  # (N, heads, W, dh), read by every step
+        return self._rollout(windows, lambda i: filled & (j > i), p0, state, policy, horizon)
+
+    def imagine_all(self, states: State, policy: Policy, horizon: int):
+        """Imagination from every state `observe` returned (B, T, ...): equals `imagine` from
+        flatten_state(states) (same random stream). Consecutive states' caches are views of one
+        (B, L, W + T, D) buffer (the window slides by one token per step), so start (b, t)'s slot j
+        is token t + j of that buffer: the rollout attends to the buffer (`_SharedWindows`) and never
+        copies the B*T windows. States that are not such views (their slots do not alias) go
+        through `imagine`."""
+        k, v = states["k"], states["v"]
+        B, T, L, W, D = k.shape
+        if T < 2 or k.stride(1) != k.stride(3) or v.stride(1) != v.stride(3):  # no aliasing: no shared buffer
+            return self.imagine(flatten_state(states), policy, horizon)
+        # the buffer: start 0's window, then each later start's newest slot -> (B, L, W + T - 1, D)
+        buf = lambda x: torch.cat([x[:, 0], x[:, 1:, :, -1].transpose(1, 2)], 2)  # noqa: E731
+        kb, vb = buf(k), buf(v)
+        windows = [_SharedWindows(layer.split(kb[:, i]), layer.split(vb[:, i]), T) for i, layer in enumerate(self.layers)]
+        dev = k.device
+        p0 = states["pos"][..., 0].round().long()  # (B, T)
+        off = torch.arange(W + T - 1, device=dev)[None, :] - torch.arange(T, device=dev)[:, None]  # (T, S): slot index j
+        inside = (off >= 0) & (off < W) & (p0[..., None] - W + off >= 0)  # (B, T, S): start's filled slots
+        N = B * T
+        flat = {n: states[n].reshape(N, *states[n].shape[2:]) for n in ("stoch", "h")}
+        return self._rollout(windows, lambda i: (inside & (off > i)).reshape(N, -1), p0.reshape(N), flat, policy, horizon)
+
+    def _rollout(self, windows: list, visible, p0: Tensor, state: State, policy: Policy, horizon: int):
+        """The imagination loop over a start cache: `windows` per layer, `visible(i)` (N, C) the cache
+        slots imagined token i may see, p0 (N,) its first position; `state` gives "stoch" and "h"."""
+        N, W, dev = p0.shape[0], self.cfg.window, p0.device
         new_k: list[list[Tensor]] = [[] for _ in self.layers]
         new_v: list[list[Tensor]] = [[] for _ in self.layers]
         feats = [self.feat(state)]
@@ -222,12 +309,12 @@ class TSSM(nn.Module):
         z = state["stoch"]
         for i in range(horizon):
             x = self.inp(torch.cat([z.flatten(-2), action_input(actions[-1])], -1))[:, None]  # (N, 1, D)
-            # token i sees cache slot j while p0 - W + j > p0 + i - W (j > i), and imagined token m
-            # while i - m < W; the mask covers [cache, imagined tokens 0..i-1, itself]
+            # the mask covers [cache, imagined tokens 0..i-1, itself]; imagined token m is seen while i - m < W
             m = torch.arange(i, device=dev)
-            mask = torch.cat([filled & (j > i), (i - m < W).expand(N, i), torch.ones(N, 1, dtype=torch.bool, device=dev)], 1)
-            for layer, (ck, cv), ks, vs in zip(self.layers, cache, new_k, new_v):
-                x, k, v = layer.step(x, (p0 + i)[:, None], ck, cv, ks, vs, mask, self.cfg.rope_base)
+            mask = torch.cat([visible(i), (i - m < W).expand(N, i), torch.ones(N, 1, dtype=torch.bool, device=dev)], 1)
+            rot = self._rotation((p0 + i)[:, None])
+            for layer, window, ks, vs in zip(self.layers, windows, new_k, new_v):
+                x, k, v = layer.step(x, rot, window, ks, vs, mask)
                 ks.append(k)
                 vs.append(v)
             h = self.norm(x)[:, 0]

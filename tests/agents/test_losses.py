@@ -69,7 +69,8 @@ def toy_agent(discrete, reward, **cfg):
 
 
 def starts(N=256):
-    return {"x": torch.zeros(N, 1)}, torch.ones(N)
+    """N posterior states as `update` hands them over, (B, T, ...) with B = N, T = 1."""
+    return {"x": torch.zeros(N, 1, 1)}, torch.ones(N)
 
 
 # --- the actor's gradient ------------------------------------------------------------------------
@@ -388,9 +389,9 @@ def test_imagine_losses_equal_their_plain_twin(backbone, discrete):
         for p in head[-1].parameters():
             nn.init.normal_(p, std=0.1)
     results = []
-    for fn in (imagine_losses, imagine_losses_ref):
-        torch.manual_seed(5)
-        out = fn(agent, state, cont)
+    for fn, start in ((imagine_losses, {k: v[:, None] for k, v in state.items()}), (imagine_losses_ref, state)):
+        torch.manual_seed(5)  # imagine_losses takes (B, T, ...) states, here B = N and T = 1
+        out = fn(agent, start, cont)
         losses, ret = out[0], out[-1]
         grads = {}
         for name, mods in (("actor", [agent.actor, wm]), ("critic", [agent.critic])):

@@ -379,7 +379,7 @@ def test_penalty_lowers_imagined_rewards_by_the_ensembles_disagreement():
     cfg, _ = load_config(["env=pendulum", "preset=quickstart", "agent.penalty=2.5"])
     agent = build_agent(cfg, "cpu")[0]
     N = 8
-    starts = {k: v for k, v in agent.wm.core.initial(N).items()}
+    starts = {k: v[:, None] for k, v in agent.wm.core.initial(N).items()}  # (B, T, ...) with B = N, T = 1
     torch.manual_seed(0)
     _, with_penalty, *_ = imagine_losses(agent, starts, torch.ones(N))
     ensemble, agent.ensemble = agent.ensemble, None

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from worldmodels.base import index_state
-from worldmodels.transformer import TSSM, TransformerConfig
+from worldmodels.base import flatten_state, imagine_all, index_state
+from worldmodels.transformer import TSSM, TransformerConfig, rotate, rotation
 
 B, E, A = 2, 12, 3
 
@@ -90,6 +90,50 @@ def test_imagine_equals_sliding_cache(window, horizon):
         out.append((feat, act, grad))
     for x, y in zip(*out):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("window,T,horizon", [(4, 9, 6), (64, 9, 5), (3, 5, 8)])
+def test_imagine_all_equals_imagine_from_each_state(window, T, horizon, monkeypatch):
+    """Imagination from every state of `observe` through the shared window buffer equals imagining
+    from the flattened states (features, actions, gradients to the policy), across a reset, with
+    windows shorter and longer than the sequence and a horizon that outruns the window; and it does
+    take the shared path (no call to `imagine`). States whose cache slots do not alias go through
+    `imagine` and give the same."""
+    core = make(2, window)
+    embed, action, is_first, noise = data(T, first_at=(4,))
+    state = core.initial(B)
+    state["pos"] += 2  # a start cache that is partly filled (zero keys at filled slots are fine here)
+    states, _, _ = core.observe(state, embed, action, is_first, noise=noise)
+    weight = torch.randn(core.feat_size, A, dtype=torch.float64, requires_grad=True)
+    policy = lambda f: torch.tanh(f @ weight)  # noqa: E731
+
+    def run(fn, s):
+        torch.manual_seed(5)
+        feat, act = fn(s, policy, horizon)
+        grad, = torch.autograd.grad((feat * torch.linspace(0, 1, feat.shape[-1], dtype=torch.float64)).sum(), weight)
+        return feat, act, grad
+
+    reference = run(core.imagine, flatten_state(states))
+    with monkeypatch.context() as m:
+        m.setattr(core, "imagine", lambda *a: pytest.fail("the shared path fell back to imagine"))
+        shared = run(lambda s, p, h: imagine_all(core, s, p, h), states)
+    copied = run(lambda s, p, h: imagine_all(core, s, p, h), {k: v.contiguous() for k, v in states.items()})
+    for out in (shared, copied):
+        for x, y in zip(out, reference):
+            torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-10)
+
+
+def test_rotary_scores_depend_on_offsets_only():
+    """Rotary embeddings: q_m . k_n depends on m - n alone (shifting both positions changes nothing),
+    and on the offset (not an identity); rotation keeps norms."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 5, 1, 3, 8, generator=g, dtype=torch.float64).unbind(0)  # (T, ..., heads, dh) per row
+    rot = lambda pos: rotation(pos[None], 8, 100.0, torch.float64)  # noqa: E731  (B, T) = (1, 5)
+    score = lambda m, n: (rotate(q[None], rot(m)) * rotate(k[None], rot(n))).sum(-1)  # noqa: E731
+    pm, pn = torch.tensor([3.0, 7, 0, 50, 9]), torch.tensor([1.0, 7, 4, 2, 300])
+    torch.testing.assert_close(score(pm, pn), score(pm + 41, pn + 41))
+    assert not torch.allclose(score(pm, pn), score(pm, pn + 1))
+    torch.testing.assert_close(rotate(q[None], rot(pm)).norm(dim=-1), q[None].norm(dim=-1))
 
 
 def test_config_errors():
