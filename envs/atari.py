@@ -22,6 +22,8 @@ import gymnasium as gym
 import numpy as np
 from torchrl.envs import EnvBase
 
+from envs.errors import EnvError
+
 
 @dataclass(frozen=True)
 class AtariOptions:
@@ -80,7 +82,6 @@ def make_atari(cfg, seed: int, render: bool) -> EnvBase:
     from torchrl.envs import GymWrapper
 
     from envs.gym import INSTALL
-    from envs.make import EnvError
     from envs.observations import ModelObservations
 
     try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from torchrl.envs import EnvBase
 
+from envs.errors import EnvError
+
 
 def make_dmc(cfg, seed: int, render: bool) -> EnvBase:
     from dm_control import suite
     from torchrl.envs.libs.dm_control import DMControlWrapper
-
-    from envs.make import EnvError
 
     name = cfg.id.split(":", 1)[1]
     domain, _, task = name.partition("-")

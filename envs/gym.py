@@ -15,14 +15,14 @@ import importlib
 
 from torchrl.envs import EnvBase
 
+from envs.errors import EnvError
+
 # Where a missing package is one of the project's extras, the install line names the extra.
 INSTALL = {"ale_py": "pip install 'longdream[atari]'", "Box2D": "pip install 'longdream[box2d]'",
            "bsuite": "pip install 'longdream[memory]'", "memory_maze": "pip install 'longdream[memory]'"}
 
 
 def _import(module: str, env_id: str) -> None:
-    from envs.make import EnvError
-
     try:
         importlib.import_module(module)
     except ModuleNotFoundError as e:
@@ -34,8 +34,6 @@ def _import(module: str, env_id: str) -> None:
 def resolve(env_id: str, imports: tuple[str, ...] = ()) -> str:
     """The registered id for `env_id`, importing `module:` prefixes and `imports` first."""
     import gymnasium
-
-    from envs.make import EnvError
 
     for module in imports:
         _import(module, env_id)
@@ -52,8 +50,6 @@ def resolve(env_id: str, imports: tuple[str, ...] = ()) -> str:
 def make_gymnasium(cfg, render: bool = False):
     """The gymnasium env itself (before TorchRL), with one-line errors for missing dependencies."""
     import gymnasium
-
-    from envs.make import EnvError
 
     name = resolve(cfg.id, tuple(cfg.imports))
     kwargs = dict(cfg.kwargs)
@@ -79,7 +75,6 @@ def make_gym(cfg, seed: int, render: bool) -> EnvBase:
     """`render` adds rendered frames under "pixels" beside vector observations, for eval videos."""
     from torchrl.envs import GymWrapper
 
-    from envs.make import EnvError
     from envs.observations import ModelObservations, ObservationError
 
     if cfg.pixels:

@@ -23,10 +23,7 @@ from torchrl.envs import (CatTensors, Compose, DoubleToFloat, InitTracker, Permu
 
 
 from envs.atari import AtariOptions  # noqa: E402
-
-
-class EnvError(ValueError):
-    """A bad environment id or option; its message is one line that says how to fix it."""
+from envs.errors import EnvError  # noqa: E402,F401  (re-exported: envs.make.EnvError)
 
 
 @dataclass(frozen=True)

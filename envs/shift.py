@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from envs.errors import EnvError
+
 PENDULUM = ("g", "m", "l")
 MUJOCO = {"mass": "body_mass", "damping": "dof_damping", "friction": "geom_friction"}  # + gravity: opt.gravity
 
 
 def check(shift: dict, ranges: dict) -> None:
     """Scales must be positive, ranges [low, high] with 0 < low <= high, and a parameter shifted one way only."""
-    from envs.make import EnvError
-
     for name, s in shift.items():
         if not isinstance(s, (int, float)) or s <= 0:
             raise EnvError(f"env.shift.{name} must be a positive scale, got {s!r}")
@@ -40,8 +40,6 @@ class Shifter:
     (get, set)} for the parameters this simulator has."""
 
     def __init__(self, env_id: str, params: dict, shift: dict, ranges: dict, seed: int):
-        from envs.make import EnvError
-
         check(shift, ranges)
         unknown = sorted((set(shift) | set(ranges)) - set(params))
         if unknown:
