@@ -41,7 +41,7 @@ from agents.optim import LaProp
 from agents.returns import lambda_return
 from worldmodels.base import imagine_all
 from worldmodels.model import WorldModel
-from worldmodels.nets import TwoHot, full, mlp, sample_index, unimix_probs
+from worldmodels.nets import TwoHot, full, mlp, sample_index, shared_input, unimix_probs
 
 
 @dataclass(frozen=True)
@@ -262,15 +262,24 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
         # the actor reads sg(state): dynamics gradients reach it through its actions only
         policy = (lambda f: agent.actor.rsample(f.detach())) if dynamics else agent.actor.sample
         feat, action = imagine_all(wm.core, starts, policy, cfg.horizon)  # (N, H+1, F), (N, H+1, A)
-        reward = wm.reward.mean(wm.reward(feat))[:, 1:]  # (N, H) reward on arrival at step t+1
-        cont = torch.sigmoid(full(wm.cont(feat)).squeeze(-1))[:, 1:]  # (N, H)
+        # with dynamics gradients the reward, continuation and critic heads all read feat with gradients:
+        # their first layers run as one product (the project's own heads; other modules one by one)
+        shared = dynamics and type(wm.reward) is TwoHot and type(agent.critic) is TwoHot and isinstance(wm.cont, nn.Sequential)
+        if shared:
+            reward_out, cont_out, critic_out = shared_input(feat, [wm.reward.net, wm.cont, agent.critic.net])
+            reward_logits, critic_logits = full(reward_out), full(critic_out)  # as TwoHot.forward
+        else:
+            reward_logits, cont_out = wm.reward(feat), wm.cont(feat)
+        reward = wm.reward.mean(reward_logits)[:, 1:]  # (N, H) reward on arrival at step t+1
+        cont = torch.sigmoid(full(cont_out).squeeze(-1))[:, 1:]  # (N, H)
         if agent.ensemble is not None:  # the step from t to t+1 is as uncertain as the members disagree on it
             with torch.no_grad():
                 doubt = agent.ensemble.disagreement(feat[:, :-1].detach(), action[:, :-1].detach())  # (N, H)
             reward = reward - cfg.penalty * doubt
     # one critic pass serves the value (through which dynamics gradients reach the actor) and the
     # critic's own loss (which `update` applies to the critic's parameters only)
-    critic_logits = agent.critic(feat if dynamics else feat.detach())  # (N, H+1, K)
+    if not shared:
+        critic_logits = agent.critic(feat if dynamics else feat.detach())  # (N, H+1, K)
     with torch.set_grad_enabled(dynamics):
         value = agent.critic.mean(critic_logits if dynamics else critic_logits.detach())  # (N, H+1)
         ret = lambda_return(reward, value, cfg.gamma * cont, cfg.lam)  # (N, H)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from worldmodels.nets import TwoHot, symexp, symlog, two_hot, two_hot_nll
+from worldmodels.nets import TwoHot, mlp, shared_input, symexp, symlog, two_hot, two_hot_nll
 
 
 def test_symlog_inverts():
@@ -112,3 +112,25 @@ def test_separate_action_embedding_normalises_each_input_on_its_own():
     assert width == 7 and [k for k, _ in joint.named_parameters()] == ["0.weight", "1.weight", "1.bias", "3.weight", "3.bias"]
     with pytest.raises(ValueError, match="action_embed"):
         token_in(S, A, Hd, None, "sum")
+
+
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_shared_input_equals_each_net_on_its_own(layers):
+    """Several MLPs on one input with their first layers as one product: the same outputs, and the
+    same gradients for the input and for every net's parameters, as running each net alone; nets of
+    mixed kinds (a bias in one first layer only) run one by one and agree too."""
+    torch.manual_seed(0)
+    nets = [mlp(7, 5, layers, out).double() for out in (3, 1, 4)]
+    mixed = [mlp(7, 5, 1, 2).double(), mlp(7, 5, 0, 2).double()]
+    for group in (nets, mixed):
+        x = torch.randn(2, 6, 7, dtype=torch.float64, requires_grad=True)
+        weights = [torch.randn(2, 6, net[-1].out_features, dtype=torch.float64) for net in group]
+        results = []
+        for run in (shared_input, lambda x, ns: [n(x) for n in ns]):
+            outs = run(x, group)
+            loss = sum((o * w).sum() for o, w in zip(outs, weights))
+            params = [p for n in group for p in n.parameters()]
+            results.append((outs, torch.autograd.grad(loss, [x, *params])))
+        (o1, g1), (o2, g2) = results
+        for a, b in zip([*o1, *g1], [*o2, *g2]):
+            torch.testing.assert_close(a, b)
