@@ -65,21 +65,30 @@ class TransformerConfig:
 
 
 def rotation(pos: Tensor, dh: int, base: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotary angles at positions pos (B, T), each (B, T, 1, 1, dh/2): computed once
-    per pass or step and shared by every layer and by queries and keys, in the parameters' dtype (not
-    an autocast dtype, whose 8-bit mantissa cannot hold positions past 256)."""
+    """The rotary tables at positions pos (B, T), each (B, T, 1, 1, dh): [cos, cos] and [-sin, sin] of
+    the angles pos * base^(-i / (dh/2)), i < dh/2. Computed once per pass or step and shared by every
+    layer and by queries and keys, in the parameters' dtype (not an autocast dtype, whose 8-bit
+    mantissa cannot hold positions past 256)."""
     half = dh // 2
     freq = base ** (-torch.arange(half, device=pos.device, dtype=dtype) / half)  # (dh/2,)
     angle = pos.to(dtype)[..., None, None, None] * freq
-    return angle.cos(), angle.sin()
+    cos, sin = angle.cos(), angle.sin()
+    return torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
 
 
 def rotate(x: Tensor, rot: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotary position embedding of x (B, T, ..., dh) by `rotation` (B, T, 1, 1, dh/2)."""
+    """Rotary position embedding of x (B, T, ..., dh) by `rotation` (B, T, 1, 1, dh): each pair
+    (x_i, x_{i + dh/2}) turned by its angle, [x1 cos - x2 sin, x2 cos + x1 sin], as x * [cos, cos] +
+    [x2, x1] * [-sin, sin] (three operations, no concatenation; `rotate_ref` is the pairwise form)."""
     cos, sin = rot
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+
+
+def rotate_ref(x: Tensor, angle: Tensor) -> Tensor:
+    """The rotation written pair by pair, the comparator of `rotate`: angle (..., dh/2) broadcast to x."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()], -1)
 
 
 class Layer(nn.Module):
@@ -119,18 +128,25 @@ class Layer(nn.Module):
         return self._out(x, att), merge(k), merge(v)
 
     def step(self, x: Tensor, rot: tuple[Tensor, Tensor], cache: "_OwnWindows | _SharedWindows", new_k: list[Tensor],
-             new_v: list[Tensor], mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+             new_v: list[Tensor], bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One token x (N, 1, D) at rotation `rot` attends to the fixed start cache (its `scores` and
         `read` for this layer; C slots per token), to earlier tokens' keys and values (lists of
-        (N, heads, 1, dh)) and to itself, under mask (N, C + n + 1). The softmax runs over the
-        scores of both parts, so the cache is read, never copied. Returns the new x and the token's
-        rotated key and value, (N, heads, 1, dh)."""
-        q, k, v = self._qkv(x, rot)
-        keys, values = torch.cat([*new_k, k], 2), torch.cat([*new_v, v], 2)  # (N, heads, n + 1, dh)
-        scores = torch.cat([cache.scores(q), q @ keys.transpose(-1, -2)], -1) * q.shape[-1] ** -0.5
-        p = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)  # (N, heads, 1, C + n + 1)
-        C = scores.shape[-1] - keys.shape[2]
-        return self._out(x, cache.read(p[..., :C]) + p[..., C:] @ values), k, v
+        (1, N, heads, dh)) and to itself; bias (N, 1, 1, C + n + 1) is 0 where it may look and -inf
+        where not. The softmax runs over the scores of both parts, so the cache is read, never
+        copied. Returns the new x and the token's rotated key and value, (1, N, heads, dh)."""
+        q, k, v = self._qkv(x, rot)  # (N, heads, 1, dh)
+        k, v = k.transpose(0, 2), v.transpose(0, 2)  # (1, heads, N, dh) -> below (1, N, heads, dh)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        # the imagined tokens' keys stacked on a leading axis (one contiguous copy per step; along the
+        # token axis of (N, heads, n + 1, dh) the copy of strided pieces cost about 5x more)
+        keys, values = torch.cat([*new_k, k], 0), torch.cat([*new_v, v], 0)  # (n + 1, N, heads, dh)
+        # one query against n + 1 <= H + 1 private keys per start and head: a broadcast product and sum
+        # (N x heads products of 1 x dh by dh x (n + 1) as a batched matmul cost 2-4x more, backward included)
+        own = (q[:, :, 0] * keys).sum(-1).permute(1, 2, 0)[:, :, None]  # (N, heads, 1, n + 1)
+        p = torch.add(bias, torch.cat([cache.scores(q), own], -1), alpha=q.shape[-1] ** -0.5).softmax(-1)
+        C = p.shape[-1] - keys.shape[0]  # p (N, heads, 1, C + n + 1)
+        mine = (p[:, :, 0, C:].permute(2, 0, 1)[..., None] * values).sum(0)[:, :, None]  # (N, heads, 1, dh)
+        return self._out(x, cache.read(p[..., :C]) + mine), k, v
 
 
 class _OwnWindows:
@@ -312,9 +328,10 @@ class TSSM(nn.Module):
             # the mask covers [cache, imagined tokens 0..i-1, itself]; imagined token m is seen while i - m < W
             m = torch.arange(i, device=dev)
             mask = torch.cat([visible(i), (i - m < W).expand(N, i), torch.ones(N, 1, dtype=torch.bool, device=dev)], 1)
+            bias = torch.zeros(mask.shape, dtype=x.dtype, device=dev).masked_fill_(~mask, float("-inf"))[:, None, None]
             rot = self._rotation((p0 + i)[:, None])
             for layer, window, ks, vs in zip(self.layers, windows, new_k, new_v):
-                x, k, v = layer.step(x, rot, window, ks, vs, mask)
+                x, k, v = layer.step(x, rot, window, ks, vs, bias)
                 ks.append(k)
                 vs.append(v)
             h = self.norm(x)[:, 0]

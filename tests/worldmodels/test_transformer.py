@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from worldmodels.base import flatten_state, imagine_all, index_state
-from worldmodels.transformer import TSSM, TransformerConfig, rotate, rotation
+from worldmodels.transformer import TSSM, TransformerConfig, rotate, rotate_ref, rotation
 
 B, E, A = 2, 12, 3
 
@@ -134,6 +134,19 @@ def test_rotary_scores_depend_on_offsets_only():
     torch.testing.assert_close(score(pm, pn), score(pm + 41, pn + 41))
     assert not torch.allclose(score(pm, pn), score(pm, pn + 1))
     torch.testing.assert_close(rotate(q[None], rot(pm)).norm(dim=-1), q[None].norm(dim=-1))
+
+
+def test_rotate_equals_the_pairwise_rotation():
+    """`rotate` (x * [cos, cos] + [x2, x1] * [-sin, sin]) equals the rotation written pair by pair,
+    values and gradients, at the angles pos * base^(-i / (dh/2))."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 3, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)  # (B, T, ..., heads, dh)
+    pos = torch.tensor([[0.0, 1, 2, 30, 400], [7, 8, 9, 10, 11]], dtype=torch.float64)
+    angle = pos[..., None, None, None] * 100.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
+    fast, ref = rotate(x, rotation(pos, 8, 100.0, torch.float64)), rotate_ref(x, angle)
+    torch.testing.assert_close(fast, ref)
+    w = torch.randn(fast.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(*[torch.autograd.grad((y * w).sum(), x)[0] for y in (fast, ref)])
 
 
 def test_config_errors():
