@@ -18,7 +18,10 @@ pass through the 15 imagined steps). `comparator_modes=` passes the script's mod
 adds, per backbone and size, a row with the whole update captured in one CUDA graph and replayed
 (agents/cudagraph.py, `agent.cuda_graph`), beside the eager one. `backbone=all` (or a comma-separated list) times every backbone in the
 same run, each at its own xs and s dims; the rows give the resolved dims and counts. At xs the agents'
-counts are close (0.36M to 0.43M); at s they are not (core parameters: RSSM 3.9M, S4WM 5.8M, S5WM
+counts are close (0.36M to 0.43M); `interleave=true` builds every case first and
+times them in turn, one update each per round (A B C, A B C, ...), so that the machine's drift reaches all
+alike, and gives each backbone's time over the RSSM's round by round (median and range; its own results
+file, update_<device>_interleaved). At s the counts are not close (core parameters: RSSM 3.9M, S4WM 5.8M, S5WM
 10.0M, Mamba 9.7M, TSSM 15.0M), so an s row compares presets, not matched models.
 """
 from __future__ import annotations
@@ -46,10 +49,12 @@ MATCHED = {("p064", "size1m"), ("s", "size12m"), ("p064", "p064"), ("s", "S")}
 DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
             "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "",
             "context": False, "actor_grad": "auto", "precision": "fp32", "compile_step": False,
-            "comparator_modes": "", "matmul_precision": "high", "graph": False}
+            "comparator_modes": "", "matmul_precision": "high", "graph": False, "interleave": False}
 
 
-def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool = False, graph: bool = False) -> dict:
+def prepare(size: str, a: dict, backbone: str | None = None, compiled: bool = False, graph: bool = False):
+    """One (backbone, size, variant) set up and warmed up: (step, row) where step() times one update in
+    ms and row holds the resolved dims and counts (`finish` adds the times)."""
     from agents.cudagraph import GraphedUpdate
     from agents.dreamer import Agent, AgentConfig, update
     from worldmodels.model import BACKBONES, ObsSpec, WorldModel
@@ -91,18 +96,58 @@ def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(max(1, a["warmup"]) + 1 if graph else a["warmup"]):  # graph: eager warm-up, then the capture
         step(batch)
-    times = []
-    for _ in range(a["repeats"]):
+    last = {}
+
+    def timed() -> float:
         sync()
         t = time.perf_counter()
-        m, _ = step(batch)
+        last["m"], _ = step(batch)
         sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    assert m["train/nonfinite"] == 0, "non-finite loss in the benchmark batch"
+        return (time.perf_counter() - t) * 1e3
+
+    def check() -> None:
+        assert last["m"]["train/nonfinite"] == 0, "non-finite loss in the benchmark batch"
+
+    timed.check = check
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    return {"backbone": backbone, "size": size, "compiled_step": compiled, "graph": graph, "params": params, "dims": dataclasses.asdict(core_cfg), "median_ms": round(statistics.median(times), 1),
-            "min_ms": round(min(times), 1), "n": len(times),
+    return timed, {"backbone": backbone, "size": size, "compiled_step": compiled, "graph": graph, "params": params,
+                   "dims": dataclasses.asdict(core_cfg)}
+
+
+def finish(row: dict, times: list[float], B: int, T: int) -> dict:
+    return {**row, "median_ms": round(statistics.median(times), 1), "min_ms": round(min(times), 1), "n": len(times),
             "transitions_per_s": round(B * T * 1e3 / statistics.median(times), 1)}
+
+
+def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool = False, graph: bool = False) -> dict:
+    """One row: `repeats` updates of one (backbone, size, variant) after its warm-up."""
+    step, row = prepare(size, a, backbone, compiled, graph)
+    times = [step() for _ in range(a["repeats"])]
+    step.check()
+    return finish(row, times, a["batch"], a["seq"])
+
+
+def time_interleaved(cases: list[tuple], a: dict) -> list[dict]:
+    """The rows of several (backbone, size, compiled, graph) cases timed in turn (A B C, A B C, ...), so that
+    a machine's drift reaches every case alike. Each row also gets `rssm_ratio`: the median over rounds of
+    its time over the RSSM's of the same size in the same round, and that ratio's range."""
+    steps = [prepare(size, a, b, compiled, graph) for b, size, compiled, graph in cases]
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(a["repeats"]):
+        for (step, _), ts in zip(steps, times):
+            ts.append(step())
+    rows = []
+    for (step, row), ts in zip(steps, times):
+        step.check()
+        rows.append(finish(row, ts, a["batch"], a["seq"]))
+    for row, ts in zip(rows, times):
+        ref = [t for r, t in zip(rows, times) if r["backbone"] == "rssm" and r["size"] == row["size"]
+               and not r["compiled_step"] and not r["graph"]]
+        if ref and row["backbone"] != "rssm":
+            pair = [x / y for x, y in zip(ts, ref[0])]
+            row["rssm_ratio"] = {"median": round(statistics.median(pair), 3), "min": round(min(pair), 3),
+                                 "max": round(max(pair), 3)}
+    return rows
 
 
 def _variant(r: dict) -> str:
@@ -122,6 +167,9 @@ def render(data: dict) -> str:
 
     def ratios(r: dict) -> str:
         out = [f"{r['median_ms'] / rssm[r['size']]:.2f}x the RSSM's time"] if r["backbone"] != "rssm" and r["size"] in rssm and not _variant(r) else []
+        if out and "rssm_ratio" in r:  # interleaved: the median of the rounds' ratios and their range
+            q = r["rssm_ratio"]
+            out = [f"{q['median']:.2f}x the RSSM's time (round by round, {q['min']:.2f}-{q['max']:.2f})"]
         if _variant(r) and (r["backbone"], r["size"]) in eager:
             out.append(faster(r["median_ms"], eager[r["backbone"], r["size"]], "eager"))
         return "; ".join(out)
@@ -173,7 +221,7 @@ def main(argv: list[str]) -> dict:
                           f"{a['backbone']} use sizes=xs,s")
     if a["device"].startswith("cuda"):  # float32 products as the comparator takes them ("high": TF32)
         torch.set_float32_matmul_precision(a["matmul_precision"])
-    rows = []
+    cases = []
     for b in backbones:
         has_step = "compile_step" in {f.name for f in dataclasses.fields(BACKBONES[b][1])}
         for size in asked:
@@ -181,10 +229,14 @@ def main(argv: list[str]) -> dict:
                 continue
             variants = [(False, False)] + ([(True, False)] if a["compile_step"] and has_step else []) \
                 + ([(False, True)] if a["graph"] else [])
-            for compiled, graph in variants:
-                r = time_update(size, a, b, compiled, graph)
-                rows.append(r)
-                print(f"[update] {b} {size}{_variant(r)}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms", file=sys.stderr)
+            cases += [(b, size, compiled, graph) for compiled, graph in variants]
+    if a["interleave"]:
+        rows = time_interleaved(cases, a)
+    else:
+        rows = [time_update(size, a, b, compiled, graph) for b, size, compiled, graph in cases]
+    for r in rows:
+        print(f"[update] {r['backbone']} {r['size']}{_variant(r)}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms",
+              file=sys.stderr)
     comp = []
     sheeprl = "sheeprl" in Path(a["comparator"]).name  # else TorchRL's timing script
     if a["comparator"]:
@@ -201,6 +253,6 @@ def main(argv: list[str]) -> dict:
     # other settings than the defaults get results files of their own, beside the default one
     suffix = ("_reinforce" if a["actor_grad"] == "reinforce" else "") + ("_bf16" if a["precision"] == "bf16" else "") \
         + ("_compiled" if a["compile_step"] else "") + ("_graph" if a["graph"] else "") \
-        + ("_sheeprl" if sheeprl else "")
+        + ("_sheeprl" if sheeprl else "") + ("_interleaved" if a["interleave"] else "")
     write(f"update_{a['device'].split(':')[0]}{suffix}", data, table, a["out"] or None)
     return data

@@ -34,6 +34,34 @@ def test_update_rows_for_every_backbone(tmp_path):
     assert table.count("the RSSM's time") == len(BACKBONES) - 1
 
 
+def test_interleaved_rows_give_round_by_round_ratios(tmp_path, monkeypatch):
+    """interleave=true: the cases are timed in turn, one update each per round, and each non-RSSM row gets
+    the median and range of its time over the RSSM's in the same round; its own results file."""
+    import bench.update as bu
+
+    order = []
+    real_prepare = bu.prepare
+
+    def prepare(size, a, backbone=None, compiled=False, graph=False):
+        step, row = real_prepare(size, a, backbone, compiled, graph)
+
+        def timed():  # by round: the RSSM 2, 10, 4 ms, the S5WM 3, 12, 4.4 (ratios 1.5, 1.2, 1.1)
+            step()
+            order.append(backbone)
+            return {"rssm": [2.0, 10.0, 4.0], "s5wm": [3.0, 12.0, 4.4]}[backbone][order.count(backbone) - 1]
+        timed.check = step.check
+        return timed, row
+
+    monkeypatch.setattr(bu, "prepare", prepare)
+    assert main(["bench", "update", "backbone=s5wm,rssm", "sizes=xs", "interleave=true", "repeats=3", "warmup=0",
+                 "batch=2", "seq=8", f"out={tmp_path}"]) == 0
+    assert order == ["s5wm", "rssm"] * 3
+    rows = json.loads((tmp_path / "update_cpu_interleaved.json").read_text())["longdream"]
+    s5, rssm = rows
+    assert "rssm_ratio" not in rssm and s5["rssm_ratio"] == {"median": 1.2, "min": 1.1, "max": 1.5}  # not 4.4 / 4
+    assert "1.20x the RSSM's time (round by round, 1.10-1.50)" in (tmp_path / "update_cpu_interleaved.md").read_text()
+
+
 @pytest.mark.slow  # compiles Mamba's imagination step
 def test_compiled_step_rows_beside_the_eager_ones(tmp_path):
     """compile_step=true: Mamba is timed eager and with its compiled step in the same run (the second row
