@@ -363,8 +363,9 @@ def train(cfg, dcfg: DecisionConfig) -> dict:
         bar.update(1)
         u = counters["updates"]
         if u % 100 == 0:
-            writer.add_scalar("loss/action", float(loss), u)
-            bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+            value = loss.item()
+            writer.add_scalar("loss/action", value, u)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if dcfg.eval_every and u % dcfg.eval_every == 0 and u < dcfg.updates:
             ret = float(np.mean(evaluate(dcfg.eval_episodes)))
             curve.append([u, ret])
