@@ -135,8 +135,7 @@ class Layer(nn.Module):
         where not. The softmax runs over the scores of both parts, so the cache is read, never
         copied. Returns the new x and the token's rotated key and value, (1, N, heads, dh)."""
         q, k, v = self._qkv(x, rot)  # (N, heads, 1, dh)
-        k, v = k.transpose(0, 2), v.transpose(0, 2)  # (1, heads, N, dh) -> below (1, N, heads, dh)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        k, v = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)  # (1, N, heads, dh)
         # the imagined tokens' keys stacked on a leading axis (one contiguous copy per step; along the
         # token axis of (N, heads, n + 1, dh) the copy of strided pieces cost about 5x more)
         keys, values = torch.cat([*new_k, k], 0), torch.cat([*new_v, v], 0)  # (n + 1, N, heads, dh)
