@@ -22,7 +22,10 @@ counts are close (0.36M to 0.43M); `interleave=true` builds every case first and
 times them in turn, one update each per round (A B C, A B C, ...), so that the machine's drift reaches all
 alike, and gives each backbone's time over the RSSM's round by round (median and range; its own results
 file, update_<device>_interleaved). At s the counts are not close (core parameters: RSSM 3.9M, S4WM 5.8M, S5WM
-10.0M, Mamba 9.7M, TSSM 15.0M), so an s row compares presets, not matched models.
+10.0M, Mamba 9.7M, TSSM 15.0M), so an s row compares presets, not matched models. `match=true` adds, for each other backbone and size, an
+RSSM whose state width (deter, a multiple of 8; its other dims the size's) gives the parameter count nearest
+that backbone's, and takes that backbone's ratio against it (its own results file, update_<device>_matched
+or _interleaved_matched).
 """
 from __future__ import annotations
 
@@ -49,28 +52,63 @@ MATCHED = {("p064", "size1m"), ("s", "size12m"), ("p064", "p064"), ("s", "S")}
 DEFAULTS = {"device": "cpu", "sizes": "xs,s,p025,p064", "repeats": 5, "warmup": 2, "batch": 16, "seq": 64,
             "backbone": "rssm", "comparator": "", "comparator_sizes": "size1m,size12m", "out": "",
             "context": False, "actor_grad": "auto", "precision": "fp32", "compile_step": False,
-            "comparator_modes": "", "matmul_precision": "high", "graph": False, "interleave": False}
+            "comparator_modes": "", "matmul_precision": "high", "graph": False, "interleave": False,
+            "match": False}
 
 
-def prepare(size: str, a: dict, backbone: str | None = None, compiled: bool = False, graph: bool = False):
-    """One (backbone, size, variant) set up and warmed up: (step, row) where step() times one update in
-    ms and row holds the resolved dims and counts (`finish` adds the times)."""
-    from agents.cudagraph import GraphedUpdate
-    from agents.dreamer import Agent, AgentConfig, update
+def build(size: str, a: dict, backbone: str, deter: int | None = None, compiled: bool = False):
+    """The agent of one case on a["device"] and its resolved core config; `deter` resizes an RSSM's state."""
+    from agents.dreamer import Agent, AgentConfig
     from worldmodels.model import BACKBONES, ObsSpec, WorldModel
     from worldmodels.nets import NetsConfig
 
-    backbone = backbone or a["backbone"]
     core_over, net_over = PRESETS[size]
     cfg_cls = BACKBONES[backbone][1]
     core_cfg = cfg_cls(**{"size": "xs", **core_over}) if backbone == "rssm" else cfg_cls(size=core_over.get("size", "xs"))
+    if deter is not None:
+        core_cfg = dataclasses.replace(core_cfg, deter=deter)
     if compiled:
         core_cfg = dataclasses.replace(core_cfg, compile_step=True)
     nets = NetsConfig(**{"name": "xs", **net_over})
     torch.manual_seed(0)
-    dev = torch.device(a["device"])
     wm = WorldModel(backbone, core_cfg, nets, ObsSpec(pixels=False, obs_dim=24, action_dim=6))
-    agent = Agent(wm, AgentConfig(actor_grad=a["actor_grad"], precision=a["precision"])).to(dev)
+    agent = Agent(wm, AgentConfig(actor_grad=a["actor_grad"], precision=a["precision"])).to(torch.device(a["device"]))
+    return agent, core_cfg
+
+
+def n_params(agent) -> int:
+    return sum(p.numel() for p in agent.parameters() if p.requires_grad)
+
+
+def matched_deter(size: str, a: dict, target: int) -> int:
+    """The RSSM state width (a multiple of 8, the size's other dims kept) whose agent's parameter count is
+    closest to `target`: a binary search, the count growing with the width."""
+    count = {}
+
+    def params(d: int) -> int:
+        if d not in count:
+            count[d] = n_params(build(size, {**a, "device": "cpu"}, "rssm", 8 * d)[0])
+        return count[d]
+
+    lo, hi = 1, 1024  # in units of 8
+    while lo < hi:  # the smallest width reaching the target
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if params(mid) < target else (lo, mid)
+    best = min((d for d in (lo - 1, lo) if d >= 1), key=lambda d: abs(params(d) - target))
+    return 8 * best
+
+
+def prepare(size: str, a: dict, backbone: str | None = None, compiled: bool = False, graph: bool = False,
+            deter: int | None = None):
+    """One (backbone, size, variant) set up and warmed up: (step, row) where step() times one update in
+    ms and row holds the resolved dims and counts (`finish` adds the times). `deter` resizes an RSSM's
+    state (a row matched to another backbone's parameter count)."""
+    from agents.cudagraph import GraphedUpdate
+    from agents.dreamer import update
+
+    backbone = backbone or a["backbone"]
+    agent, core_cfg = build(size, a, backbone, deter, compiled)
+    dev = torch.device(a["device"])
     opts = agent.optimizers(capturable=graph)
     step = GraphedUpdate(agent, opts, warmup=max(1, a["warmup"])) if graph else (lambda b: update(agent, opts, b))
     B, T = a["batch"], a["seq"]
@@ -84,6 +122,7 @@ def prepare(size: str, a: dict, backbone: str | None = None, compiled: bool = Fa
     if a["context"]:  # windows start from stored states; large states burn in from the anchor before them
         from agents.replay import context_every
 
+        wm = agent.wm
         k = context_every(wm.core.state_shapes(), T)
         batch["start"] = {n: v.to(dev) for n, v in wm.core.initial(B).items()}
         batch["burn"] = None
@@ -109,7 +148,7 @@ def prepare(size: str, a: dict, backbone: str | None = None, compiled: bool = Fa
         assert last["m"]["train/nonfinite"] == 0, "non-finite loss in the benchmark batch"
 
     timed.check = check
-    params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
+    params = n_params(agent)
     return timed, {"backbone": backbone, "size": size, "compiled_step": compiled, "graph": graph, "params": params,
                    "dims": dataclasses.asdict(core_cfg)}
 
@@ -119,19 +158,37 @@ def finish(row: dict, times: list[float], B: int, T: int) -> dict:
             "transitions_per_s": round(B * T * 1e3 / statistics.median(times), 1)}
 
 
-def time_update(size: str, a: dict, backbone: str | None = None, compiled: bool = False, graph: bool = False) -> dict:
-    """One row: `repeats` updates of one (backbone, size, variant) after its warm-up."""
-    step, row = prepare(size, a, backbone, compiled, graph)
+def _prepare_case(case: tuple, a: dict):
+    """prepare() for one case (backbone, size, compiled, graph, deter, matches); a matched RSSM's row says
+    which backbone it is sized to."""
+    b, size, compiled, graph, deter, matches = case
+    step, row = prepare(size, a, b, compiled, graph, deter) if deter is not None else prepare(size, a, b, compiled, graph)
+    return step, ({**row, "matches": matches} if matches else row)
+
+
+def time_update(case: tuple, a: dict) -> dict:
+    """One row: `repeats` updates of one case after its warm-up."""
+    step, row = _prepare_case(case, a)
     times = [step() for _ in range(a["repeats"])]
     step.check()
     return finish(row, times, a["batch"], a["seq"])
 
 
+def _reference(rows: list[dict], row: dict) -> int | None:
+    """The index of the RSSM row a row is compared with: the one matched to its backbone where the run has
+    one, else the plain RSSM of its size (eager, not compiled or graphed)."""
+    plain = [i for i, r in enumerate(rows) if r["backbone"] == "rssm" and r["size"] == row["size"]
+             and not r["compiled_step"] and not r.get("graph")]
+    matched = [i for i in plain if rows[i].get("matches") == row["backbone"]]
+    unmatched = [i for i in plain if not rows[i].get("matches")]
+    return (matched or unmatched or [None])[0]
+
+
 def time_interleaved(cases: list[tuple], a: dict) -> list[dict]:
-    """The rows of several (backbone, size, compiled, graph) cases timed in turn (A B C, A B C, ...), so that
-    a machine's drift reaches every case alike. Each row also gets `rssm_ratio`: the median over rounds of
-    its time over the RSSM's of the same size in the same round, and that ratio's range."""
-    steps = [prepare(size, a, b, compiled, graph) for b, size, compiled, graph in cases]
+    """The rows of several cases timed in turn (A B C, A B C, ...), so that a machine's drift reaches every
+    case alike. Each non-RSSM row also gets `rssm_ratio`: the median over rounds of its time over its
+    reference RSSM's (`_reference`) in the same round, and that ratio's range."""
+    steps = [_prepare_case(c, a) for c in cases]
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(a["repeats"]):
         for (step, _), ts in zip(steps, times):
@@ -141,10 +198,9 @@ def time_interleaved(cases: list[tuple], a: dict) -> list[dict]:
         step.check()
         rows.append(finish(row, ts, a["batch"], a["seq"]))
     for row, ts in zip(rows, times):
-        ref = [t for r, t in zip(rows, times) if r["backbone"] == "rssm" and r["size"] == row["size"]
-               and not r["compiled_step"] and not r["graph"]]
-        if ref and row["backbone"] != "rssm":
-            pair = [x / y for x, y in zip(ts, ref[0])]
+        ref = _reference(rows, row)
+        if ref is not None and row["backbone"] != "rssm":
+            pair = [x / y for x, y in zip(ts, times[ref])]
             row["rssm_ratio"] = {"median": round(statistics.median(pair), 3), "min": round(min(pair), 3),
                                  "max": round(max(pair), 3)}
     return rows
@@ -154,11 +210,15 @@ def _variant(r: dict) -> str:
     return " (CUDA graph)" if r.get("graph") else " (compiled step)" if r["compiled_step"] else ""
 
 
+def _against(r: dict) -> str:
+    """How a ratio names the time of the RSSM row it is taken against."""
+    return f"the time of the RSSM matched to {r['matches']} (deter {r['dims']['deter']})" if r.get("matches") else "the RSSM's time"
+
+
 def render(data: dict) -> str:
     """The markdown table of a results dict (as written to update_<device>*.json)."""
     a, rows, comp = data["args"], data["longdream"], data["comparator"]
     plain = [r for r in rows if not r["compiled_step"] and not r.get("graph")]
-    rssm = {r["size"]: r["median_ms"] for r in plain if r["backbone"] == "rssm"}
     eager = {(r["backbone"], r["size"]): r["median_ms"] for r in plain}
 
     def faster(ours: float, theirs: float, what: str) -> str:
@@ -166,15 +226,17 @@ def render(data: dict) -> str:
         return f"{ratio:.2f}x faster than {what}" if ratio >= 1 else f"{1 / ratio:.2f}x slower than {what}"
 
     def ratios(r: dict) -> str:
-        out = [f"{r['median_ms'] / rssm[r['size']]:.2f}x the RSSM's time"] if r["backbone"] != "rssm" and r["size"] in rssm and not _variant(r) else []
+        ref = None if r["backbone"] == "rssm" or _variant(r) else _reference(rows, r)
+        out = [] if ref is None else [f"{r['median_ms'] / rows[ref]['median_ms']:.2f}x {_against(rows[ref])}"]
         if out and "rssm_ratio" in r:  # interleaved: the median of the rounds' ratios and their range
             q = r["rssm_ratio"]
-            out = [f"{q['median']:.2f}x the RSSM's time (round by round, {q['min']:.2f}-{q['max']:.2f})"]
+            out = [f"{q['median']:.2f}x {_against(rows[ref])} (round by round, {q['min']:.2f}-{q['max']:.2f})"]
         if _variant(r) and (r["backbone"], r["size"]) in eager:
             out.append(faster(r["median_ms"], eager[r["backbone"], r["size"]], "eager"))
         return "; ".join(out)
 
-    table_rows = [[f"longdream {r['backbone']} {r['size']}{_variant(r)}", f"{r['params'] / 1e6:.2f}M", r["median_ms"],
+    table_rows = [[f"longdream {r['backbone']} {r['size']}{_variant(r)}"
+                   + (f" (deter {r['dims']['deter']}, matched to {r['matches']})" if r.get("matches") else ""), f"{r['params'] / 1e6:.2f}M", r["median_ms"],
                    r["transitions_per_s"], ratios(r)] for r in rows]
     for c in comp:
         counts = c.get("params", {})
@@ -229,13 +291,21 @@ def main(argv: list[str]) -> dict:
                 continue
             variants = [(False, False)] + ([(True, False)] if a["compile_step"] and has_step else []) \
                 + ([(False, True)] if a["graph"] else [])
-            cases += [(b, size, compiled, graph) for compiled, graph in variants]
+            cases += [(b, size, compiled, graph, None, None) for compiled, graph in variants]
+    if a["match"]:  # an RSSM sized to each other backbone's parameter count, beside it
+        for b in [b for b in backbones if b != "rssm"]:
+            for size in [s for s in asked if s not in RSSM_ONLY]:
+                target = n_params(build(size, {**a, "device": "cpu"}, b)[0])
+                deter = matched_deter(size, a, target)
+                print(f"[update] {b} {size}: {target / 1e6:.3f}M params; RSSM matched at deter {deter}", file=sys.stderr)
+                cases.append(("rssm", size, False, False, deter, b))
     if a["interleave"]:
         rows = time_interleaved(cases, a)
     else:
-        rows = [time_update(size, a, b, compiled, graph) for b, size, compiled, graph in cases]
+        rows = [time_update(c, a) for c in cases]
     for r in rows:
-        print(f"[update] {r['backbone']} {r['size']}{_variant(r)}: {r['params'] / 1e6:.2f}M params, {r['median_ms']} ms",
+        print(f"[update] {r['backbone']} {r['size']}{_variant(r)}{' matched to ' + r['matches'] if r.get('matches') else ''}: "
+              f"{r['params'] / 1e6:.2f}M params, {r['median_ms']} ms",
               file=sys.stderr)
     comp = []
     sheeprl = "sheeprl" in Path(a["comparator"]).name  # else TorchRL's timing script
@@ -253,6 +323,6 @@ def main(argv: list[str]) -> dict:
     # other settings than the defaults get results files of their own, beside the default one
     suffix = ("_reinforce" if a["actor_grad"] == "reinforce" else "") + ("_bf16" if a["precision"] == "bf16" else "") \
         + ("_compiled" if a["compile_step"] else "") + ("_graph" if a["graph"] else "") \
-        + ("_sheeprl" if sheeprl else "") + ("_interleaved" if a["interleave"] else "")
+        + ("_sheeprl" if sheeprl else "") + ("_interleaved" if a["interleave"] else "") + ("_matched" if a["match"] else "")
     write(f"update_{a['device'].split(':')[0]}{suffix}", data, table, a["out"] or None)
     return data

@@ -108,3 +108,51 @@ def test_update_actor_grad_option(tmp_path, capsys):
     assert main(["bench", "update", "actor_grad=sometimes"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "actor_grad must be auto, dynamics or reinforce" in err
+
+
+def test_matched_rssm_width_is_the_nearest_count():
+    """matched_deter: the RSSM width whose agent's parameter count is nearest the target, no neighbour
+    (8 narrower or wider) nearer."""
+    import bench.update as bu
+
+    a = dict(bu.DEFAULTS)
+
+    def count(d):
+        return bu.n_params(bu.build("xs", a, "rssm", d)[0])
+
+    target = count(96) + (count(104) - count(96)) // 3  # a third of the way from 96 to 104
+    d = bu.matched_deter("xs", a, target)
+    assert d == 96
+    assert bu.matched_deter("xs", a, count(96) + 2 * (count(104) - count(96)) // 3) == 104
+    assert bu.matched_deter("xs", a, count(64)) == 64
+
+
+def test_matched_rows_take_ratios_against_the_rssm_of_the_same_count(tmp_path, monkeypatch):
+    """match=true: beside each other backbone an RSSM sized to its parameter count, and that backbone's
+    ratio is against it, not against the preset RSSM."""
+    import bench.update as bu
+
+    real_prepare = bu.prepare
+    clock = {"rssm": 2.0, "rssm-matched": 4.0, "s5wm": 3.0}
+
+    def prepare(size, a, backbone=None, compiled=False, graph=False, deter=None):
+        step, row = real_prepare(size, a, backbone, compiled, graph, deter)
+        key = backbone + ("-matched" if deter is not None else "")
+
+        def timed():
+            step()
+            return clock[key]
+        timed.check = step.check
+        return timed, row
+
+    monkeypatch.setattr(bu, "prepare", prepare)
+    assert main(["bench", "update", "backbone=s5wm,rssm", "sizes=xs", "match=true", "interleave=true", "repeats=2",
+                 "warmup=0", "batch=2", "seq=8", f"out={tmp_path}"]) == 0
+    rows = json.loads((tmp_path / "update_cpu_interleaved_matched.json").read_text())["longdream"]
+    s5, rssm, matched = rows
+    assert matched["matches"] == "s5wm" and "matches" not in rssm
+    assert abs(matched["params"] - s5["params"]) < abs(rssm["params"] - s5["params"])
+    assert matched["dims"]["deter"] > rssm["dims"]["deter"]
+    assert s5["rssm_ratio"]["median"] == 0.75  # 3 / 4, not 3 / 2
+    table = (tmp_path / "update_cpu_interleaved_matched.md").read_text()
+    assert f"matched to s5wm (deter {matched['dims']['deter']})" in table
