@@ -162,7 +162,7 @@ def _prepare_case(case: tuple, a: dict):
     """prepare() for one case (backbone, size, compiled, graph, deter, matches); a matched RSSM's row says
     which backbone it is sized to."""
     b, size, compiled, graph, deter, matches = case
-    step, row = prepare(size, a, b, compiled, graph, deter) if deter is not None else prepare(size, a, b, compiled, graph)
+    step, row = prepare(size, a, b, compiled, graph, deter)
     return step, ({**row, "matches": matches} if matches else row)
 
 

@@ -42,8 +42,8 @@ def test_interleaved_rows_give_round_by_round_ratios(tmp_path, monkeypatch):
     order = []
     real_prepare = bu.prepare
 
-    def prepare(size, a, backbone=None, compiled=False, graph=False):
-        step, row = real_prepare(size, a, backbone, compiled, graph)
+    def prepare(size, a, backbone=None, compiled=False, graph=False, deter=None):
+        step, row = real_prepare(size, a, backbone, compiled, graph, deter)
 
         def timed():  # by round: the RSSM 2, 10, 4 ms, the S5WM 3, 12, 4.4 (ratios 1.5, 1.2, 1.1)
             step()
