@@ -17,8 +17,8 @@ Modes:
   imagination from the windows' states, as training does), so the policy adapts too, and a rollback
   restores all of it;
 - retrain: the reference, a new agent trained from scratch on the shifted env with the run's settings
-  for the env steps of `episodes` full episodes; its rows are its training episodes (no prediction
-  error) and a last one, the eval return after training.
+  and seed (plus `seed`) for the env steps of `episodes` full episodes; its rows are its training
+  episodes (no prediction error) and a last one, the eval return after training.
 Env steps count env frames (agent steps x action repeat), as training does.
 With `reference=true` (the default) it first measures the trained agent on the unshifted env and a
 random policy on the shifted one, and each row's `recovered_fraction` is (return - random) /
@@ -210,7 +210,10 @@ def main(argv: list[str]) -> dict:
         # the env steps the other modes spend: episodes x an episode's length (the env's own time limit
         # can be shorter than env.time_limit; the reference episodes show it), in frames
         length = max(lengths or [e["obs"].shape[0] for e in run_episodes(shifted, 1, RANDOM)])
-        rows = retrain(run_dir, shift, opts["episodes"] * length * cfg.env.action_repeat, out, opts["seed"], ref)
+        # trained with the run's own seed (offset by the deployment seed): the retrain references of two
+        # training seeds are two independent trainings, not one run measured against two references
+        rows = retrain(run_dir, shift, opts["episodes"] * length * cfg.env.action_repeat, out,
+                       cfg.train.seed + opts["seed"], ref)
         return finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, None)
     act = CarryState(policy) if opts["mode"] == "context" else policy
     opt = None

@@ -8,7 +8,8 @@ per run and shift, with one results file and one table.
 
 `runs` are training run directories (their backbone, seed and env come from their config). `seed`
 seeds the deployment (the shifted env's initial states and the adaptation's draws) and is the same for
-every run, so that all runs meet the same episodes (paired comparisons across modes and backbones). A shift is
+every run, so that all runs meet the same episodes (paired comparisons across modes and backbones); a
+`retrain` trains with its run's own seed plus it, so runs of two training seeds get two retrains. A shift is
 `param:scale`, several parameters of one shift joined with `+` (`mass:0.3+damping:0.3`). Each
 (run, shift, mode) is one `longdream adapt` of `episodes` episodes (its own references: the trained
 agent on the unshifted env, a random policy on the shift) and one row of

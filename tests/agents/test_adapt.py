@@ -1,6 +1,7 @@
 """`longdream adapt`: every mode runs on a tiny budget and writes its rows, the context mode carries the
 model's state over episode starts, gradient steps fit the shifted data, and bad input is one line."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,27 @@ def test_a_run_trained_across_a_range_in_trials_deploys_on_fixed_dynamics(tmp_pa
 
     env = yaml.safe_load((tmp_path / "retrain" / "retrain" / "config.yaml").read_text())["env"]
     assert (env["shift"], env["shift_range"], env["trial"]) == ({"m": 1.5}, {}, 1)
+
+
+def test_retrain_takes_the_run_seed_plus_the_deployment_seed(run, tmp_path, monkeypatch):
+    """The retrain reference of a seed-3 run, deployed with seed=2, trains with seed 5: runs of two
+    training seeds get two independent retrains, not the same one."""
+    import shutil
+
+    import agents.train
+
+    seeded = tmp_path / "seeded"
+    shutil.copytree(run, seeded, ignore=shutil.ignore_patterns("adapt"))
+    overrides = json.loads((seeded / "overrides.json").read_text())
+    (seeded / "overrides.json").write_text(json.dumps([o for o in overrides if not o.startswith("seed=")] + ["seed=3"]))
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(cfg.train.seed)
+        (Path(cfg.train.run_dir) / "tb").mkdir(parents=True)  # no episodes logged
+        return {"eval_return_after": 0.0, "env_steps": 160}
+
+    monkeypatch.setattr(agents.train, "train", fake_train)
+    assert main(["adapt", f"run_dir={seeded}", "shift.m=1.5", "mode=retrain", "episodes=4", "reference=false", "seed=2",
+                 f"out={tmp_path / 'out'}"]) == 0
+    assert seen == [5]
