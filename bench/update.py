@@ -26,8 +26,9 @@ file, update_<device>_interleaved). At s the counts are not close (core paramete
 RSSM whose state width (deter, a multiple of 8; its other dims the size's) gives the parameter count nearest
 that backbone's, and takes that backbone's ratio against it (its own results file, update_<device>_matched
 or _interleaved_matched). `interleave=true` keeps every case's agent, and the heap its updates grew, for
-the whole run: at s with match=true (nine agents of 10-21M parameters) that went past 24 GiB on the
-development CPU, so there time the s cases without it (one case at a time).
+the whole run. At s with match=true (nine agents of 10-21M parameters) one process went past 24 GiB on
+the development CPU both interleaved and one case at a time: there, time one backbone per process
+(`backbone=<b> sizes=s match=true`).
 """
 from __future__ import annotations
 
