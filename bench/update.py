@@ -27,8 +27,8 @@ RSSM whose state width (deter, a multiple of 8; its other dims the size's) gives
 that backbone's, and takes that backbone's ratio against it (its own results file, update_<device>_matched
 or _interleaved_matched). `interleave=true` keeps every case's agent, and the heap its updates grew, for
 the whole run. At s with match=true (nine agents of 10-21M parameters) one process went past 24 GiB on
-the development CPU both interleaved and one case at a time: there, time one backbone per process
-(`backbone=<b> sizes=s match=true`).
+the development CPU both interleaved and one case at a time (which case, or the kept heap of several, is
+not established): there, try one backbone per process (`backbone=<b> sizes=s match=true`).
 """
 from __future__ import annotations
 
