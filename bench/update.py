@@ -33,7 +33,7 @@ not established): there, try one backbone per process (`backbone=<b> sizes=s mat
 from __future__ import annotations
 
 import dataclasses
-
+import functools
 import statistics
 import sys
 import time
@@ -83,15 +83,18 @@ def n_params(agent) -> int:
     return sum(p.numel() for p in agent.parameters() if p.requires_grad)
 
 
+@functools.cache
+def _rssm_params(size: str, actor_grad: str, precision: str, deter: int) -> int:
+    """The agent parameter count of an RSSM of `deter` at a size, built once per run for every search."""
+    return n_params(build(size, {"device": "cpu", "actor_grad": actor_grad, "precision": precision}, "rssm", deter)[0])
+
+
 def matched_deter(size: str, a: dict, target: int) -> int:
     """The RSSM state width (a multiple of 8, the size's other dims kept) whose agent's parameter count is
     closest to `target`: a binary search, the count growing with the width."""
-    count = {}
 
     def params(d: int) -> int:
-        if d not in count:
-            count[d] = n_params(build(size, {**a, "device": "cpu"}, "rssm", 8 * d)[0])
-        return count[d]
+        return _rssm_params(size, a["actor_grad"], a["precision"], 8 * d)
 
     lo, hi = 1, 1024  # in units of 8
     while lo < hi:  # the smallest width reaching the target
