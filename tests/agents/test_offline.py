@@ -158,7 +158,8 @@ def test_dataset_errors_are_one_line(tmp_path, capsys):
                       (["train", "algo=decision"], "pass offline=<dataset id>"),
                       (["train", "algo=decision", "offline=test/none/x-v0", f"offline_root={tmp_path}",
                         f"run_dir={tmp_path / 'r'}"], "no dataset 'test/none/x-v0'"),
-                      (["train", "algo=decision", "offline=a/b-v0", "decision.core=lstm"], "decision.core must be one of")):
+                      (["train", "algo=decision", "offline=a/b-v0", "decision.core=lstm"], "decision.core must be one of"),
+                      (["train", "algo=decision", "offline=a/b-v0", "decision.dt_min=2"], "0 < dt_min <= dt_max")):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
@@ -192,6 +193,15 @@ def test_recurrent_acting_equals_the_parallel_pass(core):
     # bc reads no returns; the ssm does
     other = model(rtg + 1, obs, act, t)
     assert torch.allclose(other, parallel) == (core == "bc")
+
+
+def test_step_sizes_start_in_the_configured_range():
+    """decision.dt_min / dt_max set every S5 layer's initial step sizes (log-uniform in the range)."""
+    for lo, hi in ((1e-3, 1e-1), (1e-2, 1.0)):
+        cfg = DecisionConfig(core="ssm", d_model=16, layers=2, d_state=64, dt_min=lo, dt_max=hi)
+        dt = torch.cat([blk.ssm.log_dt.exp() for blk in DecisionModel(cfg, 3, 2, False, 10).blocks])
+        assert dt.min() >= lo * (1 - 1e-6) and dt.max() <= hi * (1 + 1e-6)
+        assert dt.max() > hi / 2 and dt.min() < 2 * lo  # spread over the range, not one value
 
 
 @pytest.mark.parametrize("core", ["ssm", "transformer"])
