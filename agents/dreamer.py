@@ -75,6 +75,8 @@ class AgentConfig:
     penalty: float = 0.0  # > 0: imagined rewards minus penalty x the disagreement of an ensemble of one-step
     #                       latent predictors (MOPO/MOReL-style, against model exploitation offline)
     ensemble: int = 5  # members of that ensemble
+    bc: float = 0.0  # > 0: the actor's loss plus bc x its distance to the replayed actions at their posterior
+    #                  states (behaviour regularisation, TD3+BC-style, against model exploitation offline)
     cuda_graph: bool = False  # CUDA only: the whole update captured in one CUDA graph and replayed every step
     #                           (agents/cudagraph.py; Adam, one process, fixed batch shapes)
 
@@ -87,6 +89,8 @@ class AgentConfig:
             raise ValueError(f"agent.precision must be fp32 or bf16, got '{self.precision}'")
         if self.penalty < 0 or self.ensemble < 2:
             raise ValueError("agent.penalty must be >= 0 and agent.ensemble >= 2 (a disagreement needs two members)")
+        if self.bc < 0:
+            raise ValueError(f"agent.bc must be >= 0, got {self.bc:g}")
 
 
 class OneHot:
@@ -312,6 +316,22 @@ def imagine_losses(agent: Agent, starts: dict[str, Tensor], start_cont: Tensor) 
     return {"actor": actor_loss, "critic": critic_loss}, metrics, retnorm_state, ret.detach()
 
 
+def behaviour_loss(actor: Actor, feat: Tensor, action: Tensor, is_first: Tensor) -> Tensor:
+    """The actor's distance to the replayed actions (`agent.bc`): at the posterior state of row t
+    (sg(feat), (B, T, F)) against the action taken there, which the replay stores with row t+1 (its
+    action is the one into it); rows whose successor starts an episode are left out. Continuous actions:
+    the squared distance of the actor's mean, per action dimension (TD3+BC); discrete ones: the negative
+    log-likelihood of the taken action."""
+    dist = actor.dist(feat[:, :-1].detach())
+    taken = action[:, 1:]  # (B, T-1, A)
+    if actor.discrete:
+        err = -dist.log_prob(taken)
+    else:
+        err = (dist.base_dist.mean - taken).pow(2).mean(-1)
+    keep = 1.0 - is_first[:, 1:].float()  # (B, T-1)
+    return (err * keep).sum() / keep.sum().clamp_min(1.0)
+
+
 def replay_returns(reward: Tensor, is_first: Tensor, is_terminal: Tensor, boot: Tensor, gamma: float,
                    lam: float) -> tuple[Tensor, Tensor]:
     """Lambda-returns along a replayed window (B, T) in the replay's layout (reward and is_terminal of
@@ -397,6 +417,10 @@ def update(agent: Agent, opts: dict[str, torch.optim.Optimizer], batch: dict,
             boot = ret[:, 0].reshape(batch["reward"].shape)  # (B, T) the imagination return from each row's state
             ac_losses["repval"] = replay_value_loss(agent, feat, batch, boot)
 
+        if cfg.bc > 0:
+            bc = behaviour_loss(agent.actor, feat, batch["action"], batch["is_first"])
+            ac_losses["actor"] = ac_losses["actor"] + cfg.bc * bc
+            ac_metrics["train/bc_distance"] = bc.detach()
         if agent.ensemble is not None:  # one-step predictors on replayed transitions: sg(feat_t), a_t -> z_{t+1}
             z = states["stoch"].detach().flatten(-2)  # (B, T, S x C)
             ac_losses["ensemble"] = agent.ensemble.loss(feat[:, :-1].detach(), batch["action"][:, 1:], z[:, 1:])

@@ -1,11 +1,12 @@
 """`longdream bench offline`: every offline learner on every dataset, per seed, scored by the normalized
 score 100 (R - R_random) / (R_expert - R_random) with each dataset's own references.
 
-    longdream bench offline datasets=<id>,<id> [root=<dir>] [methods=dreamer,dreamer_penalty,ssm,transformer,bc]
+    longdream bench offline datasets=<id>,<id> [root=<dir>] [methods=dreamer,dreamer_penalty,dreamer_bc,ssm,transformer,bc]
                             [seeds=0,1] [updates=3000] [decision_updates=2000] [extra="preset=pendulum_cpu"]
                             [suite=<name>] [out=<dir>] [runs=<dir>] [merge_from=<a.json>,<b.json>]
 
-Methods: `dreamer` (train offline=<id>), `dreamer_penalty` (the same with agent.penalty=<penalty>), and
+Methods: `dreamer` (train offline=<id>), `dreamer_penalty` (the same with agent.penalty=<penalty>),
+`dreamer_bc` (the same with agent.bc=<bc>, the actor kept near the dataset's actions), and
 the return-conditioned sequence policies of `train algo=decision`: `ssm` (Decision-SSM), `transformer`
 (Decision Transformer) and `bc` (behaviour cloning). `extra` holds the overrides every run gets (the
 env settings the datasets were made with, e.g. preset=pendulum_cpu). The datasets are made beforehand
@@ -31,18 +32,19 @@ import torch
 
 from bench.report import RESULTS, commit, machine, markdown, parse, write
 
-DEFAULTS = {"datasets": "", "root": "", "methods": "dreamer,dreamer_penalty,ssm,transformer,bc", "seeds": "0,1",
-            "updates": 3000, "decision_updates": 2000, "penalty": 1.0, "extra": "", "suite": "", "out": "",
+DEFAULTS = {"datasets": "", "root": "", "methods": "dreamer,dreamer_penalty,dreamer_bc,ssm,transformer,bc", "seeds": "0,1",
+            "updates": 3000, "decision_updates": 2000, "penalty": 1.0, "bc": 1.0, "extra": "", "suite": "", "out": "",
             "runs": "runs/bench_offline", "eval_episodes": 10, "merge_from": ""}
-METHODS = {"dreamer": [], "dreamer_penalty": None, "ssm": ["algo=decision", "decision.core=ssm"],
+METHODS = {"dreamer": [], "dreamer_penalty": None, "dreamer_bc": None, "ssm": ["algo=decision", "decision.core=ssm"],
            "transformer": ["algo=decision", "decision.core=transformer"], "bc": ["algo=decision", "decision.core=bc"]}
 
 
 def overrides(a: dict, method: str, dataset: str, seed: int, run_dir: Path) -> list[str]:
     base = [*a["extra"].split(), f"offline={dataset}", f"seed={seed}", f"run_dir={run_dir}", "progress=false",
             f"eval_episodes={a['eval_episodes']}"] + ([f"offline_root={a['root']}"] if a["root"] else [])
-    if method in ("dreamer", "dreamer_penalty"):
-        own = [f"offline_updates={a['updates']}"] + ([f"agent.penalty={a['penalty']:g}"] if method == "dreamer_penalty" else [])
+    if method.startswith("dreamer"):
+        own = [f"offline_updates={a['updates']}"] + {"dreamer": [], "dreamer_penalty": [f"agent.penalty={a['penalty']:g}"],
+                                                     "dreamer_bc": [f"agent.bc={a['bc']:g}"]}[method]
     else:
         own = [*METHODS[method], f"decision.updates={a['decision_updates']}", f"decision.eval_episodes={a['eval_episodes']}"]
     return base + own

@@ -9,7 +9,9 @@ learner steps, and `eval_every` / `log_every` count updates here instead of env 
 
 Against model exploitation (the actor steering imagination where the data never went), `agent.penalty`
 > 0 trains an ensemble of one-step latent predictors and lowers each imagined reward by the penalty
-times their disagreement (agents/dreamer.Ensemble), as MOPO and MOReL penalise model uncertainty.
+times their disagreement (agents/dreamer.Ensemble), as MOPO and MOReL penalise model uncertainty;
+`agent.bc` > 0 adds to the actor's loss its distance to the dataset's actions at their posterior states
+(agents/dreamer.behaviour_loss), as TD3+BC keeps the policy near the data.
 """
 from __future__ import annotations
 
@@ -130,10 +132,10 @@ def train_offline(cfg, run_dir: Path) -> dict:
     returns = evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 20_000, video=run_dir / "videos" / f"eval-{counters['updates']}")
     writer.add_scalar("eval/return", float(np.mean(returns)), counters["updates"])
     writer.close()
-    results.update(method="dreamer-offline" + ("-penalty" if agent.ensemble is not None else ""), dataset=t.offline,
+    results.update(method="dreamer-offline" + ("-penalty" if agent.ensemble is not None else "") + ("-bc" if cfg.agent.bc > 0 else ""), dataset=t.offline,
                    env=cfg.env.id, seed=t.seed, updates=counters["updates"], env_steps=0, eval_returns_after=returns,
                    eval_return_after=float(np.mean(returns)), dataset_mean_return=float(ds.info.get("mean_return", np.nan)),
-                   normalized_score=normalized(float(np.mean(returns)), ds.info), penalty=cfg.agent.penalty,
+                   normalized_score=normalized(float(np.mean(returns)), ds.info), penalty=cfg.agent.penalty, bc=cfg.agent.bc,
                    params=sum(p.numel() for p in agent.parameters()), wall_s=counters["wall_s"], curve=curve,
                    videos=str(run_dir / "videos"), checkpoint=str(checkpoint.latest(run_dir)), tensorboard=str(run_dir / "tb"))
     (run_dir / "result.json").write_text(json.dumps(results, indent=1))

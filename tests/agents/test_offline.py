@@ -427,3 +427,34 @@ def test_offline_dreamer_steps_the_env_only_to_evaluate(tmp_path, monkeypatch):
     cfg, _ = load_config(args + ["offline_updates=8"])
     assert T.train(cfg)["updates"] == 8
     assert len(steps) == 3 * 200 + 200  # resumed: no evaluation before, one after
+
+
+def test_behaviour_loss_compares_each_state_with_the_action_taken_there():
+    """agent.bc: the actor at row t's state against the action stored with row t+1 (the action into
+    it), rows whose successor starts an episode left out; its gradient moves the actor to the data."""
+    from agents.config import load_config
+    from agents.dreamer import behaviour_loss
+    from agents.train import build_agent
+
+    cfg, _ = load_config(["env=pendulum", "preset=quickstart", "agent.bc=1"])
+    actor = build_agent(cfg, "cpu")[0].actor
+    B, T, F = 2, 6, actor.net[0].in_features
+    feat = torch.randn(B, T, F)
+    mean = actor.dist(feat).base_dist.mean.detach()  # (B, T, 1)
+    action = torch.zeros(B, T, 1)
+    action[:, 1:] = mean[:, :-1]  # the action taken at row t is stored with row t+1
+    is_first = torch.zeros(B, T)
+    assert float(behaviour_loss(actor, feat, action, is_first)) == pytest.approx(0.0, abs=1e-12)
+    assert float(behaviour_loss(actor, feat, mean, is_first)) > 1e-4  # unshifted: not the taken actions
+    is_first[0, 3] = 1.0  # row 3 starts an episode: its stored action is not one taken at row 2
+    moved = action.clone()
+    moved[0, 3] += 5.0
+    assert float(behaviour_loss(actor, feat, moved, is_first)) == pytest.approx(0.0, abs=1e-12)
+    target = torch.rand(B, T, 1) * 2 - 1
+    first = float(behaviour_loss(actor, feat, target, is_first))
+    opt = torch.optim.SGD(actor.parameters(), lr=0.1)
+    for _ in range(20):
+        opt.zero_grad()
+        behaviour_loss(actor, feat, target, is_first).backward()
+        opt.step()
+    assert float(behaviour_loss(actor, feat, target, is_first)) < 0.5 * first

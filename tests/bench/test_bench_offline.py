@@ -28,13 +28,14 @@ def test_bench_offline_runs_every_method_and_resumes(tmp_path):
             "decision.batch_size=4 decision.context=5 decision.eval_every=0"]
     res = main(args)
     rows = res["runs"]
-    assert [r["method"] for r in rows] == ["dreamer", "dreamer_penalty", "ssm", "transformer", "bc"]
+    assert [r["method"] for r in rows] == ["dreamer", "dreamer_penalty", "dreamer_bc", "ssm", "transformer", "bc"]
     for r in rows:
         assert r["normalized_score"] == pytest.approx(100 * (r["eval_return"] + 1500) / 1350)
         assert r["dataset"] == "test/pendulum/toy-v0" and r["env"] == "Pendulum-v1" and r["seed"] == 0
     saved = json.loads((tmp_path / "out" / "offline_toy.json").read_text())["runs"]
-    assert len(saved) == 5 and "| dreamer_penalty |" in (tmp_path / "out" / "offline_toy.md").read_text()
-    assert len(main(args)["runs"]) == 5  # everything is in the results: nothing runs again
+    assert any("agent.bc=1" in r["overrides"] for r in saved if r["method"] == "dreamer_bc")
+    assert len(saved) == 6 and "| dreamer_penalty |" in (tmp_path / "out" / "offline_toy.md").read_text()
+    assert len(main(args)["runs"]) == 6  # everything is in the results: nothing runs again
     elsewhere = [a for a in args if not a.startswith("out=")] + [f"out={tmp_path / 'merged'}",
                                                                  f"merge_from={tmp_path / 'out' / 'offline_toy.json'}"]
     merged = main(elsewhere)["runs"]  # folded in from another results file: nothing runs either
