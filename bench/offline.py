@@ -35,19 +35,27 @@ from bench.report import RESULTS, commit, machine, markdown, parse, write
 DEFAULTS = {"datasets": "", "root": "", "methods": "dreamer,dreamer_penalty,dreamer_bc,ssm,transformer,bc", "seeds": "0,1",
             "updates": 3000, "decision_updates": 2000, "penalty": 1.0, "bc": 1.0, "extra": "", "suite": "", "out": "",
             "runs": "runs/bench_offline", "eval_episodes": 10, "merge_from": ""}
-METHODS = {"dreamer": [], "dreamer_penalty": None, "dreamer_bc": None, "ssm": ["algo=decision", "decision.core=ssm"],
-           "transformer": ["algo=decision", "decision.core=transformer"], "bc": ["algo=decision", "decision.core=bc"]}
+
+
+def _dreamer(*own: str):
+    return lambda a: [f"offline_updates={a['updates']}", *(o.format(**a) for o in own)]
+
+
+def _decision(core: str):
+    return lambda a: ["algo=decision", f"decision.core={core}", f"decision.updates={a['decision_updates']}",
+                      f"decision.eval_episodes={a['eval_episodes']}"]
+
+
+# each method's own overrides, from the benchmark's arguments
+METHODS = {"dreamer": _dreamer(), "dreamer_penalty": _dreamer("agent.penalty={penalty:g}"),
+           "dreamer_bc": _dreamer("agent.bc={bc:g}"), "ssm": _decision("ssm"), "transformer": _decision("transformer"),
+           "bc": _decision("bc")}
 
 
 def overrides(a: dict, method: str, dataset: str, seed: int, run_dir: Path) -> list[str]:
     base = [*a["extra"].split(), f"offline={dataset}", f"seed={seed}", f"run_dir={run_dir}", "progress=false",
             f"eval_episodes={a['eval_episodes']}"] + ([f"offline_root={a['root']}"] if a["root"] else [])
-    if method.startswith("dreamer"):
-        own = [f"offline_updates={a['updates']}"] + {"dreamer": [], "dreamer_penalty": [f"agent.penalty={a['penalty']:g}"],
-                                                     "dreamer_bc": [f"agent.bc={a['bc']:g}"]}[method]
-    else:
-        own = [*METHODS[method], f"decision.updates={a['decision_updates']}", f"decision.eval_episodes={a['eval_episodes']}"]
-    return base + own
+    return base + METHODS[method](a)
 
 
 def _key(ov: list[str]) -> list[str]:
