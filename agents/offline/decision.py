@@ -34,6 +34,7 @@ from agents.offline import Clock
 from agents.offline.dataset import to_unit
 
 CORES = ("ssm", "transformer", "bc")
+EPISODE_WEIGHTS = ("uniform", "length")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class DecisionConfig:
     heads: int = 1  # transformer
     context: int = 20  # transformer: steps per window (Decision Transformer's K)
     batch_size: int = 64  # transformer: windows per update; ssm/bc: as many steps per update, in whole episodes
+    # ssm/bc: how whole episodes are drawn. `uniform`: each episode equally likely, so every step of
+    # the data weighs the same (an episode's first step once per episode). `length`: in proportion to
+    # the episode's length, so a long episode's steps (its first one included) weigh more, as the
+    # Transformer's windows weigh a long episode's first step once per window that covers it.
+    episode_weight: str = "uniform"
     updates: int = 10_000
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -71,6 +77,8 @@ class DecisionConfig:
             raise ConfigError("decision sizes (d_model, layers, d_state, heads, context, batch_size) must be at least 1")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError(f"decision.dt_min and decision.dt_max must satisfy 0 < dt_min <= dt_max, got {self.dt_min:g} and {self.dt_max:g}")
+        if self.episode_weight not in EPISODE_WEIGHTS:
+            raise ConfigError(f"decision.episode_weight must be one of {', '.join(EPISODE_WEIGHTS)}, got '{self.episode_weight}'")
         if self.d_model % self.heads:
             raise ConfigError(f"decision.d_model ({self.d_model}) must be a multiple of decision.heads ({self.heads})")
 
@@ -232,12 +240,17 @@ class Episodes:
         return {"obs": self.obs[idx, s] * mask[..., None], "action": self.action[idx, s] * mask[..., None],
                 "rtg": self.rtg[idx, s] * mask, "t": s, "mask": mask}
 
-    def whole(self, steps: int, gen: torch.Generator) -> dict:
+    def whole(self, steps: int, gen: torch.Generator, weight: str = "uniform") -> dict:
         """Whole episodes from their first step, about `steps` steps in all (at least one episode),
-        padded to the longest of them."""
-        mean_len = float(self.length.float().mean())
-        n = max(1, round(steps / mean_len))
-        ep = torch.randint(len(self.length), (n,), generator=gen)
+        padded to the longest of them. `weight`: `uniform` draws every episode alike, `length` in
+        proportion to its length (see DecisionConfig.episode_weight)."""
+        length = self.length.float()
+        if weight == "length":  # the mean length of a draw is then sum(L^2) / sum(L)
+            n = max(1, round(steps * float(length.sum()) / float((length ** 2).sum())))
+            ep = torch.multinomial(length, n, replacement=True, generator=gen)
+        else:
+            n = max(1, round(steps / float(length.mean())))
+            ep = torch.randint(len(self.length), (n,), generator=gen)
         L = int(self.length[ep].max())
         t = torch.arange(L)[None].expand(n, L)
         mask = (t < self.length[ep][:, None]).float()
@@ -361,7 +374,7 @@ def train(cfg, dcfg: DecisionConfig) -> dict:
     curve = []
     while counters["updates"] < dcfg.updates:
         batch = (data.windows(dcfg.batch_size, dcfg.context, gen) if dcfg.core == "transformer"
-                 else data.whole(dcfg.batch_size * dcfg.context, gen))
+                 else data.whole(dcfg.batch_size * dcfg.context, gen, dcfg.episode_weight))
         loss = model.loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

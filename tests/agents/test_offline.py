@@ -28,11 +28,11 @@ def spaces(discrete: bool, obs_dim=3):
     return obs, act
 
 
-def random_episodes(discrete: bool, n=5, seed=0):
+def random_episodes(discrete: bool, n=5, seed=0, lengths=None):
     rng = np.random.default_rng(seed)
     eps = []
-    for i in range(n):
-        T = int(rng.integers(3, 12))
+    for i in range(n if lengths is None else len(lengths)):
+        T = int(rng.integers(3, 12)) if lengths is None else lengths[i]
         term = np.zeros(T, bool)
         term[-1] = i % 2 == 0
         action = rng.integers(0, 4, T) if discrete else rng.uniform(-2, 2, (T, 2)).astype(np.float32)
@@ -159,7 +159,9 @@ def test_dataset_errors_are_one_line(tmp_path, capsys):
                       (["train", "algo=decision", "offline=test/none/x-v0", f"offline_root={tmp_path}",
                         f"run_dir={tmp_path / 'r'}"], "no dataset 'test/none/x-v0'"),
                       (["train", "algo=decision", "offline=a/b-v0", "decision.core=lstm"], "decision.core must be one of"),
-                      (["train", "algo=decision", "offline=a/b-v0", "decision.dt_min=2"], "0 < dt_min <= dt_max")):
+                      (["train", "algo=decision", "offline=a/b-v0", "decision.dt_min=2"], "0 < dt_min <= dt_max"),
+                      (["train", "algo=decision", "offline=a/b-v0", "decision.episode_weight=return"],
+                       "decision.episode_weight must be one of uniform, length")):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
@@ -284,6 +286,27 @@ def test_episodes_returns_to_go_and_masks():
     whole = data.whole(40, g)  # whole episodes from their first step, right-padded
     assert (whole["t"][:, 0] == 0).all() and (whole["mask"].diff(dim=1) <= 0).all()
     assert set(whole["mask"].sum(1).long().tolist()) <= set(data.length.tolist())
+
+
+def test_whole_episodes_drawn_uniformly_or_by_length():
+    """`uniform` draws each episode alike; `length` in proportion to its length. Both hold about the
+    steps asked for per batch (averaged over draws)."""
+    ds = D.Dataset("test/toy/x-v0", random_episodes(False, lengths=[3, 3, 3, 3, 24]), {}, *spaces(False))
+    data = Episodes(ds, return_scale=10.0)  # mean length 7.2; 16.1 for a draw in proportion to length
+    L = data.length.float()
+    g = torch.Generator().manual_seed(0)
+    for weight, want in (("uniform", torch.full_like(L, 1 / len(L))), ("length", L / L.sum())):
+        counts, steps = torch.zeros_like(L), []
+        for _ in range(400):
+            b = data.whole(160, g, weight)
+            lengths = b["mask"].sum(1).long()
+            steps.append(int(lengths.sum()))
+            # which episodes were drawn: each row is one whole episode, told apart by its first observation
+            first = b["obs"][:, 0]
+            idx = (first[:, None] == data.obs[None, :, 0]).all(-1).float().argmax(1)
+            counts += torch.bincount(idx, minlength=len(L)).float()
+        torch.testing.assert_close(counts / counts.sum(), want, atol=0.02, rtol=0)
+        assert abs(np.mean(steps) - 160) < 16, (weight, np.mean(steps))
 
 
 @pytest.mark.parametrize("discrete", [False, True])
