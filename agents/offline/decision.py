@@ -248,9 +248,11 @@ class Episodes:
         if weight == "length":  # the mean length of a draw is then sum(L^2) / sum(L)
             n = max(1, round(steps * float(length.sum()) / float((length ** 2).sum())))
             ep = torch.multinomial(length, n, replacement=True, generator=gen)
-        else:
+        elif weight == "uniform":
             n = max(1, round(steps / float(length.mean())))
             ep = torch.randint(len(self.length), (n,), generator=gen)
+        else:
+            raise ValueError(f"episode weight must be one of {', '.join(EPISODE_WEIGHTS)}, got '{weight}'")
         L = int(self.length[ep].max())
         t = torch.arange(L)[None].expand(n, L)
         mask = (t < self.length[ep][:, None]).float()
