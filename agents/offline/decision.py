@@ -253,9 +253,10 @@ class Episodes:
             ep = torch.randint(len(self.length), (n,), generator=gen)
         else:
             raise ValueError(f"episode weight must be one of {', '.join(EPISODE_WEIGHTS)}, got '{weight}'")
-        L = int(self.length[ep].max())
+        drawn = self.length[ep]
+        L = int(drawn.max())
         t = torch.arange(L)[None].expand(n, L)
-        mask = (t < self.length[ep][:, None]).float()
+        mask = (t < drawn[:, None]).float()
         return {"obs": self.obs[ep, :L], "action": self.action[ep, :L], "rtg": self.rtg[ep, :L], "t": t, "mask": mask}
 
 
