@@ -13,8 +13,18 @@ Diagonal state with the S4D-Lin initialisation (Gu et al. 2022, the diagonal HiP
 Lambda_n = -1/2 + i pi n, one step size per channel, B = 1, C random. The parameterisation
 Lambda = -exp(log_re) + i im keeps Re(Lambda) < 0, so |Lambda_bar| = exp(Re(Lambda) dt) < 1 whatever
 the weights become; zero-order hold gives Lambda_bar = exp(Lambda dt), B_bar = (Lambda_bar - 1) / Lambda B.
-The S4 convolution kernel is not used: training runs the recurrence with `linear_scan` over
-(B, T, H * N) per layer, which handles resets at `is_first` and needs no T x T or FFT buffers.
+Training computes what needs gradients, each layer's output and the features' readout of the last
+layer's state, as S4's causal convolutions (`S4Block.sequence`): a readout Re(G . x_t) of a state x_t
+is the free response of the state the window starts from plus a convolution of the layer's inputs,
+
+    Re(G . x_t) = Re(G . Lambda_bar^(t+1) x_0) + sum_{k<=t} K_{t-k} v_k,   K_j = Re(G . Lambda_bar^j B_bar),
+
+made with FFTs over T, once per episode segment of the window (a reset at is_first starts a new one:
+the sum then runs from the reset and the free response is dropped). The states themselves, which
+only imagination's start (detached) and the replay context need, come from `linear_scan` over
+(B, T, H * N) without gradient: the scan's backward over H x N complex states per step was the
+largest part of the S4WM update. `forward` (the scan with gradients through the states) is the slow
+twin, and what stepping one token uses; the tests hold the two equal in values and gradients.
 Where S5 mixes channels through its state (MIMO, P states shared by all H channels), S4 keeps H
 independent SISO systems of N states each and mixes channels in the Linear after each layer.
 """
@@ -75,15 +85,9 @@ class S4Layer(nn.Module):
         return lam_bar, (lam_bar - 1) / lam  # B = 1
 
     def forward(self, u: Tensor, x0: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
-        B, T, H = u.shape
-        N = self.N
         cdt = complex_dtype(u)
-        lam_bar, B_bar, C = self.step_params(cdt)
-        bu = u.to(cdt)[..., None] * B_bar  # (B, T, H, N)
-        a = lam_bar.reshape(1, 1, H * N).expand(B, T, -1)
-        xs = linear_scan(a, bu.reshape(B, T, H * N), h0=x0.to(cdt).reshape(B, H * N), reset=reset)
-        xs = xs.reshape(B, T, H, N)
-        return self._out(xs, C, u), xs
+        xs = self.states(u, x0.to(cdt), reset)
+        return self._out(xs, torch.view_as_complex(self.C).to(cdt), u), xs
 
     def _out(self, x: Tensor, C: Tensor, u: Tensor) -> Tensor:
         """y = 2 Re(C . x) + D u from the states x (..., H, N) and the inputs u (..., H)."""
@@ -100,6 +104,70 @@ class S4Layer(nn.Module):
         rollout of steps."""
         return (*(p.to(cdt) for p in self.discrete()), torch.view_as_complex(self.C).to(cdt))
 
+    def responses(self, G: Tensor, x0: Tensor, T: int) -> tuple[Tensor, Tensor]:
+        """For R readouts G (R, H, N) complex of this layer's state and start states x0 (B, H, N): the free
+        responses Re(G . Lambda_bar^t x0) for t = 0..T, (B, R, T + 1, H), and the kernels
+        K_j = Re(G . Lambda_bar^j B_bar) for j = 0..T - 1, (R, T, H). In x0's dtype, outside autocast."""
+        with torch.autocast(x0.device.type, enabled=False):  # the SSM's maths stay in full precision
+            cdt = x0.dtype
+            GP = G.to(cdt)[:, None] * self.powers(T, cdt)  # (R, T + 1, H, N): G Lambda_bar^t
+            kernel = (GP[:, :-1] * self.discrete()[1].to(cdt)).sum(-1).real  # (R, T, H)
+            # Re(a b) = a_re b_re - a_im b_im: one real product with (re, -im) pairs over (N, 2) per channel
+            R, B, (_, H, N) = G.shape[0], x0.shape[0], GP.shape[1:]
+            GP_pairs = torch.stack([GP.real, -GP.imag], -1).permute(2, 3, 4, 0, 1).reshape(H, 2 * N, R * (T + 1))
+            x0r = torch.view_as_real(x0).reshape(B, H, 2 * N).transpose(0, 1)  # a view: bmm reads it in place
+            free = torch.bmm(x0r, GP_pairs).reshape(H, B, R, T + 1).permute(1, 2, 3, 0)  # (B, R, T + 1, H)
+        return free, kernel
+
+    def readouts(self, v: Tensor, x0: Tensor, reset: Tensor, G: Tensor) -> Tensor:
+        """Re(G . x_t) for R readouts G (R, H, N) of the states the layer reaches from x0 (B, H, N) complex
+        under inputs v (B, T, H) and resets (B, T): (B, R, T, H), as free responses plus causal
+        convolutions per episode segment (see the module's docstring), without the states."""
+        B, T, H = v.shape
+        free, kernel = self.responses(G, x0, T)
+        segment = torch.cumsum(reset > 0, 1)  # (B, T): 0 before the first reset, +1 at each
+        with torch.autocast(v.device.type, enabled=False):
+            v = v.to(kernel.dtype)
+            out = free[:, :, 1:] * (segment == 0)[:, None, :, None].to(v.dtype)  # x0's response until a reset
+            masks = [(segment == e).to(v.dtype) for e in range(int(segment.max()) + 1)]
+            masks = torch.stack([m for m in masks if m.any()], 1)[..., None]  # (B, S, T, 1): the segments present
+            conv = causal_conv(v[:, None] * masks, kernel)  # (B, S, R, T, H)
+            out = out + (conv * masks[:, :, None]).sum(1)
+        return out
+
+    def states(self, v: Tensor, x0: Tensor, reset: Tensor) -> Tensor:
+        """The complex states (B, T, H, N) from x0 (B, H, N) under inputs v (B, T, H): the scan of `forward`."""
+        B, T, H = v.shape
+        cdt = x0.dtype
+        lam_bar, B_bar = (p.to(cdt) for p in self.discrete())
+        bu = v.to(cdt)[..., None] * B_bar  # (B, T, H, N)
+        a = lam_bar.reshape(1, 1, H * self.N).expand(B, T, -1)
+        return linear_scan(a, bu.reshape(B, T, H * self.N), h0=x0.reshape(B, H * self.N), reset=reset).reshape(B, T, H, self.N)
+
+
+# More segments than this in a window (episodes much shorter than it) and `S4Block.sequence` takes the scan
+# with gradients instead: the convolutions cost one pass per segment.
+MAX_SEGMENTS = 8
+
+
+def causal_conv(v: Tensor, kernel: Tensor) -> Tensor:
+    """y_t = sum_{k<=t} K_{t-k} v_k per channel, for inputs v (..., T, H) and R kernels (R, T, H):
+    (..., R, T, H), by FFTs of length 2T (no wrap-around)."""
+    T = v.shape[-2]
+    n = 2 * T
+    vf = torch.fft.rfft(v, n=n, dim=-2)[..., None, :, :]  # (..., 1, n/2 + 1, H)
+    kf = torch.fft.rfft(kernel, n=n, dim=-2)  # (R, n/2 + 1, H)
+    return torch.fft.irfft(vf * kf, n=n, dim=-2)[..., :T, :]
+
+
+def causal_conv_ref(v: Tensor, kernel: Tensor) -> Tensor:
+    """causal_conv's twin: the sum written out, lag by lag."""
+    T = v.shape[-2]
+    out = torch.zeros(*v.shape[:-2], kernel.shape[0], T, v.shape[-1], dtype=v.dtype, device=v.device)
+    for j in range(T):  # lag j: K_j v_{t-j} for t >= j
+        out[..., :, j:, :] += kernel[:, j, None, :] * v[..., None, : T - j, :]
+    return out
+
 
 class ChannelReadout(nn.Module):
     """A second per-channel readout of the last S4 layer's state: (..., 2, H, N, 2) -> (..., H). A dense
@@ -111,6 +179,10 @@ class ChannelReadout(nn.Module):
 
     def forward(self, state: Tensor) -> Tensor:
         return (state[..., -1, :, :, :] * self.weight).sum((-2, -1))
+
+    def complex_weight(self) -> Tensor:
+        """G (H, N) with Re(G . x) what `forward` reads from the complex state x: w_re Re x + w_im Im x."""
+        return torch.complex(self.weight[..., 0], -self.weight[..., 1])
 
 
 class S4Block(nn.Module):
@@ -139,6 +211,31 @@ class S4Block(nn.Module):
             states.append(xs)
         return u + self.mlp(self.norm_mlp(u)), {"ssm": as_real(torch.stack(states, 2), u.dtype)}  # (B, T, 2, H, N, 2)
 
+    def sequence(self, u: Tensor, x0: dict[str, Tensor], reset: Tensor, readout: nn.Module | None = None
+                 ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+        """The training pass over (B, T): like `forward`, but the outputs and `readout` (the block's
+        ChannelReadout, or None) on the last layer's states, (B, T, H), come from convolutions, and the
+        states from a scan without gradient (see the module's docstring). Windows of more than
+        MAX_SEGMENTS episode segments take `forward`, states detached the same."""
+        if int((reset > 0).sum(1).max()) + 1 > MAX_SEGMENTS:
+            u, states = self.forward(u, x0, reset)
+            read = readout(states["ssm"]) if readout is not None else None
+            return u, {k: v.detach() for k, v in states.items()}, read
+        x0c, states, read = as_complex(x0["ssm"]), [], None
+        for i in range(2):
+            ssm, v = self.ssms[i], self.norms[i](u)
+            G = 2 * torch.view_as_complex(ssm.C)[None]
+            if i == 1 and readout is not None:
+                G = torch.cat([G, readout.complex_weight()[None]])
+            r = ssm.readouts(v, x0c[:, i], reset, G)  # (B, R, T, H)
+            y = (r[:, 0] + ssm.D * v).to(u.dtype)
+            if i == 1 and readout is not None:
+                read = r[:, 1].to(u.dtype)
+            u = u + self.outs[i](nn.functional.gelu(y))
+            with torch.no_grad():
+                states.append(ssm.states(v, x0c[:, i], reset))
+        return u + self.mlp(self.norm_mlp(u)), {"ssm": as_real(torch.stack(states, 2), u.dtype)}, read
+
     def stepper(self, x0: dict[str, Tensor], horizon: int | None = None) -> "S4Rollout | BlockStepper":
         """A rollout of `horizon` steps without the states (S4Rollout); the generic stepper where the
         number of steps is not known."""
@@ -164,27 +261,16 @@ class S4Rollout:
         self.block, self.horizon, self.t = block, horizon, 0
         self.x0 = as_complex(x0["ssm"])  # (B, 2, H, N)
         self.inputs: list[list[Tensor]] = [[], []]  # each layer's inputs, latest first
-        self.discrete = []  # per layer, made once: Lambda_bar^t for t = 0..horizon (horizon + 1, H, N), B_bar (H, N)
-        self.kernels = []  # per layer: output free response (B, horizon + 1, H) and kernel (horizon, H)
-        for i, ssm in enumerate(block.ssms):
-            _, B_bar, C = ssm.step_params(self.x0.dtype)
-            self.discrete.append((ssm.powers(horizon, self.x0.dtype), B_bar))
-            self.kernels.append(self._responses(i, 2 * C, ssm.D))
+        # per layer: output free response (B, horizon + 1, H) and kernel (horizon, H)
+        self.kernels = [self._responses(i, 2 * torch.view_as_complex(ssm.C), ssm.D) for i, ssm in enumerate(block.ssms)]
         self.read_kernels = None  # made at the first `read`, from the readout's weights
 
     def _responses(self, i: int, G: Tensor, D: Tensor | None) -> tuple[Tensor, Tensor]:
         """Free responses Re(G . Lambda_bar^t x_0) for t = 0..horizon, (B, horizon + 1, H), and the
         kernel K_j = Re(G . Lambda_bar^j B_bar) for j = 0..horizon - 1 (+ D at lag 0), (horizon, H), of
         layer i."""
-        powers, B_bar = self.discrete[i]
-        with torch.autocast(self.x0.device.type, enabled=False):  # the SSM's maths stay in full precision
-            GP = G * powers  # (horizon + 1, H, N): G Lambda_bar^t
-            # Re(a b) = a_re b_re - a_im b_im: one real product with (re, -im) pairs over (N, 2) per channel
-            B, H, N = self.x0[:, i].shape
-            GP_pairs = torch.stack([GP.real, -GP.imag], -1).permute(1, 2, 3, 0).reshape(H, 2 * N, -1)
-            x0 = torch.view_as_real(self.x0[:, i]).reshape(B, H, 2 * N).transpose(0, 1)  # a view: bmm reads it in place
-            free = torch.bmm(x0, GP_pairs).permute(1, 2, 0)  # (B, horizon + 1, H)
-            kernel = (GP[:-1] * B_bar).sum(-1).real  # (horizon, H)
+        free, kernel = self.block.ssms[i].responses(G[None], self.x0[:, i], self.horizon)
+        free, kernel = free[:, 0], kernel[0]
         if D is not None:
             kernel = torch.cat([kernel[:1] + D.to(kernel.dtype), kernel[1:]])
         return free, kernel
@@ -208,9 +294,7 @@ class S4Rollout:
     def read(self, readout: nn.Module) -> Tensor:
         """What `readout` (the block's ChannelReadout) gives on the last layer's state now, (B, H)."""
         if self.read_kernels is None:
-            w = readout.weight  # (H, N, 2): w_re Re x + w_im Im x = Re((w_re - i w_im) x)
-            G = torch.complex(w[..., 0], -w[..., 1]).to(self.x0.dtype)
-            self.read_kernels = self._responses(1, G, None)
+            self.read_kernels = self._responses(1, readout.complex_weight(), None)
         if self.t == 0:
             return self.read_kernels[0][:, 0]
         return self._convolve(1, *self.read_kernels)

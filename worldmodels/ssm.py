@@ -78,6 +78,7 @@ class BlockStepper:
 
 class SSMCore(nn.Module):
     fast_steps = True  # imagination uses the blocks' own steppers where they have one (False: BlockStepper)
+    fast_observe = True  # training passes use the blocks' own `sequence` where they have one (False: forward)
 
     def __init__(self, cfg, blocks: list[nn.Module], embed_dim: int, action_dim: int, action_embed: str = "joint"):
         super().__init__()
@@ -109,20 +110,29 @@ class SSMCore(nn.Module):
         """The blocks' entries of a state (B, L, *shape) as one state {entry: (B, *shape)} per block."""
         return [{k: state[k][:, i] for k in self.block_state} for i in range(len(self.blocks))]
 
-    def _blocks(self, x0: list[State], z_prev: Tensor, action: Tensor, reset: Tensor) -> tuple[Tensor, list[State]]:
-        """Sequence model over (B, T) from one state per block: h (B, T, H) and each block's states
-        {entry: (B, T, *shape)}."""
+    def _blocks(self, x0: list[State], z_prev: Tensor, action: Tensor, reset: Tensor, read: bool = False
+                ) -> tuple[Tensor, list[State], Tensor | None]:
+        """Sequence model over (B, T) from one state per block: h (B, T, H), each block's states
+        {entry: (B, T, *shape)}, and with `read` where the last block gave it, the readout of its state
+        entry (B, T, H) (else None: read it from the states). `read` asks for the training pass: blocks
+        with a `sequence` run it (their states may then come without gradient; the readout carries it)."""
         u = self.inp(torch.cat([z_prev.flatten(-2), action_input(action)], -1))  # (B, T, H)
-        states = []
-        for block, x in zip(self.blocks, x0):
-            u, xs = block(u, x, reset)
+        states, out = [], None
+        for i, (block, x) in enumerate(zip(self.blocks, x0)):
+            if read and self.fast_observe and hasattr(block, "sequence") and torch.is_grad_enabled() and u.shape[1] > 1:
+                last = i == len(self.blocks) - 1 and self.state_feat is not None
+                u, xs, out = block.sequence(u, x, reset, self.state_feat[0] if last else None)
+            else:
+                u, xs = block(u, x, reset)
             states.append(xs)
-        return u, states
+        return u, states, out
 
-    def _core(self, state: State, z_prev: Tensor, action: Tensor, reset: Tensor) -> tuple[Tensor, State]:
-        """Sequence model over (B, T): h (B, T, H) and the blocks' states {entry: (B, T, L, *shape)}."""
-        u, states = self._blocks(self._per_block(state), z_prev, action, reset)
-        return u, {k: torch.stack([xs[k] for xs in states], 2) for k in self.block_state}
+    def _core(self, state: State, z_prev: Tensor, action: Tensor, reset: Tensor, read: bool = False
+              ) -> tuple[Tensor, State, Tensor | None]:
+        """Sequence model over (B, T): h (B, T, H), the blocks' states {entry: (B, T, L, *shape)} and the
+        last block's readout where the training pass gave it (see `_blocks`)."""
+        u, states, out = self._blocks(self._per_block(state), z_prev, action, reset, read)
+        return u, {k: torch.stack([xs[k] for xs in states], 2) for k in self.block_state}, out
 
     def observe(self, state, embed, action, is_first, noise=None):
         first = is_first.to(embed.dtype)  # (B, T)
@@ -131,12 +141,12 @@ class SSMCore(nn.Module):
         z = sample_onehot(probs, None if noise is None else noise["stoch"])  # (B, T, S, K)
         # the token at t reads z_{t-1} and a_{t-1}; both are zero where an episode starts
         z_prev = torch.cat([state["stoch"][:, None], z[:, :-1]], 1) * (1 - first)[..., None, None]
-        h, blocks = self._core(state, z_prev, action * (1 - first)[..., None], first)
+        h, blocks, read = self._core(state, z_prev, action * (1 - first)[..., None], first, read=True)
         prior = self._logits(self.prior_net, h)
         post_lp, prior_lp = probs.log(), unimix_probs(prior, self.cfg.unimix).log()
         losses = {"dyn": categorical_kl(post_lp.detach(), prior_lp), "rep": categorical_kl(post_lp, prior_lp.detach())}
         states = {**blocks, "stoch": z, "h": h}
-        return states, self.feat(states), losses
+        return states, self.feat(states) if read is None else self._feat(h, z, read), losses
 
     def feat(self, state: State) -> Tensor:
         read = None

@@ -16,7 +16,7 @@ def stepped_imagine(core, state, policy, horizon):
     actions.append(policy(feats[0]))
     no_reset = torch.zeros(B, 1, dtype=torch.float64)
     for _ in range(horizon):
-        h, blocks = core._core(state, state["stoch"][:, None], actions[-1][:, None], no_reset)
+        h, blocks, _ = core._core(state, state["stoch"][:, None], actions[-1][:, None], no_reset)
         prior = core._logits(core.prior_net, h[:, 0])
         z = sample_onehot(unimix_probs(prior, core.cfg.unimix))
         state = {**{k: v[:, 0] for k, v in blocks.items()}, "stoch": z, "h": h[:, 0]}
@@ -98,3 +98,55 @@ def test_s5_layer_is_its_complex_definition():
     params = layer.step_params(torch.complex128)
     y1, x1 = layer.step(u[:, 0], x0, params)
     torch.testing.assert_close((y1, x1), (ys[0], xs[0]))  # no reset at t = 0
+
+
+def test_causal_conv_is_the_sum_it_names():
+    """The FFT convolution against the lag-by-lag sum: y_t = sum_{k<=t} K_{t-k} v_k, no wrap-around."""
+    from worldmodels.s4wm import causal_conv, causal_conv_ref
+
+    g = torch.Generator().manual_seed(0)
+    v, kernel = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64), torch.randn(2, 7, 4, generator=g, dtype=torch.float64)
+    out = causal_conv(v, kernel)
+    assert out.shape == (2, 3, 2, 7, 4)
+    torch.testing.assert_close(out, causal_conv_ref(v, kernel))
+    # by hand at one entry: t = 2 reads v_0..v_2 with lags 2..0
+    want = sum(kernel[1, 2 - k, 3] * v[1, 2, k, 3] for k in range(3))
+    torch.testing.assert_close(out[1, 2, 1, 2, 3], want)
+
+
+@pytest.mark.parametrize("segments", ["few", "many"])
+@pytest.mark.parametrize("name", sorted(n for n, (cls, _) in BACKBONES.items()
+                                        if issubclass(cls, SSMCore) and hasattr(cls(BACKBONES[n][1](size="xs"), E, A).blocks[0], "sequence")))
+def test_training_pass_equals_the_scan_with_gradients(name, segments):
+    """The blocks' training pass (`sequence`: S4's convolutions, states without gradient) against their
+    forward (the scan, gradients through the states): features, states and every parameter's gradient,
+    from a nonzero start state, across resets inside the window (and, with `many`, more segments than
+    the convolutions take, where `sequence` falls back to the scan)."""
+    from worldmodels import s4wm
+
+    torch.manual_seed(0)
+    core_cls, cfg_cls = BACKBONES[name]
+    core = core_cls(cfg_cls(size="xs", layers=2), E, A).double()
+    g = torch.Generator().manual_seed(1)
+    Tn = 12
+    embed, action = torch.randn(B, Tn, E, generator=g, dtype=torch.float64), torch.randn(B, Tn, A, generator=g, dtype=torch.float64)
+    is_first = torch.zeros(B, Tn, dtype=torch.float64)
+    is_first[0, 0] = is_first[0, 5] = is_first[1, 3] = is_first[1, 9] = 1  # row 2 runs on from the start state
+    if segments == "many":
+        is_first[2, : s4wm.MAX_SEGMENTS + 1] = 1
+    start = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in core.initial(B).items()}
+    params = list(core.parameters())
+    out = []
+    for fast in (True, False):
+        core.fast_observe = fast
+        try:
+            torch.manual_seed(3)
+            states, feat, losses = core.observe(start, embed, action, is_first)
+        finally:
+            core.fast_observe = True
+        loss = (feat * torch.linspace(-1, 1, feat.shape[-1], dtype=feat.dtype)).sum() + losses["dyn"].sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out.append((feat, *(states[k] for k in sorted(states)), *(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))))
+    for fast, slow in zip(*out):
+        torch.testing.assert_close(fast, slow)
+    assert any(g.abs().sum() > 0 for g in out[0][1 + len(states):])
