@@ -22,9 +22,10 @@ is the free response of the state the window starts from plus a convolution of t
 made with FFTs over T, once per episode segment of the window (a reset at is_first starts a new one:
 the sum then runs from the reset and the free response is dropped). The states themselves, which
 only imagination's start (detached) and the replay context need, come from `linear_scan` over
-(B, T, H * N) without gradient: the scan's backward over H x N complex states per step was the
-largest part of the S4WM update. `forward` (the scan with gradients through the states) is the slow
-twin, and what stepping one token uses; the tests hold the two equal in values and gradients.
+(B, T, H * N) without gradient: the scan's backward over H x N complex states per step was a fifth
+of the S4WM update at size s, and the products feeding it another fifth. `forward` (the scan with
+gradients through the states) is the slow twin, and what stepping one token uses; the tests hold
+the two equal in values and gradients.
 Where S5 mixes channels through its state (MIMO, P states shared by all H channels), S4 keeps H
 independent SISO systems of N states each and mixes channels in the Linear after each layer.
 """

@@ -27,6 +27,13 @@ steps: one that keeps its state in its own form between steps (complex, not (re,
 its discretisation once, or (S4) one that carries no state at all. A stepper has `step(u) -> output`
 and either `readout_entry()`, the entry the features read, or `read(readout)`, what the readout module
 gives on it; the tests hold every such stepper equal to `BlockStepper`.
+
+Likewise a block may give its own training pass, `sequence(u, x0, reset, readout) -> (u, states, read)`,
+which `observe` runs where gradients are on and T > 1: `read` is `readout` (the features' module, or
+None) applied to the block's readout entry, carrying the gradient, and the states may come without
+one (S4: outputs and readout by convolutions, states by a scan under no_grad). Nothing downstream
+differentiates through observe's states: imagination starts from them detached and the replay
+context stores them detached. The tests hold `sequence` equal to `forward` in values and gradients.
 """
 from __future__ import annotations
 
