@@ -125,8 +125,12 @@ class SSMCore(nn.Module):
         with a `sequence` run it (their states may then come without gradient; the readout carries it)."""
         u = self.inp(torch.cat([z_prev.flatten(-2), action_input(action)], -1))  # (B, T, H)
         states, out = [], None
+        # a block's own pass may size its work from the data (S4: the episode segments), which a CUDA graph
+        # being captured cannot read back: there, the blocks' forward
+        own = read and self.fast_observe and torch.is_grad_enabled() and u.shape[1] > 1 and not (
+            u.is_cuda and torch.cuda.is_current_stream_capturing())
         for i, (block, x) in enumerate(zip(self.blocks, x0)):
-            if read and self.fast_observe and hasattr(block, "sequence") and torch.is_grad_enabled() and u.shape[1] > 1:
+            if own and hasattr(block, "sequence"):
                 last = i == len(self.blocks) - 1 and self.state_feat is not None
                 u, xs, out = block.sequence(u, x, reset, self.state_feat[0] if last else None)
             else:
