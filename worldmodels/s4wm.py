@@ -120,18 +120,18 @@ class S4Layer(nn.Module):
             free = torch.bmm(x0r, GP_pairs).reshape(H, B, R, T + 1).permute(1, 2, 3, 0)  # (B, R, T + 1, H)
         return free, kernel
 
-    def readouts(self, v: Tensor, x0: Tensor, reset: Tensor, G: Tensor) -> Tensor:
+    def readouts(self, v: Tensor, x0: Tensor, segments: tuple[Tensor, Tensor], G: Tensor) -> Tensor:
         """Re(G . x_t) for R readouts G (R, H, N) of the states the layer reaches from x0 (B, H, N) complex
-        under inputs v (B, T, H) and resets (B, T): (B, R, T, H), as free responses plus causal
-        convolutions per episode segment (see the module's docstring), without the states."""
+        under inputs v (B, T, H) in the window's episode `segments` (see `episode_segments`): (B, R, T, H),
+        as free responses plus causal convolutions per segment (see the module's docstring), without
+        the states."""
         B, T, H = v.shape
         free, kernel = self.responses(G, x0, T)
-        segment = torch.cumsum(reset > 0, 1)  # (B, T): 0 before the first reset, +1 at each
+        masks, before_reset = segments
         with torch.autocast(v.device.type, enabled=False):
             v = v.to(kernel.dtype)
-            out = free[:, :, 1:] * (segment == 0)[:, None, :, None].to(v.dtype)  # x0's response until a reset
-            masks = [(segment == e).to(v.dtype) for e in range(int(segment.max()) + 1)]
-            masks = torch.stack([m for m in masks if m.any()], 1)[..., None]  # (B, S, T, 1): the segments present
+            masks = masks.to(v.dtype)[..., None]  # (B, S, T, 1)
+            out = free[:, :, 1:] * before_reset[:, None, :, None].to(v.dtype)  # x0's response until a reset
             conv = causal_conv(v[:, None] * masks, kernel)  # (B, S, R, T, H)
             out = out + (conv * masks[:, :, None]).sum(1)
         return out
@@ -149,6 +149,14 @@ class S4Layer(nn.Module):
 # More segments than this in a window (episodes much shorter than it) and `S4Block.sequence` takes the scan
 # with gradients instead: the convolutions cost one pass per segment.
 MAX_SEGMENTS = 8
+
+
+def episode_segments(reset: Tensor) -> tuple[Tensor, Tensor]:
+    """The episode segments of a window from its resets (B, T): one mask (B, S, T) per segment present
+    (a reset starts a new one), and where no reset has come yet (B, T): the start state's reach."""
+    segment = torch.cumsum(reset > 0, 1)  # (B, T): 0 before the first reset, +1 at each
+    present = torch.unique(segment)
+    return segment[:, None] == present[None, :, None], segment == 0
 
 
 def causal_conv(v: Tensor, kernel: Tensor) -> Tensor:
@@ -222,13 +230,14 @@ class S4Block(nn.Module):
             u, states = self.forward(u, x0, reset)
             read = readout(states["ssm"]) if readout is not None else None
             return u, {k: v.detach() for k, v in states.items()}, read
+        segments = episode_segments(reset)  # shared by both layers
         x0c, states, read = as_complex(x0["ssm"]), [], None
         for i in range(2):
             ssm, v = self.ssms[i], self.norms[i](u)
             G = 2 * torch.view_as_complex(ssm.C)[None]
             if i == 1 and readout is not None:
                 G = torch.cat([G, readout.complex_weight()[None]])
-            r = ssm.readouts(v, x0c[:, i], reset, G)  # (B, R, T, H)
+            r = ssm.readouts(v, x0c[:, i], segments, G)  # (B, R, T, H)
             y = (r[:, 0] + ssm.D * v).to(u.dtype)
             if i == 1 and readout is not None:
                 read = r[:, 1].to(u.dtype)
