@@ -226,11 +226,11 @@ class S4Block(nn.Module):
         ChannelReadout, or None) on the last layer's states, (B, T, H), come from convolutions, and the
         states from a scan without gradient (see the module's docstring). Windows of more than
         MAX_SEGMENTS episode segments take `forward`, states detached the same."""
-        if int((reset > 0).sum(1).max()) + 1 > MAX_SEGMENTS:
+        segments = episode_segments(reset)  # shared by both layers
+        if segments[0].shape[1] > MAX_SEGMENTS:
             u, states = self.forward(u, x0, reset)
             read = readout(states["ssm"]) if readout is not None else None
             return u, {k: v.detach() for k, v in states.items()}, read
-        segments = episode_segments(reset)  # shared by both layers
         x0c, states, read = as_complex(x0["ssm"]), [], None
         for i in range(2):
             ssm, v = self.ssms[i], self.norms[i](u)
