@@ -73,6 +73,20 @@ def label(mode: str, ac: bool) -> str:
     return "gradient+ac" if mode == "gradient" and ac else mode
 
 
+def shown(row: dict) -> str:
+    """A row's mode as the tables and plots name it: gradient modes run with other than the default
+    number of updates per episode say how many, so that they do not pool with the default's rows."""
+    if row["mode"].startswith("gradient") and row["updates"] != DEFAULTS["updates"]:
+        return f"{row['mode']}, {row['updates']} updates"
+    return row["mode"]
+
+
+def work_folder(work: Path, row: dict) -> Path:
+    """Where `longdream adapt` writes a row's episodes: one folder per (run, mode, updates, shift)."""
+    mode = shown(row).replace(", ", "-").replace(" ", "")
+    return work / row["run"] / f"{mode}-{row['shift_tag']}"
+
+
 def main(argv: list[str]) -> dict:
     from agents.config import ConfigError, load_config
 
@@ -118,7 +132,7 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
     if key in done:
         print(f"[adapt] {run.name} {tag(shift)} {key[2]}: in the results already (rerun=true measures it again)", flush=True)
         return None
-    out = Path(a["work"]) / run.name / f"{key[2]}-{tag(shift)}"
+    out = work_folder(Path(a["work"]), {"run": run.name, "mode": key[2], "updates": key[4], "shift_tag": tag(shift)})
     tic = time.time()
     data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
                   f"ac={a['ac']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
@@ -171,12 +185,17 @@ def _write(a: dict, name: str, folder: Path, rows: list[dict], quiet: bool = Fal
 ORDER = {"frozen": 0, "context": 1, "gradient": 2, "gradient+ac": 3, "retrain": 4}
 
 
+def order(mode: str) -> tuple:
+    """Modes in the order of ORDER, a gradient mode with other updates after its default."""
+    return ORDER.get(mode.split(",")[0], 9), mode
+
+
 def report(rows: list[dict]) -> str:
     """Per env, backbone, shift and mode: the recovered fraction over seeds, then every row."""
     if not rows:
         return "no adaptation results yet"
-    group = lambda r: (r["env"], r["backbone"], r.get("training", "default"), r["shift_tag"], r["mode"])  # noqa: E731
-    groups = sorted(dict.fromkeys(group(r) for r in rows), key=lambda g: (*g[:4], ORDER.get(g[4], 9)))
+    group = lambda r: (r["env"], r["backbone"], r.get("training", "default"), r["shift_tag"], shown(r))  # noqa: E731
+    groups = sorted(dict.fromkeys(group(r) for r in rows), key=lambda g: (*g[:4], order(g[4])))
     summary = []
     for g in groups:
         rs = [r for r in rows if group(r) == g]
@@ -192,11 +211,11 @@ def report(rows: list[dict]) -> str:
     text += "\n\nEvery run:\n\n" + markdown(
         ["run", "backbone", "training", "seed", "shift", "mode", "in-distribution", "random", "first", "final", "final return",
          "pred. error first / last", "rolled back", "wall time", "machine", "date"],
-        [[r["run"], r["backbone"], r.get("training", "default"), r["seed"], r["shift_tag"], r["mode"], f"{r['reference']['in_distribution']:.1f}",
+        [[r["run"], r["backbone"], r.get("training", "default"), r["seed"], r["shift_tag"], shown(r), f"{r['reference']['in_distribution']:.1f}",
           f"{r['reference']['random']:.1f}", f"{r['recovered_first']:.2f}", f"{r['recovered_fraction']:.2f}",
           f"{r['return_final']:.1f}", f"{r['pred_error_first']:.4f} / {r['pred_error_last']:.4f}", r["rolled_back"],
           f"{r['wall_s'] / 60:.1f} min", r["machine"], r["date"]]
-         for r in sorted(rows, key=lambda r: (group(r)[:4], ORDER.get(r["mode"], 9), r["seed"]))])
+         for r in sorted(rows, key=lambda r: (group(r)[:4], order(shown(r)), r["seed"]))])
     return text
 
 
@@ -214,18 +233,18 @@ def plot(rows: list[dict], path: Path, env: str) -> bool:
         return False
     fig, axes = plt.subplots(len(variants), len(shifts), figsize=(3.2 * len(shifts), 2.4 * len(variants) + 0.6),
                              squeeze=False, sharex=True, sharey=True)
-    modes = sorted({r["mode"] for r in rows}, key=lambda m: ORDER.get(m, 9))
+    modes = sorted({shown(r) for r in rows}, key=order)
     for i, (b, trained) in enumerate(variants):
         for j, s in enumerate(shifts):
             ax = axes[i][j]
             for mode in modes:
                 curves = [r["curve"] for r in rows
-                          if (r["backbone"], r.get("training", "default"), r["shift_tag"], r["mode"]) == (b, trained, s, mode)]
+                          if (r["backbone"], r.get("training", "default"), r["shift_tag"], shown(r)) == (b, trained, s, mode)]
                 if not curves:
                     continue
                 n = min(len(c) for c in curves)
                 vals = np.mean([[c[1] for c in cur[:n]] for cur in curves], axis=0)
-                ax.plot([c[0] for c in curves[0][:n]], vals, marker="o", ms=2, color=f"C{ORDER.get(mode, 9)}",
+                ax.plot([c[0] for c in curves[0][:n]], vals, marker="o", ms=2, color=f"C{modes.index(mode)}",
                         label=f"{mode} ({len(curves)})")
             ax.axhline(TARGET, color="gray", lw=0.8)
             ax.set_title(f"{b}, {trained}: {s}", fontsize=7)

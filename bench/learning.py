@@ -175,11 +175,27 @@ def _write(a: dict, name: str, folder: Path, rows: list[dict], tasks: list[str],
     return data
 
 
-def plot_curves(rows: list[dict], path: Path, task: str) -> bool:
-    """Eval return against env steps, one line per backbone (mean over seeds at each eval step) and the
-    band from the worst to the best seed; False where no row has a curve."""
+def curve_groups(rows: list[dict]) -> dict[str, list[list]]:
+    """The rows with a curve, grouped as the summary table groups seeds (backbone, latent, replay context,
+    overrides), under a label that names what differs: {label: [curve, ...]}. Runs made with other
+    settings never pool into one line."""
     curves = [r for r in rows if r.get("curve")]
-    if not curves:
+    group = lambda r: (r["backbone"], _latent(r), r["replay_context"], r["extra"])  # noqa: E731
+    latents = {_latent(r) for r in curves}
+    out = {}
+    for key in sorted(dict.fromkeys(group(r) for r in curves), key=lambda g: (g[0], g[1], not g[2], g[3])):
+        b, latent, ctx, extra = key
+        label = ", ".join([b, *([latent] if len(latents) > 1 else []), *([] if ctx else ["no replay context"]),
+                           *([extra] if extra else [])])
+        out[label] = [r["curve"] for r in curves if group(r) == key]
+    return out
+
+
+def plot_curves(rows: list[dict], path: Path, task: str) -> bool:
+    """Eval return against env steps, one line per backbone and settings (mean over seeds at each eval
+    step) and the band from the worst to the best seed; False where no row has a curve."""
+    groups = curve_groups(rows)
+    if not groups:
         return False
     import matplotlib
 
@@ -187,13 +203,13 @@ def plot_curves(rows: list[dict], path: Path, task: str) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for b in sorted({r["backbone"] for r in curves}):
-        runs = [dict((int(p[0]), p[1]) for p in r["curve"]) for r in curves if r["backbone"] == b]
+    for label, curves in groups.items():
+        runs = [dict((int(p[0]), p[1]) for p in c) for c in curves]
         steps = sorted(set.intersection(*(set(c) for c in runs)))
         if not steps:
             continue
         vals = np.array([[c[s] for s in steps] for c in runs])
-        ax.plot(steps, vals.mean(0), marker="o", ms=3, label=f"{b} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        ax.plot(steps, vals.mean(0), marker="o", ms=3, label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
         ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.2)
     target = TARGETS.get(task)
     if target is not None:

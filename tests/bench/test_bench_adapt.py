@@ -1,12 +1,13 @@
 """`longdream bench adapt`: one row per (run, shift, mode) summarising `longdream adapt`, resumable,
 mergeable, with one-line errors."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agents.cli import main
-from bench.adapt import parse_shift
+from bench.adapt import parse_shift, report, work_folder
 
 @pytest.fixture(scope="module")
 def run(pendulum_run):
@@ -43,7 +44,7 @@ def test_rows_summarise_each_adapt_run_and_resume(run, tmp_path):
         ("lx1.2+mx0.8", "frozen"), ("lx1.2+mx0.8", "gradient+ac"), ("mx1.5", "frozen"), ("mx1.5", "gradient+ac")]
     for r in rows:
         assert {"mode", "backbone", "shift", "seed", "env_steps", "recovered_fraction"} <= set(r)
-        eps = json.loads((work / run.name / f"{r['mode']}-{r['shift_tag']}" / "adapt.json").read_text())["rows"]
+        eps = json.loads((work_folder(work, r) / "adapt.json").read_text())["rows"]
         ref = r["reference"]
         rec = [(e["return"] - ref["random"]) / (ref["in_distribution"] - ref["random"]) for e in eps]
         assert r["recovered_fraction"] == pytest.approx(np.mean(rec[-2:]))  # the last `last` episodes
@@ -76,3 +77,18 @@ def test_training_label_names_how_the_dynamics_varied():
     assert training(Env(shift={}, shift_range={"m": [0.75, 1.25]}, trial=1)) == "range m 0.75-1.25"
     assert training(Env(shift={}, shift_range={"m": [0.75, 1.25], "l": [0.5, 2]}, trial=3)) == \
         "range l 0.5-2 m 0.75-1.25, trials of 3"
+
+
+def test_gradient_rows_with_other_updates_do_not_pool_with_the_default():
+    def row(seed, updates, rec):
+        return {"run": f"r{seed}", "env": "E", "backbone": "rssm", "shift_tag": "mx2", "mode": "gradient+ac", "updates": updates,
+                "seed": seed, "recovered_fraction": rec, "recovered_first": 0.0, "env_steps": 10, "return_final": 1.0,
+                "reference": {"in_distribution": 2.0, "random": 0.0}, "pred_error_first": 1.0, "pred_error_last": 1.0,
+                "rolled_back": 0, "wall_s": 60, "machine": "m", "date": "d"}
+
+    text = report([row(0, 50, 0.2), row(1, 50, 0.4), row(0, 200, 0.9)])
+    assert "| E | rssm | default | mx2 | gradient+ac | 2 | 0.00 | 0.30 |" in text
+    assert "| E | rssm | default | mx2 | gradient+ac, 200 updates | 1 | 0.00 | 0.90 |" in text
+    assert text.index("| gradient+ac | 2 |") < text.index("| gradient+ac, 200 updates | 1 |")
+    assert work_folder(Path("w"), row(0, 50, 0.2)) == Path("w/r0/gradient+ac-mx2")
+    assert work_folder(Path("w"), row(0, 200, 0.2)) == Path("w/r0/gradient+ac-200updates-mx2")

@@ -109,3 +109,19 @@ def test_kept_run_is_a_run_directory_the_other_commands_read(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", f"run_dir={run}", "episodes=1"]) == 0
     assert "eval over 1 episodes" in capsys.readouterr().out
+
+
+def test_curves_of_other_settings_never_pool():
+    """One plotted line per backbone and settings, as the summary table groups seeds: runs at another
+    train ratio (overrides) or without replay context are lines of their own."""
+    dims = {"stoch": 32, "classes": 16}
+    rows = [{**row("rssm", s, 0.0, extra), "replay_context": ctx, "dims": dims, "curve": [[0, float(s)], [10, 1.0]]}
+            for s, extra, ctx in [(0, "", True), (1, "", True), (0, "train_ratio=64", True), (0, "", False)]]
+    rows.append({**row("s5wm", 0, 0.0), "replay_context": True, "dims": dims, "curve": [[0, 2.0]]})
+    rows.append({**row("s5wm", 1, 0.0), "replay_context": True, "dims": dims})  # no curve: not plotted
+    groups = learning.curve_groups(rows)
+    assert {k: len(v) for k, v in groups.items()} == {
+        "rssm": 2, "rssm, no replay context": 1, "rssm, train_ratio=64": 1, "s5wm": 1}
+    assert groups["rssm"] == [[[0, 0.0], [10, 1.0]], [[0, 1.0], [10, 1.0]]]
+    other = [{**r, "dims": {"stoch": 32, "classes": 32}} for r in rows[:1]]
+    assert set(learning.curve_groups(rows[:1] + other)) == {"rssm, 32x16", "rssm, 32x32"}  # latents named where they differ
