@@ -180,14 +180,13 @@ def curve_groups(rows: list[dict]) -> dict[str, list[list]]:
     overrides), under a label that names what differs: {label: [curve, ...]}. Runs made with other
     settings never pool into one line."""
     curves = [r for r in rows if r.get("curve")]
-    group = lambda r: (r["backbone"], _latent(r), r["replay_context"], r["extra"])  # noqa: E731
     latents = {_latent(r) for r in curves}
     out = {}
-    for key in sorted(dict.fromkeys(group(r) for r in curves), key=lambda g: (g[0], g[1], not g[2], g[3])):
+    for key in sorted(dict.fromkeys(_setting(r) for r in curves), key=lambda g: (g[0], g[1], not g[2], g[3])):
         b, latent, ctx, extra = key
         label = ", ".join([b, *([latent] if len(latents) > 1 else []), *([] if ctx else ["no replay context"]),
                            *([extra] if extra else [])])
-        out[label] = [r["curve"] for r in curves if group(r) == key]
+        out[label] = [r["curve"] for r in curves if _setting(r) == key]
     return out
 
 
@@ -231,6 +230,12 @@ def _key(row: dict) -> tuple:
 def _latent(row: dict) -> str:
     d = row.get("dims")
     return f"{d['stoch']}x{d['classes']}" if d else "-"
+
+
+def _setting(row: dict) -> tuple:
+    """What a row's seeds pool over, in the summary table and the curves: backbone, latent, replay
+    context and overrides."""
+    return row["backbone"], _latent(row), row["replay_context"], row["extra"]
 
 
 def merge(folder: Path, name: str, rows: list[dict]) -> list[dict]:
@@ -283,9 +288,8 @@ def _report_task(rows: list[dict], episodes: int) -> str:
                        "/".join(f"{v / 1e6:.2f}M" for v in r["params"].values()) if "params" in r else "-",
                        r.get("machine", ""), r.get("date", "")] for r in rows])
     summary = []
-    group = lambda r: (r["backbone"], _latent(r), r["replay_context"], r["extra"])  # noqa: E731
-    for b, latent, ctx, extra in dict.fromkeys(group(r) for r in rows):
-        means = [r["eval_return_mean"] for r in rows if group(r) == (b, latent, ctx, extra)]
+    for b, latent, ctx, extra in dict.fromkeys(_setting(r) for r in rows):
+        means = [r["eval_return_mean"] for r in rows if _setting(r) == (b, latent, ctx, extra)]
         summary.append([b, latent, "yes" if ctx else "no", extra or "-", len(means), f"{np.mean(means):.1f}", f"{min(means):.1f}",
                         f"{max(means):.1f}", f"{sum(m >= target for m in means)}/{len(means)}" if target is not None else "-"])
     text += "\n\nPer backbone, latent, replay context and overrides, over seeds:\n\n" + markdown(
