@@ -52,11 +52,12 @@ class DecisionConfig:
     heads: int = 1  # transformer
     context: int = 20  # transformer: steps per window (Decision Transformer's K)
     batch_size: int = 64  # transformer: windows per update; ssm/bc: as many steps per update, in whole episodes
-    # ssm/bc: how whole episodes are drawn. `uniform`: each episode equally likely, so every step of
-    # the data weighs the same (an episode's first step once per episode). `length`: in proportion to
-    # the episode's length, so a long episode's steps (its first one included) weigh more, as the
-    # Transformer's windows weigh a long episode's first step once per window that covers it.
-    episode_weight: str = "uniform"
+    # ssm/bc: how whole episodes are drawn. `length` (the default): in proportion to the episode's
+    # length, as Decision Transformer's own sampler draws the trajectory of each window, so a long
+    # episode's steps (its first one included) weigh more, as the Transformer's windows weigh a long
+    # episode's first step once per window that covers it. `uniform`: each episode equally likely, so
+    # every step of the data weighs the same (an episode's first step once per episode).
+    episode_weight: str = "length"
     updates: int = 10_000
     lr: float = 1e-4
     weight_decay: float = 1e-4
