@@ -105,8 +105,10 @@ def main(argv: list[str]) -> dict:
                        "dataset_mean_return": res["dataset_mean_return"], "params": res["params"],
                        "updates": res["updates"], "wall_s": round(res["wall_s"], 1), "threads": torch.get_num_threads(),
                        "act_ms_per_step": res.get("act_ms_per_step"),
-                       # how whole episodes were drawn (sequence policies; rows before this field drew uniformly)
-                       "episode_weight": cfg.decision.episode_weight if cfg.train.algo == "decision" else None,
+                       # how the Decision-SSM and BC drew whole episodes (None: windows or Dreamer); rows without
+                       # this field drew uniformly unless their overrides say otherwise
+                       "episode_weight": (cfg.decision.episode_weight if cfg.train.algo == "decision"
+                                          and cfg.decision.core != "transformer" else None),
                        "machine": machine(cfg.train.device), "date": time.strftime("%Y-%m-%d"), "commit": commit(),
                        "overrides": ov}
                 rows.append(row)
