@@ -288,8 +288,9 @@ def _report_task(rows: list[dict], episodes: int) -> str:
                        "/".join(f"{v / 1e6:.2f}M" for v in r["params"].values()) if "params" in r else "-",
                        r.get("machine", ""), r.get("date", "")] for r in rows])
     summary = []
-    for b, latent, ctx, extra in dict.fromkeys(_setting(r) for r in rows):
-        means = [r["eval_return_mean"] for r in rows if _setting(r) == (b, latent, ctx, extra)]
+    for key in dict.fromkeys(_setting(r) for r in rows):
+        b, latent, ctx, extra = key
+        means = [r["eval_return_mean"] for r in rows if _setting(r) == key]
         summary.append([b, latent, "yes" if ctx else "no", extra or "-", len(means), f"{np.mean(means):.1f}", f"{min(means):.1f}",
                         f"{max(means):.1f}", f"{sum(m >= target for m in means)}/{len(means)}" if target is not None else "-"])
     text += "\n\nPer backbone, latent, replay context and overrides, over seeds:\n\n" + markdown(

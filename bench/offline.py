@@ -107,8 +107,7 @@ def main(argv: list[str]) -> dict:
                        "act_ms_per_step": res.get("act_ms_per_step"),
                        # how the Decision-SSM and BC drew whole episodes (None: windows or Dreamer); rows without
                        # this field drew uniformly unless their overrides say otherwise
-                       "episode_weight": (cfg.decision.episode_weight if cfg.train.algo == "decision"
-                                          and cfg.decision.core != "transformer" else None),
+                       "episode_weight": cfg.decision.episode_draw if cfg.train.algo == "decision" else None,
                        "machine": machine(cfg.train.device), "date": time.strftime("%Y-%m-%d"), "commit": commit(),
                        "overrides": ov}
                 rows.append(row)

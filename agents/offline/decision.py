@@ -83,6 +83,12 @@ class DecisionConfig:
         if self.d_model % self.heads:
             raise ConfigError(f"decision.d_model ({self.d_model}) must be a multiple of decision.heads ({self.heads})")
 
+    @property
+    def episode_draw(self) -> str | None:
+        """How training batches draw whole episodes (`episode_weight`); None for the Transformer, which
+        trains on windows instead."""
+        return None if self.core == "transformer" else self.episode_weight
+
 
 class DecisionModel(nn.Module):
     def __init__(self, cfg: DecisionConfig, obs_dim: int, action_dim: int, discrete: bool, max_steps: int):
@@ -377,8 +383,8 @@ def train(cfg, dcfg: DecisionConfig) -> dict:
     bar = tqdm(total=dcfg.updates, initial=counters["updates"], unit="upd", disable=not t.progress, desc=dcfg.core)
     curve = []
     while counters["updates"] < dcfg.updates:
-        batch = (data.windows(dcfg.batch_size, dcfg.context, gen) if dcfg.core == "transformer"
-                 else data.whole(dcfg.batch_size * dcfg.context, gen, dcfg.episode_weight))
+        batch = (data.windows(dcfg.batch_size, dcfg.context, gen) if dcfg.episode_draw is None
+                 else data.whole(dcfg.batch_size * dcfg.context, gen, dcfg.episode_draw))
         loss = model.loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
