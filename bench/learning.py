@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -208,15 +209,16 @@ def plot_curves(rows: list[dict], path: Path, task: str) -> bool:
         if not steps:
             continue
         vals = np.array([[c[s] for s in steps] for c in runs])
-        ax.plot(steps, vals.mean(0), marker="o", ms=3, label=f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        name = f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        ax.plot(steps, vals.mean(0), marker="o", ms=3, label=textwrap.fill(name, 60))
         ax.fill_between(steps, vals.min(0), vals.max(0), alpha=0.2)
     target = TARGETS.get(task)
     if target is not None:
         ax.axhline(target, ls="--", color="gray", lw=1)
     ax.set(xlabel="env steps", ylabel="eval return", title=task)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # below the axes: override lists make long labels that would cover the curves
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
