@@ -1,7 +1,7 @@
 """`longdream train | eval | adapt | dataset | probe | bench | envs` - the command line.
 
     longdream train [key=value ...]          train (an existing run_dir resumes)
-    longdream eval run_dir=<path> episodes=<n>   evaluate a saved agent and write a video
+    longdream eval run_dir=<path> [episodes=<n>] [sample=true]   evaluate a saved agent, write a video
     longdream adapt run_dir=<path> shift.<p>=<scale> [mode=frozen|context|gradient|retrain]
                                              deploy a saved agent on shifted dynamics (agents/adapt.py)
     longdream dataset kind=replay|policy|random (run_dir=<run> | env=<env>)
@@ -20,6 +20,7 @@ Errors a user can fix (bad keys, unknown envs, corrupt checkpoints) print one li
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -82,24 +83,29 @@ def cmd_eval(args: list[str]) -> int:
     from agents.train import build_agent, evaluate
 
     opts = dict(a.split("=", 1) for a in args if "=" in a)
-    unknown = sorted(set(opts) - {"run_dir", "episodes", "device"})
+    unknown = sorted(set(opts) - {"run_dir", "episodes", "device", "sample"})
     if unknown or "run_dir" not in opts:
-        raise ConfigError("usage: longdream eval run_dir=<path> [episodes=<n>] [device=cpu|cuda]"
+        raise ConfigError("usage: longdream eval run_dir=<path> [episodes=<n>] [device=cpu|cuda] [sample=true|false]"
                           + (f" (unknown key '{unknown[0]}')" if unknown else ""))
     run_dir = Path(opts["run_dir"])
     if not (run_dir / "overrides.json").exists():
         raise ConfigError(f"'{run_dir}' is not a longdream run directory (no overrides.json); pass the run_dir of a training run")
     cfg, _ = load_config([f"run_dir={run_dir}"] + ([f"device={opts['device']}"] if "device" in opts else []))
+    if "sample" in opts:  # sampled actions (DreamerV3's evaluation) or the mode, whatever the run used
+        if opts["sample"] not in ("true", "false"):
+            raise ConfigError(f"sample={opts['sample']}: use sample=true (sampled actions) or sample=false (the mode)")
+        cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, eval_sample=opts["sample"] == "true"))
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise checkpoint.CheckpointError(f"no checkpoint in '{run_dir}'; train first")
     agent, policy, shapes = build_agent(cfg, cfg.train.device)
     agent.load_state_dict(checkpoint.load(ckpt)[0]["agent"])
     episodes = int(opts.get("episodes", 10))
-    video = run_dir / "videos" / f"eval-cli-{ckpt.name}"
+    video = run_dir / "videos" / f"eval-cli-{'sampled-' if cfg.agent.eval_sample else ''}{ckpt.name}"
     torch.manual_seed(cfg.train.seed)
     returns = evaluate(cfg, policy, shapes, episodes, cfg.train.seed + 30_000, video=video)
-    print(f"eval over {episodes} episodes: mean {np.mean(returns):.1f}, std {np.std(returns):.1f}, "
+    kind = "sampled" if cfg.agent.eval_sample else "greedy"
+    print(f"eval over {episodes} {kind} episodes: mean {np.mean(returns):.1f}, std {np.std(returns):.1f}, "
           f"min {np.min(returns):.1f}, max {np.max(returns):.1f}")
     print(f"video: {video.with_suffix('.gif')}")
     return 0

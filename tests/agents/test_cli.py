@@ -67,8 +67,12 @@ def test_train_dmc_pixels_smoke(tmp_path):
 def test_eval_cli_writes_video(vector_run, capsys):
     assert main(["eval", f"run_dir={vector_run}", "episodes=2"]) == 0
     out = capsys.readouterr().out
-    assert "eval over 2 episodes" in out
+    assert "eval over 2 greedy episodes" in out
     assert list((vector_run / "videos").glob("eval-cli-*.gif"))
+    assert main(["eval", f"run_dir={vector_run}", "episodes=1", "sample=true"]) == 0
+    assert "eval over 1 sampled episodes" in capsys.readouterr().out
+    err = one_line_error(capsys, ["eval", f"run_dir={vector_run}", "sample=yes"])
+    assert "sample=yes" in err and "sample=true" in err
 
 
 @pytest.mark.slow
