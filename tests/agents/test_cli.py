@@ -267,4 +267,4 @@ def test_eval_without_a_renderer_warns_and_still_evaluates(pendulum_run, capsys,
     assert main(["eval", f"run_dir={pendulum_run}", "episodes=1"]) == 0
     out = capsys.readouterr()
     assert "eval videos off: the env cannot render here" in out.out + out.err
-    assert "eval over 1 episodes" in out.out
+    assert "eval over 1 greedy episodes" in out.out

@@ -108,7 +108,7 @@ def test_kept_run_is_a_run_directory_the_other_commands_read(tmp_path, capsys):
     assert "run_dir=" not in (run / "overrides.json").read_text()
     capsys.readouterr()
     assert main(["eval", f"run_dir={run}", "episodes=1"]) == 0
-    assert "eval over 1 episodes" in capsys.readouterr().out
+    assert "eval over 1 greedy episodes" in capsys.readouterr().out
 
 
 def test_curves_of_other_settings_never_pool():
