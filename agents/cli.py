@@ -20,7 +20,6 @@ Errors a user can fix (bad keys, unknown envs, corrupt checkpoints) print one li
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -90,21 +89,21 @@ def cmd_eval(args: list[str]) -> int:
     run_dir = Path(opts["run_dir"])
     if not (run_dir / "overrides.json").exists():
         raise ConfigError(f"'{run_dir}' is not a longdream run directory (no overrides.json); pass the run_dir of a training run")
-    cfg, _ = load_config([f"run_dir={run_dir}"] + ([f"device={opts['device']}"] if "device" in opts else []))
-    if "sample" in opts:  # sampled actions (DreamerV3's evaluation) or the mode, whatever the run used
-        if opts["sample"] not in ("true", "false"):
-            raise ConfigError(f"sample={opts['sample']}: use sample=true (sampled actions) or sample=false (the mode)")
-        cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, eval_sample=opts["sample"] == "true"))
+    if opts.get("sample", "true") not in ("true", "false"):
+        raise ConfigError(f"sample={opts['sample']}: use sample=true (sampled actions) or sample=false (the mode)")
+    cfg, _ = load_config([f"run_dir={run_dir}"] + ([f"device={opts['device']}"] if "device" in opts else [])
+                         # sampled actions (DreamerV3's evaluation) or the mode; by default what the run used
+                         + ([f"agent.eval_sample={opts['sample']}"] if "sample" in opts else []))
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise checkpoint.CheckpointError(f"no checkpoint in '{run_dir}'; train first")
     agent, policy, shapes = build_agent(cfg, cfg.train.device)
     agent.load_state_dict(checkpoint.load(ckpt)[0]["agent"])
     episodes = int(opts.get("episodes", 10))
-    video = run_dir / "videos" / f"eval-cli-{'sampled-' if cfg.agent.eval_sample else ''}{ckpt.name}"
+    kind = "sampled" if cfg.agent.eval_sample else "greedy"
+    video = run_dir / "videos" / f"eval-cli-{'sampled-' if kind == 'sampled' else ''}{ckpt.name}"
     torch.manual_seed(cfg.train.seed)
     returns = evaluate(cfg, policy, shapes, episodes, cfg.train.seed + 30_000, video=video)
-    kind = "sampled" if cfg.agent.eval_sample else "greedy"
     print(f"eval over {episodes} {kind} episodes: mean {np.mean(returns):.1f}, std {np.std(returns):.1f}, "
           f"min {np.min(returns):.1f}, max {np.max(returns):.1f}")
     print(f"video: {video.with_suffix('.gif')}")
