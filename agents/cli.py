@@ -1,7 +1,7 @@
 """`longdream train | eval | adapt | dataset | probe | bench | envs` - the command line.
 
     longdream train [key=value ...]          train (an existing run_dir resumes)
-    longdream eval run_dir=<path> [episodes=<n>] [sample=true]   evaluate a saved agent, write a video
+    longdream eval run_dir=<path> [episodes=<n>] [sample=true] [record=<f>.json]   evaluate a saved agent, write a video
     longdream adapt run_dir=<path> shift.<p>=<scale> [mode=frozen|context|gradient|retrain]
                                              deploy a saved agent on shifted dynamics (agents/adapt.py)
     longdream dataset kind=replay|policy|random (run_dir=<run> | env=<env>)
@@ -82,10 +82,16 @@ def cmd_eval(args: list[str]) -> int:
     from agents.train import build_agent, evaluate
 
     opts = dict(a.split("=", 1) for a in args if "=" in a)
-    unknown = sorted(set(opts) - {"run_dir", "episodes", "device", "sample"})
+    unknown = sorted(set(opts) - {"run_dir", "episodes", "device", "sample", "record"})
     if unknown or "run_dir" not in opts:
-        raise ConfigError("usage: longdream eval run_dir=<path> [episodes=<n>] [device=cpu|cuda] [sample=true|false]"
-                          + (f" (unknown key '{unknown[0]}')" if unknown else ""))
+        raise ConfigError("usage: longdream eval run_dir=<path> [episodes=<n>] [device=cpu|cuda] [sample=true|false] "
+                          "[record=<results>.json]" + (f" (unknown key '{unknown[0]}')" if unknown else ""))
+    if "record" in opts and not opts["record"].endswith(".json"):
+        raise ConfigError(f"record={opts['record']}: name a .json file (its table is written beside it as .md)")
+    if "record" in opts:  # a file that is not a record fails now, before the episodes are spent
+        from agents.evalrecord import rows_of
+
+        rows_of(Path(opts["record"]))
     run_dir = Path(opts["run_dir"])
     if not (run_dir / "overrides.json").exists():
         raise ConfigError(f"'{run_dir}' is not a longdream run directory (no overrides.json); pass the run_dir of a training run")
@@ -107,6 +113,11 @@ def cmd_eval(args: list[str]) -> int:
     print(f"eval over {episodes} {kind} episodes: mean {np.mean(returns):.1f}, std {np.std(returns):.1f}, "
           f"min {np.min(returns):.1f}, max {np.max(returns):.1f}")
     print(f"video: {video.with_suffix('.gif')}")
+    if "record" in opts:
+        from agents.evalrecord import record
+
+        path = record(Path(opts["record"]), run_dir, cfg, ckpt, kind, returns, agent)
+        print(f"recorded: {path}, {path.with_suffix('.md')}")
     return 0
 
 

@@ -1,4 +1,5 @@
 """End-to-end: the real CLI on tiny settings (xs size, a few hundred steps)."""
+import json
 import os
 import signal
 import subprocess
@@ -73,6 +74,30 @@ def test_eval_cli_writes_video(vector_run, capsys):
     assert "eval over 1 sampled episodes" in capsys.readouterr().out
     err = one_line_error(capsys, ["eval", f"run_dir={vector_run}", "sample=yes"])
     assert "sample=yes" in err and "sample=true" in err
+
+
+@pytest.mark.slow
+def test_eval_cli_records_a_row_per_evaluation(vector_run, tmp_path, capsys):
+    rec = tmp_path / "results" / "eval_x.json"
+    assert main(["eval", f"run_dir={vector_run}", "episodes=2", f"record={rec}"]) == 0
+    assert main(["eval", f"run_dir={vector_run}", "episodes=1", "sample=true", f"record={rec}"]) == 0
+    assert main(["eval", f"run_dir={vector_run}", "episodes=2", f"record={rec}"]) == 0  # the same evaluation: replaced
+    out = capsys.readouterr().out
+    rows = json.loads(rec.read_text())["rows"]
+    assert sorted((r["kind"], r["episodes"]) for r in rows) == [("greedy", 2), ("sampled", 1)]
+    greedy = next(r for r in rows if r["kind"] == "greedy")
+    assert len(greedy["returns"]) == 2 and greedy["mean"] == pytest.approx(sum(greedy["returns"]) / 2)
+    assert f"mean {greedy['mean']:.1f}" in out  # the row holds what the command printed
+    assert greedy["run"] == vector_run.name and greedy["checkpoint_env_steps"] > 0 and greedy["params"]["actor"] > 0
+    assert not any(o.startswith(("run_dir=", "progress=")) for o in greedy["overrides"])
+    md = rec.with_suffix(".md").read_text()
+    assert md.count("| greedy |") == 1 and md.count("| sampled |") == 1
+    err = one_line_error(capsys, ["eval", f"run_dir={vector_run}", "record=out.csv"])
+    assert "record=out.csv" in err and ".json" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    err = one_line_error(capsys, ["eval", f"run_dir={vector_run}", "episodes=1", f"record={bad}"])
+    assert "not an eval record" in err
 
 
 @pytest.mark.slow
