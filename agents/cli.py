@@ -86,11 +86,11 @@ def cmd_eval(args: list[str]) -> int:
     if unknown or "run_dir" not in opts:
         raise ConfigError("usage: longdream eval run_dir=<path> [episodes=<n>] [device=cpu|cuda] [sample=true|false] "
                           "[record=<results>.json]" + (f" (unknown key '{unknown[0]}')" if unknown else ""))
-    if "record" in opts and not opts["record"].endswith(".json"):
-        raise ConfigError(f"record={opts['record']}: name a .json file (its table is written beside it as .md)")
-    if "record" in opts:  # a file that is not a record fails now, before the episodes are spent
+    if "record" in opts:  # a bad name or a file that is not a record fails now, before the episodes are spent
         from agents.evalrecord import rows_of
 
+        if not opts["record"].endswith(".json"):
+            raise ConfigError(f"record={opts['record']}: name a .json file (its table is written beside it as .md)")
         rows_of(Path(opts["record"]))
     run_dir = Path(opts["run_dir"])
     if not (run_dir / "overrides.json").exists():
@@ -109,14 +109,15 @@ def cmd_eval(args: list[str]) -> int:
     kind = "sampled" if cfg.agent.eval_sample else "greedy"
     video = run_dir / "videos" / f"eval-cli-{'sampled-' if kind == 'sampled' else ''}{ckpt.name}"
     torch.manual_seed(cfg.train.seed)
-    returns = evaluate(cfg, policy, shapes, episodes, cfg.train.seed + 30_000, video=video)
+    eval_seed = cfg.train.seed + 30_000
+    returns = evaluate(cfg, policy, shapes, episodes, eval_seed, video=video)
     print(f"eval over {episodes} {kind} episodes: mean {np.mean(returns):.1f}, std {np.std(returns):.1f}, "
           f"min {np.min(returns):.1f}, max {np.max(returns):.1f}")
     print(f"video: {video.with_suffix('.gif')}")
     if "record" in opts:
         from agents.evalrecord import record
 
-        path = record(Path(opts["record"]), run_dir, cfg, ckpt, kind, returns, agent)
+        path = record(Path(opts["record"]), run_dir, cfg, ckpt, kind, returns, eval_seed, agent)
         print(f"recorded: {path}, {path.with_suffix('.md')}")
     return 0
 

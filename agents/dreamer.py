@@ -199,6 +199,11 @@ class Agent(nn.Module):
         self.ensemble = (Ensemble(feat, spec.action_dim, math.prod(wm.core.state_shapes()["stoch"]), nets.units, cfg.ensemble)
                          if cfg.penalty > 0 else None)
 
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per part, as the results files report them (world model / actor / critic)."""
+        return {name: sum(p.numel() for p in mod.parameters())
+                for name, mod in (("world_model", self.wm), ("actor", self.actor), ("critic", self.critic))}
+
     def optimizers(self, capturable: bool = False) -> dict[str, torch.optim.Optimizer]:
         """One optimiser per module. `capturable`: Adam keeps its step count on the device, as a CUDA
         graph of the update needs (agents/cudagraph.py)."""

@@ -42,7 +42,7 @@ def rows_of(path: Path) -> list[dict]:
                           "written by `longdream eval record=`") from None
 
 
-def record(path: Path, run_dir: Path, cfg, ckpt: Path, kind: str, returns, agent=None) -> Path:
+def record(path: Path, run_dir: Path, cfg, ckpt: Path, kind: str, returns, eval_seed: int, agent) -> Path:
     """Add (or replace) this evaluation's row in `path` and rewrite `path`'s .md; returns `path`."""
     rows = rows_of(path)
     overrides = json.loads((run_dir / "overrides.json").read_text())
@@ -51,13 +51,10 @@ def record(path: Path, run_dir: Path, cfg, ckpt: Path, kind: str, returns, agent
            "overrides": [o for o in overrides if not o.startswith(_PLUMBING)],
            "checkpoint_env_steps": int(ckpt.name.rsplit("-", 1)[-1]), "episodes": len(returns), "kind": kind,
            "mean": float(np.mean(returns)), "std": float(np.std(returns)), "min": min(returns),
-           "max": max(returns), "returns": returns, "eval_seed": cfg.train.seed + 30_000,
+           "max": max(returns), "returns": returns, "eval_seed": eval_seed,
            "dims": dataclasses.asdict(cfg.core), "nets": {"units": cfg.nets.units, "layers": cfg.nets.layers},
            "threads": torch.get_num_threads(), "machine": machine(cfg.train.device),
-           "date": time.strftime("%Y-%m-%d"), "commit": commit()}
-    if agent is not None:
-        row["params"] = {name: sum(p.numel() for p in getattr(agent, attr).parameters())
-                         for name, attr in (("world_model", "wm"), ("actor", "actor"), ("critic", "critic"))}
+           "date": time.strftime("%Y-%m-%d"), "commit": commit(), "params": agent.param_counts()}
     rows = [r for r in rows if _key(r) != _key(row)] + [portable(row)]
     rows.sort(key=lambda r: (r["env"], r["backbone"], " ".join(r["overrides"]), r["seed"], r["kind"], r["episodes"]))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,5 +71,5 @@ def table(rows: list[dict]) -> str:
          "params (wm/actor/critic)", "machine", "date", "commit"],
         [[r["env"], r["backbone"], " ".join(r["overrides"]) or "-", r["seed"], r["checkpoint_env_steps"], r["kind"],
           r["episodes"], f"{r['mean']:.1f} +- {r['std']:.1f}", f"{r['min']:.1f}", f"{r['max']:.1f}",
-          "/".join(f"{v / 1e6:.2f}M" for v in r["params"].values()) if "params" in r else "-",
+          "/".join(f"{v / 1e6:.2f}M" for v in r["params"].values()),
           r["machine"], r["date"], r["commit"]] for r in rows])

@@ -122,9 +122,7 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
     if a["episodes"] > 1:  # the loop's final eval uses eval_episodes; report exactly `episodes`
         agent.load_state_dict(checkpoint.load(checkpoint.latest(run))[0]["agent"])
         returns = evaluate(cfg, policy, shapes, a["episodes"], seed + 40_000)
-    params = {"world_model": sum(p.numel() for p in agent.wm.parameters()),
-              "actor": sum(p.numel() for p in agent.actor.parameters()),
-              "critic": sum(p.numel() for p in agent.critic.parameters())}
+    params = agent.param_counts()
     row = {"backbone": backbone, "seed": seed, "env_steps": res["env_steps"], "updates": res["updates"],
            "eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns)),
            "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1), "episodes": len(returns),
