@@ -1,7 +1,7 @@
 """`longdream adapt`: deploy a trained agent where the dynamics changed, and measure how it copes.
 
     longdream adapt run_dir=<trained run> shift.<p>=<scale> [mode=frozen|context|gradient|retrain]
-                    [episodes=10] [updates=50] [ac=false] [horizon=16] [context=8] [seed=0] [out=<folder>]
+                    [episodes=10] [updates=50] [ac=false] [lr=1] [horizon=16] [context=8] [seed=0] [out=<folder>]
 
 `shift.<p>` scales a physical parameter as `env.shift` does (envs/shift.py). Every episode is one
 row: its return, and the world model's open-loop prediction error on it (windows of the episode:
@@ -15,7 +15,7 @@ Modes:
   (the run's batch size and sequence length), rolled back where the error on the latest episode grew;
   with `ac=true` each step is the whole learner update (world model, then actor and critic in
   imagination from the windows' states, as training does), so the policy adapts too, and a rollback
-  restores all of it;
+  restores all of it; `lr` scales every learning rate of these steps (the run's own at 1);
 - retrain: the reference, a new agent trained from scratch on the shifted env with the run's settings
   and seed (plus `seed`) for the env steps of `episodes` full episodes; its rows are its training
   episodes (no prediction error) and a last one, the eval return after training.
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "ac": False, "horizon": 16, "context": 8,
+DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "ac": False, "lr": 1.0, "horizon": 16, "context": 8,
             "seed": 0, "out": "", "reference": True, "device": "cpu"}
 MODES = ("frozen", "context", "gradient", "retrain")
 
@@ -72,6 +72,8 @@ def parse(argv: list[str]) -> tuple[dict, dict]:
     for k in ("episodes", "horizon", "context"):
         if opts[k] < 1:
             raise ConfigError(f"{k} must be at least 1, got {opts[k]}")
+    if not opts["lr"] > 0:
+        raise ConfigError(f"lr scales the learning rates and must be positive, got {opts['lr']}")
     return opts, shift
 
 
@@ -160,6 +162,20 @@ def adapt_wm(agent, opts: dict, episodes: list[dict], updates: int, batch: int, 
         opts["wm"].step()
 
 
+def adaptation_optimizers(agent, ac: bool, lr: float) -> dict:
+    """Fresh optimisers for the steps on the new data: the world model's alone, or with the actor's and
+    critic's (`ac`), every learning rate the run's own times `lr`, and no warmup (LaProp's warmup is for
+    a model trained from scratch; this one is trained)."""
+    opt = agent.optimizers()
+    opt = opt if ac else {"wm": opt["wm"]}
+    for o in opt.values():
+        for group in o.param_groups:
+            group["lr"] *= lr
+            if "warmup" in group:
+                group["warmup"] = 0
+    return opt
+
+
 def main(argv: list[str]) -> dict:
     from agents import checkpoint
     from agents.config import ConfigError, load_config
@@ -218,8 +234,7 @@ def main(argv: list[str]) -> dict:
     act = CarryState(policy) if opts["mode"] == "context" else policy
     opt = None
     if opts["mode"] == "gradient":
-        opt = agent.optimizers()
-        opt = opt if opts["ac"] else {"wm": opt["wm"]}
+        opt = adaptation_optimizers(agent, opts["ac"], opts["lr"])
     env = _collect_env(shifted, opts["seed"], shapes)
     policy.mode.fill_(EVAL)
     rows, seen, steps = [], [], 0
@@ -283,7 +298,7 @@ def finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, opt) -> dict:
 
     meta = {"mode": opts["mode"], "backbone": cfg.backbone,
             "shift": shift, "seed": opts["seed"], "env": cfg.env.id, "checkpoint": ckpt.name, "reference": ref,
-            "options": {k: opts[k] for k in ("episodes", "updates", "ac", "horizon", "context")}, "wall_s": round(time.time() - tic, 1),
+            "options": {k: opts[k] for k in ("episodes", "updates", "ac", "lr", "horizon", "context")}, "wall_s": round(time.time() - tic, 1),
             "machine": machine(opts["device"]), "commit": commit()}
     for r in rows:
         r.update({k: meta[k] for k in ("mode", "backbone", "shift", "seed")})

@@ -2,7 +2,7 @@
 per run and shift, with one results file and one table.
 
     longdream bench adapt runs=<run_dir>,<run_dir> [shifts=m:1.5,l:1.5,m:0.5,l:0.5]
-                          [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50]
+                          [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50] [lr=1]
                           [last=5] [seed=0] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
                           [merge_from=a.json,b.json]
 
@@ -15,7 +15,8 @@ every run, so that all runs meet the same episodes (paired comparisons across mo
 agent on the unshifted env, a random policy on the shift) and one row of
 bench/results/adapt_<suite>.json / .md, written as soon as it is measured; a later invocation skips the
 rows that are there (`rerun=true` measures them again). `gradient` runs with `ac=` (true: world model
-and actor-critic steps; false: the world model alone) and is reported as `gradient+ac` or `gradient`.
+and actor-critic steps; false: the world model alone) and is reported as `gradient+ac` or `gradient`;
+`lr` scales its learning rates (reported where it is not 1).
 
 A row's `recovered_fraction` is (return - random) / (in-distribution - random) averaged over the last
 `last` episodes of the budget; for `retrain` (a new agent trained on the shift for the same env steps)
@@ -34,7 +35,7 @@ import numpy as np
 from bench.report import RESULTS, machine, markdown, parse, portable, write
 
 DEFAULTS = {"runs": "", "shifts": "m:1.5,l:1.5,m:0.5,l:0.5", "modes": "frozen,context,gradient,retrain", "ac": True,
-            "episodes": 10, "updates": 50, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
+            "episodes": 10, "updates": 50, "lr": 1.0, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
             "merge_from": "", "device": "cpu", "seed": 0}
 TARGET = 0.8  # recovered fraction to reach within the budget (the adaptation issue's Pendulum target)
 
@@ -75,10 +76,14 @@ def label(mode: str, ac: bool) -> str:
 
 def shown(row: dict) -> str:
     """A row's mode as the tables and plots name it: gradient modes run with other than the default
-    number of updates per episode say how many, so that they do not pool with the default's rows."""
+    number of updates per episode or a scaled learning rate say so, so that they do not pool with the
+    default's rows."""
+    text = row["mode"]
     if row["mode"].startswith("gradient") and row["updates"] != DEFAULTS["updates"]:
-        return f"{row['mode']}, {row['updates']} updates"
-    return row["mode"]
+        text += f", {row['updates']} updates"
+    if row["mode"].startswith("gradient") and row.get("lr", 1.0) != 1.0:
+        text += f", lr x{row['lr']:g}"
+    return text
 
 
 def work_folder(work: Path, row: dict) -> Path:
@@ -128,21 +133,22 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
     None where the results already hold it."""
     from agents.adapt import main as adapt
 
-    key = (run.name, tag(shift), label(mode, a["ac"]), a["episodes"], a["updates"] if mode == "gradient" else 0)
+    key = (run.name, tag(shift), label(mode, a["ac"]), a["episodes"], a["updates"] if mode == "gradient" else 0,
+           a["lr"] if mode == "gradient" else 1.0)
     if key in done:
         print(f"[adapt] {run.name} {tag(shift)} {key[2]}: in the results already (rerun=true measures it again)", flush=True)
         return None
-    out = work_folder(Path(a["work"]), {"run": run.name, "mode": key[2], "updates": key[4], "shift_tag": tag(shift)})
+    out = work_folder(Path(a["work"]), {"run": run.name, "mode": key[2], "updates": key[4], "lr": key[5], "shift_tag": tag(shift)})
     tic = time.time()
     data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
-                  f"ac={a['ac']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
+                  f"ac={a['ac']}", f"lr={a['lr']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
     eps = data["rows"]
     final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
     return {"run": run.name, "env": data["env"], "backbone": data["backbone"], "training": training(trained.env), "seed": trained.train.seed,
             "adapt_seed": data["seed"],
             "shift": shift,
             "shift_tag": tag(shift), "mode": key[2], "ac": bool(a["ac"]) and mode == "gradient",
-            "episodes": a["episodes"], "updates": key[4], "last": len(final), "env_steps": eps[-1]["env_steps"],
+            "episodes": a["episodes"], "updates": key[4], "lr": key[5], "last": len(final), "env_steps": eps[-1]["env_steps"],
             "reference": data["reference"],
             "recovered_fraction": float(np.mean([r["recovered_fraction"] for r in final])),
             "recovered_first": float(eps[0]["recovered_fraction"]),
@@ -155,7 +161,7 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
 
 
 def _key(row: dict) -> tuple:
-    return (row["run"], row["shift_tag"], row["mode"], row["episodes"], row["updates"])
+    return (row["run"], row["shift_tag"], row["mode"], row["episodes"], row["updates"], row.get("lr", 1.0))
 
 
 def _load(path: Path) -> list[dict]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from agents.adapt import CarryState, adapt_wm, episode_arrays, prediction_error
+from agents.adapt import CarryState, adapt_wm, adaptation_optimizers, episode_arrays, prediction_error
 from agents.cli import main
 
 @pytest.fixture(scope="module")
@@ -91,16 +91,30 @@ def test_gradient_mode_trains_the_actor_critic_only_with_ac(run, ac):
     agent.load_state_dict(checkpoint.load(checkpoint.latest(run))[0]["agent"])
     env = _collect_env(type(cfg.env)(**{**cfg.env.__dict__, "shift": {"m": 2.0}}), 0, shapes)
     eps = [episode_arrays(env.rollout(40, policy=policy, break_when_any_done=True), "observation") for _ in range(2)]
-    opts = agent.optimizers()
-    opts = opts if ac else {"wm": opts["wm"]}
+    opts = adaptation_optimizers(agent, ac, 1.0)
     snap = {k: [p.detach().clone() for p in getattr(agent, k).parameters()] for k in ("wm", "actor", "critic")}
     adapt_wm(agent, opts, eps, 3, 4, 8, np.random.default_rng(0))
     moved = {k: any(not torch.equal(a, b) for a, b in zip(snap[k], getattr(agent, k).parameters())) for k in snap}
     assert moved == {"wm": True, "actor": ac, "critic": ac}
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "laprop"])
+def test_adaptation_optimizers_scale_the_run_learning_rates_without_warmup(optimizer):
+    from agents.config import load_config
+    from agents.train import build_agent
+
+    cfg, _ = load_config(["env=pendulum", "size=xs", f"agent.optimizer={optimizer}", "agent.warmup=100"])
+    agent = build_agent(cfg, "cpu")[0]
+    own = {k: o.param_groups[0]["lr"] for k, o in agent.optimizers().items()}
+    opts = adaptation_optimizers(agent, True, 3.0)
+    assert set(opts) == {"wm", "actor", "critic"} and set(adaptation_optimizers(agent, False, 3.0)) == {"wm"}
+    for k, o in opts.items():
+        assert all(g["lr"] == pytest.approx(3.0 * own[k]) and g.get("warmup", 0) == 0 for g in o.param_groups)
+
+
 @pytest.mark.parametrize("args,msg", [
     (["shift.m=1.5"], "usage: longdream adapt run_dir="),
+    (["run_dir=RUN", "shift.m=1.5", "lr=0"], "lr scales the learning rates and must be positive"),
     (["run_dir=RUN", "mode=sometimes", "shift.m=1.5"], "mode must be one of frozen, context, gradient"),
     (["run_dir=RUN"], "adapt needs a shift"),
     (["run_dir=RUN", "shift.mass=2"], "has no parameter 'mass' to shift (it has: g, m, l)"),
