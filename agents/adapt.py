@@ -1,7 +1,8 @@
 """`longdream adapt`: deploy a trained agent where the dynamics changed, and measure how it copes.
 
     longdream adapt run_dir=<trained run> shift.<p>=<scale> [mode=frozen|context|gradient|retrain]
-                    [episodes=10] [updates=50] [ac=false] [lr=1] [horizon=16] [context=8] [seed=0] [out=<folder>]
+                    [episodes=10] [updates=50] [ac=false] [lr=1] [eval=0] [horizon=16] [context=8] [seed=0]
+                    [out=<folder>]
 
 `shift.<p>` scales a physical parameter as `env.shift` does (envs/shift.py). Every episode is one
 row: its return, and the world model's open-loop prediction error on it (windows of the episode:
@@ -19,7 +20,11 @@ Modes:
 - retrain: the reference, a new agent trained from scratch on the shifted env with the run's settings
   and seed (plus `seed`) for the env steps of `episodes` full episodes; its rows are its training
   episodes (no prediction error) and a last one, the eval return after training.
-Env steps count env frames (agent steps x action repeat), as training does.
+Env steps count env frames (agent steps x action repeat), as training does. `eval=N` adds N rows
+marked `eval` after the budget: the agent as the budget left it (no more updates; in context mode its
+state runs on) on N episodes of the shifted env drawn from their own seed, the same for every mode,
+so that modes are compared on the same N starts rather than on the last few deployment episodes;
+a retrain's eval is then N episodes too.
 With `reference=true` (the default) it first measures the trained agent on the unshifted env and a
 random policy on the shifted one, and each row's `recovered_fraction` is (return - random) /
 (in-distribution return - random). Writes adapt.json / adapt.md, adapt.png (return and error against
@@ -36,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "ac": False, "lr": 1.0, "horizon": 16, "context": 8,
+DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "ac": False, "lr": 1.0, "eval": 0, "horizon": 16, "context": 8,
             "seed": 0, "out": "", "reference": True, "device": "cpu"}
 MODES = ("frozen", "context", "gradient", "retrain")
 
@@ -72,6 +77,8 @@ def parse(argv: list[str]) -> tuple[dict, dict]:
     for k in ("episodes", "horizon", "context"):
         if opts[k] < 1:
             raise ConfigError(f"{k} must be at least 1, got {opts[k]}")
+    if opts["eval"] < 0:
+        raise ConfigError(f"eval is a number of episodes (0 for none), got {opts['eval']}")
     if not opts["lr"] > 0:
         raise ConfigError(f"lr scales the learning rates and must be positive, got {opts['lr']}")
     return opts, shift
@@ -229,7 +236,7 @@ def main(argv: list[str]) -> dict:
         # trained with the run's own seed (offset by the deployment seed): the retrain references of two
         # training seeds are two independent trainings, not one run measured against two references
         rows = retrain(run_dir, shift, opts["episodes"] * length * cfg.env.action_repeat, out,
-                       cfg.train.seed + opts["seed"], ref)
+                       cfg.train.seed + opts["seed"], ref, opts["eval"])
         return finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, None)
     act = CarryState(policy) if opts["mode"] == "context" else policy
     opt = None
@@ -256,6 +263,17 @@ def main(argv: list[str]) -> dict:
         rows.append(row)
         print(f"[adapt] {opts['mode']} episode {i}: return {ep['return']:.1f}, prediction error {err:.4f}", flush=True)
     env.close()
+    if opts["eval"]:
+        env = _collect_env(shifted, opts["seed"] + 60_000, shapes)
+        torch.manual_seed(opts["seed"] + 60_000)  # the policy's draws too: the same agent meets the same episodes
+        for i in range(opts["eval"]):
+            ep = episode_arrays(env.rollout(cfg.env.time_limit, policy=act, break_when_any_done=True), obs_key)
+            err = prediction_error(agent.wm, ep, opts["context"], opts["horizon"])
+            rows.append({"episode": len(rows), "env_steps": steps, "return": ep["return"], "pred_error": err, "eval": True,
+                         **recovered(ep["return"], ref)})
+        env.close()
+        ev = [r["return"] for r in rows if r.get("eval")]
+        print(f"[adapt] {opts['mode']} after the budget: eval return {np.mean(ev):.1f} over {len(ev)} episodes", flush=True)
     return finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, opt)
 
 
@@ -267,18 +285,21 @@ def recovered(ret: float, ref: dict) -> dict:
     return {"recovered_fraction": (ret - ref["random"]) / span if abs(span) > 1e-8 else float("nan")}
 
 
-def retrain(run_dir: Path, shift: dict, budget: int, out: Path, seed: int, ref: dict) -> list[dict]:
+def retrain(run_dir: Path, shift: dict, budget: int, out: Path, seed: int, ref: dict, evals: int = 0) -> list[dict]:
     """Train a new agent with the run's settings on the shifted env for `budget` env steps; its training
-    episodes (from its TensorBoard log) and its eval return after training, as rows."""
+    episodes (from its TensorBoard log) and its eval return after training (over `evals` episodes; the
+    run's eval_episodes at 0), as rows."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from agents.config import _key, load_config
     from agents.train import train
 
     saved = json.loads((run_dir / "overrides.json").read_text())
-    overrides = [o for o in saved if _key(o) not in ("run_dir", "steps", "seed", "env.trial")
+    dropped = ("run_dir", "steps", "seed", "env.trial") + (("eval_episodes",) if evals else ())
+    overrides = [o for o in saved if _key(o) not in dropped
                  and not _key(o).startswith("env.shift_range")] + \
-        [f"run_dir={out / 'retrain'}", f"steps={budget}", f"seed={seed}"] + [f"env.shift.{k}={v}" for k, v in shift.items()]
+        [f"run_dir={out / 'retrain'}", f"steps={budget}", f"seed={seed}"] + [f"env.shift.{k}={v}" for k, v in shift.items()] \
+        + ([f"eval_episodes={evals}"] if evals else [])
     cfg, _ = load_config(overrides)
     res = train(cfg)
     ea = EventAccumulator(str(out / "retrain" / "tb"), size_guidance={"scalars": 0})
@@ -298,7 +319,7 @@ def finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, opt) -> dict:
 
     meta = {"mode": opts["mode"], "backbone": cfg.backbone,
             "shift": shift, "seed": opts["seed"], "env": cfg.env.id, "checkpoint": ckpt.name, "reference": ref,
-            "options": {k: opts[k] for k in ("episodes", "updates", "ac", "lr", "horizon", "context")}, "wall_s": round(time.time() - tic, 1),
+            "options": {k: opts[k] for k in ("episodes", "updates", "ac", "lr", "eval", "horizon", "context")}, "wall_s": round(time.time() - tic, 1),
             "machine": machine(opts["device"]), "commit": commit()}
     for r in rows:
         r.update({k: meta[k] for k in ("mode", "backbone", "shift", "seed")})

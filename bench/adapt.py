@@ -2,7 +2,7 @@
 per run and shift, with one results file and one table.
 
     longdream bench adapt runs=<run_dir>,<run_dir> [shifts=m:1.5,l:1.5,m:0.5,l:0.5]
-                          [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50] [lr=1]
+                          [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50] [lr=1] [eval=0]
                           [last=5] [seed=0] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
                           [merge_from=a.json,b.json]
 
@@ -19,7 +19,8 @@ and actor-critic steps; false: the world model alone) and is reported as `gradie
 `lr` scales its learning rates (reported where it is not 1).
 
 A row's `recovered_fraction` is (return - random) / (in-distribution - random) averaged over the last
-`last` episodes of the budget; for `retrain` (a new agent trained on the shift for the same env steps)
+`last` episodes of the budget, or with `eval=N` over N evaluation episodes after it (the same starts for
+every mode and run; reported as "eval N"); for `retrain` (a new agent trained on the shift for the same env steps)
 it is the new agent's eval return after training. `recovered_first` is the first episode's, before any
 adaptation could act. `merge_from=` trains nothing: it folds results files written elsewhere with
 `out=` (runs made side by side) into this one.
@@ -35,7 +36,7 @@ import numpy as np
 from bench.report import RESULTS, machine, markdown, parse, portable, write
 
 DEFAULTS = {"runs": "", "shifts": "m:1.5,l:1.5,m:0.5,l:0.5", "modes": "frozen,context,gradient,retrain", "ac": True,
-            "episodes": 10, "updates": 50, "lr": 1.0, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
+            "episodes": 10, "updates": 50, "lr": 1.0, "eval": 0, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
             "merge_from": "", "device": "cpu", "seed": 0}
 TARGET = 0.8  # recovered fraction to reach within the budget (the adaptation issue's Pendulum target)
 
@@ -76,13 +77,15 @@ def label(mode: str, ac: bool) -> str:
 
 def shown(row: dict) -> str:
     """A row's mode as the tables and plots name it: gradient modes run with other than the default
-    number of updates per episode or a scaled learning rate say so, so that they do not pool with the
-    default's rows."""
+    number of updates per episode or a scaled learning rate say so, and rows measured on evaluation
+    episodes after the budget say how many, so that they do not pool with the default's rows."""
     text = row["mode"]
     if row["mode"].startswith("gradient") and row["updates"] != DEFAULTS["updates"]:
         text += f", {row['updates']} updates"
     if row["mode"].startswith("gradient") and row.get("lr", 1.0) != 1.0:
         text += f", lr x{row['lr']:g}"
+    if row.get("eval", 0):
+        text += f", eval {row['eval']}"
     return text
 
 
@@ -134,34 +137,36 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
     from agents.adapt import main as adapt
 
     key = (run.name, tag(shift), label(mode, a["ac"]), a["episodes"], a["updates"] if mode == "gradient" else 0,
-           a["lr"] if mode == "gradient" else 1.0)
+           a["lr"] if mode == "gradient" else 1.0, a["eval"])
     if key in done:
         print(f"[adapt] {run.name} {tag(shift)} {key[2]}: in the results already (rerun=true measures it again)", flush=True)
         return None
-    out = work_folder(Path(a["work"]), {"run": run.name, "mode": key[2], "updates": key[4], "lr": key[5], "shift_tag": tag(shift)})
+    out = work_folder(Path(a["work"]), {"run": run.name, "mode": key[2], "updates": key[4], "lr": key[5], "eval": key[6], "shift_tag": tag(shift)})
     tic = time.time()
     data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
-                  f"ac={a['ac']}", f"lr={a['lr']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
+                  f"ac={a['ac']}", f"lr={a['lr']}", f"eval={a['eval']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
     eps = data["rows"]
     final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
+    # the deployment's own episodes; a retrain's curve ends at its eval after training, as it always has
+    trace = eps if mode == "retrain" else [r for r in eps if not r.get("eval")]
     return {"run": run.name, "env": data["env"], "backbone": data["backbone"], "training": training(trained.env), "seed": trained.train.seed,
             "adapt_seed": data["seed"],
             "shift": shift,
             "shift_tag": tag(shift), "mode": key[2], "ac": bool(a["ac"]) and mode == "gradient",
-            "episodes": a["episodes"], "updates": key[4], "lr": key[5], "last": len(final), "env_steps": eps[-1]["env_steps"],
+            "episodes": a["episodes"], "updates": key[4], "lr": key[5], "eval": key[6], "last": len(final), "env_steps": eps[-1]["env_steps"],
             "reference": data["reference"],
             "recovered_fraction": float(np.mean([r["recovered_fraction"] for r in final])),
             "recovered_first": float(eps[0]["recovered_fraction"]),
             "return_final": float(np.mean([r["return"] for r in final])),
-            "pred_error_first": eps[0]["pred_error"], "pred_error_last": eps[-1]["pred_error"],
+            "pred_error_first": eps[0]["pred_error"], "pred_error_last": trace[-1]["pred_error"],
             "rolled_back": sum(bool(r.get("rolled_back")) for r in eps),
-            "curve": [[r["env_steps"], r["recovered_fraction"], r["pred_error"]] for r in eps],
+            "curve": [[r["env_steps"], r["recovered_fraction"], r["pred_error"]] for r in trace],
             "checkpoint": data["checkpoint"], "wall_s": round(time.time() - tic, 1), "machine": machine(a["device"]),
             "date": time.strftime("%Y-%m-%d"), "commit": data["commit"]}
 
 
 def _key(row: dict) -> tuple:
-    return (row["run"], row["shift_tag"], row["mode"], row["episodes"], row["updates"], row.get("lr", 1.0))
+    return (row["run"], row["shift_tag"], row["mode"], row["episodes"], row["updates"], row.get("lr", 1.0), row.get("eval", 0))
 
 
 def _load(path: Path) -> list[dict]:

@@ -33,6 +33,21 @@ def test_each_mode_writes_a_row_per_episode(run, tmp_path, mode):
     assert (out / "adapt.png").stat().st_size > 0 and any((out / "tb").iterdir())
 
 
+@pytest.mark.slow
+def test_eval_rows_follow_the_budget_on_starts_of_their_own(run, tmp_path):
+    """eval=N: N rows after the budget at its env steps, drawn the same however long the deployment was."""
+    got = []
+    for n in (1, 2):
+        out = tmp_path / f"e{n}"
+        assert main(["adapt", f"run_dir={run}", "shift.m=1.5", "mode=frozen", f"episodes={n}", "eval=2", "reference=false",
+                     f"out={out}"]) == 0
+        rows = json.loads((out / "adapt.json").read_text())["rows"]
+        ev = [r for r in rows if r.get("eval")]
+        assert len(rows) == n + 2 and rows[-2:] == ev and all(r["env_steps"] == rows[n - 1]["env_steps"] for r in ev)
+        got.append([r["return"] for r in ev])
+    assert got[0] == got[1]
+
+
 class Echo:
     """A stand-in policy whose next state is its input state plus one."""
     state_keys = ["h"]
@@ -115,6 +130,7 @@ def test_adaptation_optimizers_scale_the_run_learning_rates_without_warmup(optim
 @pytest.mark.parametrize("args,msg", [
     (["shift.m=1.5"], "usage: longdream adapt run_dir="),
     (["run_dir=RUN", "shift.m=1.5", "lr=0"], "lr scales the learning rates and must be positive"),
+    (["run_dir=RUN", "shift.m=1.5", "eval=-1"], "eval is a number of episodes"),
     (["run_dir=RUN", "mode=sometimes", "shift.m=1.5"], "mode must be one of frozen, context, gradient"),
     (["run_dir=RUN"], "adapt needs a shift"),
     (["run_dir=RUN", "shift.mass=2"], "has no parameter 'mass' to shift (it has: g, m, l)"),

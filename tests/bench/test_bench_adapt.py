@@ -66,6 +66,16 @@ def test_rows_summarise_each_adapt_run_and_resume(run, tmp_path):
     merged = json.loads((out / "adapt_pendulum.json").read_text())["runs"]
     assert len(merged) == 5 and merged[-1]["shift_tag"] == "lx0.5"
 
+    evaluated = tmp_path / "eval"  # eval=N: the fraction over N episodes after the budget, labelled apart
+    assert main(["bench", "adapt", f"runs={run}", "shifts=l:0.5", "modes=frozen", "episodes=2", "eval=2", f"out={evaluated}",
+                 f"work={work}"]) == 0
+    r = json.loads((evaluated / "adapt_pendulum.json").read_text())["runs"][0]
+    eps = json.loads((work_folder(work, r) / "adapt.json").read_text())["rows"]
+    assert [e.get("eval", False) for e in eps] == [False, False, True, True] and r["eval"] == 2
+    assert r["recovered_fraction"] == pytest.approx(np.mean([e["recovered_fraction"] for e in eps[2:]]))
+    assert r["curve"] == [[e["env_steps"], e["recovered_fraction"], e["pred_error"]] for e in eps[:2]]
+    assert "| lx0.5 | frozen, eval 2 | 1 |" in (evaluated / "adapt_pendulum.md").read_text()
+
 
 def test_training_label_names_how_the_dynamics_varied():
     from types import SimpleNamespace as Env
