@@ -215,7 +215,8 @@ def report(rows: list[dict]) -> str:
                         f"{min(rec):.2f} .. {max(rec):.2f}", f"{sum(x >= TARGET for x in rec)}/{len(rec)}",
                         int(np.mean([r["env_steps"] for r in rs]))])
     text = ("Recovered fraction = (return - random) / (in-distribution return - random), random = a uniform policy on "
-            f"the shift; 'final' is the mean over the last episodes of the budget (retrain: the new agent's eval after "
+            f"the shift; 'final' is the mean over the last episodes of the budget, or where the mode says 'eval N' over N "
+            f"evaluation episodes after it, the same starts for every mode (retrain: the new agent's eval after "
             f"training for the same env steps); target >= {TARGET}\n\n")
     text += markdown(["env", "backbone", "training", "shift", "mode", "seeds", "first episode", "final (mean)", "final (seeds)",
                       "seeds >= target", "env steps"], summary)
