@@ -212,10 +212,10 @@ def main(argv: list[str]) -> dict:
     tag = "-".join(f"{k}{v:g}" for k, v in sorted(shift.items()))
     out = Path(opts["out"]) if opts["out"] else run_dir / "adapt" / f"{opts['mode']}-{tag}"
 
-    def run_episodes(env_cfg, n, mode):
-        env = _collect_env(env_cfg, opts["seed"] + 50_000, shapes)
+    def run_episodes(env_cfg, n, mode, offset=50_000, act=policy):
+        env = _collect_env(env_cfg, opts["seed"] + offset, shapes)
         policy.mode.fill_(mode)
-        eps = [episode_arrays(env.rollout(cfg.env.time_limit, policy=policy, break_when_any_done=True), obs_key)
+        eps = [episode_arrays(env.rollout(cfg.env.time_limit, policy=act, break_when_any_done=True), obs_key)
                for _ in range(n)]
         env.close()
         return eps
@@ -264,16 +264,13 @@ def main(argv: list[str]) -> dict:
         print(f"[adapt] {opts['mode']} episode {i}: return {ep['return']:.1f}, prediction error {err:.4f}", flush=True)
     env.close()
     if opts["eval"]:
-        env = _collect_env(shifted, opts["seed"] + 60_000, shapes)
         torch.manual_seed(opts["seed"] + 60_000)  # the policy's draws too: the same agent meets the same episodes
-        for i in range(opts["eval"]):
-            ep = episode_arrays(env.rollout(cfg.env.time_limit, policy=act, break_when_any_done=True), obs_key)
-            err = prediction_error(agent.wm, ep, opts["context"], opts["horizon"])
-            rows.append({"episode": len(rows), "env_steps": steps, "return": ep["return"], "pred_error": err, "eval": True,
-                         **recovered(ep["return"], ref)})
-        env.close()
-        ev = [r["return"] for r in rows if r.get("eval")]
-        print(f"[adapt] {opts['mode']} after the budget: eval return {np.mean(ev):.1f} over {len(ev)} episodes", flush=True)
+        evals = run_episodes(shifted, opts["eval"], EVAL, offset=60_000, act=act)
+        rows += [{"episode": len(rows) + i, "env_steps": steps, "return": ep["return"], "eval": True,
+                  "pred_error": prediction_error(agent.wm, ep, opts["context"], opts["horizon"]), **recovered(ep["return"], ref)}
+                 for i, ep in enumerate(evals)]
+        print(f"[adapt] {opts['mode']} after the budget: eval return {np.mean([e['return'] for e in evals]):.1f} "
+              f"over {len(evals)} episodes", flush=True)
     return finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, opt)
 
 
