@@ -1,8 +1,8 @@
 """`longdream adapt`: deploy a trained agent where the dynamics changed, and measure how it copes.
 
     longdream adapt run_dir=<trained run> shift.<p>=<scale> [mode=frozen|context|gradient|retrain]
-                    [episodes=10] [updates=50] [ac=false] [lr=1] [eval=0] [horizon=16] [context=8] [seed=0]
-                    [out=<folder>]
+                    [episodes=10] [updates=50] [ac=false] [lr=1] [explore=false] [eval=0] [horizon=16] [context=8]
+                    [seed=0] [out=<folder>]
 
 `shift.<p>` scales a physical parameter as `env.shift` does (envs/shift.py). Every episode is one
 row: its return, and the world model's open-loop prediction error on it (windows of the episode:
@@ -20,6 +20,9 @@ Modes:
 - retrain: the reference, a new agent trained from scratch on the shifted env with the run's settings
   and seed (plus `seed`) for the env steps of `episodes` full episodes; its rows are its training
   episodes (no prediction error) and a last one, the eval return after training.
+The deployment episodes act greedily (the eval policy) unless `explore=true`: then they sample
+from the actor as training's collection does, so the steps on the new data see more of it; `eval`
+episodes are greedy either way.
 Env steps count env frames (agent steps x action repeat), as training does. `eval=N` adds N rows
 marked `eval` after the budget: the agent as the budget left it (no more updates; in context mode its
 state runs on) on N episodes of the shifted env drawn from their own seed, the same for every mode,
@@ -41,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "ac": False, "lr": 1.0, "eval": 0, "horizon": 16, "context": 8,
+DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "ac": False, "lr": 1.0, "explore": False, "eval": 0, "horizon": 16, "context": 8,
             "seed": 0, "out": "", "reference": True, "device": "cpu"}
 MODES = ("frozen", "context", "gradient", "retrain")
 
@@ -186,7 +189,7 @@ def adaptation_optimizers(agent, ac: bool, lr: float) -> dict:
 def main(argv: list[str]) -> dict:
     from agents import checkpoint
     from agents.config import ConfigError, load_config
-    from agents.policy import EVAL, RANDOM
+    from agents.policy import EVAL, EXPLORE, RANDOM
     from agents.train import _collect_env, build_agent
 
     opts, shift = parse(argv)
@@ -243,7 +246,7 @@ def main(argv: list[str]) -> dict:
     if opts["mode"] == "gradient":
         opt = adaptation_optimizers(agent, opts["ac"], opts["lr"])
     env = _collect_env(shifted, opts["seed"], shapes)
-    policy.mode.fill_(EVAL)
+    policy.mode.fill_(EXPLORE if opts["explore"] else EVAL)
     rows, seen, steps = [], [], 0
     for i in range(opts["episodes"]):
         ep = episode_arrays(env.rollout(cfg.env.time_limit, policy=act, break_when_any_done=True), obs_key)
@@ -316,7 +319,7 @@ def finish(rows, ref, cfg, ckpt, opts, shift, tag, out, tic, opt) -> dict:
 
     meta = {"mode": opts["mode"], "backbone": cfg.backbone,
             "shift": shift, "seed": opts["seed"], "env": cfg.env.id, "checkpoint": ckpt.name, "reference": ref,
-            "options": {k: opts[k] for k in ("episodes", "updates", "ac", "lr", "eval", "horizon", "context")}, "wall_s": round(time.time() - tic, 1),
+            "options": {k: opts[k] for k in ("episodes", "updates", "ac", "lr", "explore", "eval", "horizon", "context")}, "wall_s": round(time.time() - tic, 1),
             "machine": machine(opts["device"]), "commit": commit()}
     for r in rows:
         r.update({k: meta[k] for k in ("mode", "backbone", "shift", "seed")})

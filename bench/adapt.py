@@ -2,8 +2,8 @@
 per run and shift, with one results file and one table.
 
     longdream bench adapt runs=<run_dir>,<run_dir> [shifts=m:1.5,l:1.5,m:0.5,l:0.5]
-                          [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50] [lr=1] [eval=0]
-                          [last=5] [seed=0] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
+                          [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50] [lr=1]
+                          [explore=false] [eval=0] [last=5] [seed=0] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
                           [merge_from=a.json,b.json]
 
 `runs` are training run directories (their backbone, seed and env come from their config). `seed`
@@ -16,7 +16,8 @@ agent on the unshifted env, a random policy on the shift) and one row of
 bench/results/adapt_<suite>.json / .md, written as soon as it is measured; a later invocation skips the
 rows that are there (`rerun=true` measures them again). `gradient` runs with `ac=` (true: world model
 and actor-critic steps; false: the world model alone) and is reported as `gradient+ac` or `gradient`;
-`lr` scales its learning rates (reported where it is not 1).
+`lr` scales its learning rates (reported where it is not 1). `explore=true` samples the deployment's
+actions as training's collection does instead of acting greedily (reported as "explore"; not for retrain).
 
 A row's `recovered_fraction` is (return - random) / (in-distribution - random) averaged over the last
 `last` episodes of the budget, or with `eval=N` over N evaluation episodes after it (the same starts for
@@ -36,7 +37,7 @@ import numpy as np
 from bench.report import RESULTS, machine, markdown, parse, portable, write
 
 DEFAULTS = {"runs": "", "shifts": "m:1.5,l:1.5,m:0.5,l:0.5", "modes": "frozen,context,gradient,retrain", "ac": True,
-            "episodes": 10, "updates": 50, "lr": 1.0, "eval": 0, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
+            "episodes": 10, "updates": 50, "lr": 1.0, "explore": False, "eval": 0, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
             "merge_from": "", "device": "cpu", "seed": 0}
 TARGET = 0.8  # recovered fraction to reach within the budget (the adaptation issue's Pendulum target)
 
@@ -84,6 +85,8 @@ def shown(row: dict) -> str:
         text += f", {row['updates']} updates"
     if row["mode"].startswith("gradient") and row.get("lr", 1.0) != 1.0:
         text += f", lr x{row['lr']:g}"
+    if row.get("explore", False):
+        text += ", explore"
     if row.get("eval", 0):
         text += f", eval {row['eval']}"
     return text
@@ -137,14 +140,15 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
     from agents.adapt import main as adapt
 
     key = (run.name, tag(shift), label(mode, a["ac"]), a["episodes"], a["updates"] if mode == "gradient" else 0,
-           a["lr"] if mode == "gradient" else 1.0, a["eval"])
+           a["lr"] if mode == "gradient" else 1.0, a["eval"], bool(a["explore"]) and mode != "retrain")
     if key in done:
         print(f"[adapt] {run.name} {tag(shift)} {key[2]}: in the results already (rerun=true measures it again)", flush=True)
         return None
-    out = work_folder(Path(a["work"]), {"run": run.name, "mode": key[2], "updates": key[4], "lr": key[5], "eval": key[6], "shift_tag": tag(shift)})
+    out = work_folder(Path(a["work"]), {"run": run.name, "mode": key[2], "updates": key[4], "lr": key[5], "eval": key[6], "explore": key[7],
+                                         "shift_tag": tag(shift)})
     tic = time.time()
     data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
-                  f"ac={a['ac']}", f"lr={a['lr']}", f"eval={a['eval']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
+                  f"ac={a['ac']}", f"lr={a['lr']}", f"explore={key[7]}", f"eval={a['eval']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
     eps = data["rows"]
     final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
     # the deployment's own episodes; a retrain's curve ends at its eval after training, as it always has
@@ -153,7 +157,7 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
             "adapt_seed": data["seed"],
             "shift": shift,
             "shift_tag": tag(shift), "mode": key[2], "ac": bool(a["ac"]) and mode == "gradient",
-            "episodes": a["episodes"], "updates": key[4], "lr": key[5], "eval": key[6], "last": len(final), "env_steps": eps[-1]["env_steps"],
+            "episodes": a["episodes"], "updates": key[4], "lr": key[5], "eval": key[6], "explore": key[7], "last": len(final), "env_steps": eps[-1]["env_steps"],
             "reference": data["reference"],
             "recovered_fraction": float(np.mean([r["recovered_fraction"] for r in final])),
             "recovered_first": float(eps[0]["recovered_fraction"]),
@@ -166,7 +170,8 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
 
 
 def _key(row: dict) -> tuple:
-    return (row["run"], row["shift_tag"], row["mode"], row["episodes"], row["updates"], row.get("lr", 1.0), row.get("eval", 0))
+    return (row["run"], row["shift_tag"], row["mode"], row["episodes"], row["updates"], row.get("lr", 1.0), row.get("eval", 0),
+            row.get("explore", False))
 
 
 def _load(path: Path) -> list[dict]:

@@ -48,6 +48,19 @@ def test_eval_rows_follow_the_budget_on_starts_of_their_own(run, tmp_path):
     assert got[0] == got[1]
 
 
+@pytest.mark.slow
+def test_explore_samples_the_deployment_and_leaves_the_eval_greedy(run, tmp_path):
+    """explore=true: the deployment episodes act as training's collection does (sampled), the eval ones as
+    without it (greedy, the same starts): the frozen agent's eval rows match, its deployment rows do not."""
+    got = {}
+    for explore in ("false", "true"):
+        out = tmp_path / explore
+        assert main(["adapt", f"run_dir={run}", "shift.m=1.5", "mode=frozen", "episodes=1", "eval=1", "reference=false",
+                     f"explore={explore}", f"out={out}"]) == 0
+        got[explore] = [r["return"] for r in json.loads((out / "adapt.json").read_text())["rows"]]
+    assert got["true"][1] == got["false"][1] and got["true"][0] != got["false"][0]
+
+
 class Echo:
     """A stand-in policy whose next state is its input state plus one."""
     state_keys = ["h"]

@@ -102,3 +102,7 @@ def test_gradient_rows_with_other_updates_do_not_pool_with_the_default():
     assert text.index("| gradient+ac | 2 |") < text.index("| gradient+ac, 200 updates | 1 |")
     assert work_folder(Path("w"), row(0, 50, 0.2)) == Path("w/r0/gradient+ac-mx2")
     assert work_folder(Path("w"), row(0, 200, 0.2)) == Path("w/r0/gradient+ac-200updates-mx2")
+    explored = {**row(1, 50, 0.7), "explore": True}  # sampled deployment actions: a row of its own
+    text = report([row(0, 50, 0.2), row(1, 50, 0.4), explored])
+    assert "| gradient+ac | 2 | 0.00 | 0.30 |" in text and "| gradient+ac, explore | 1 | 0.00 | 0.70 |" in text
+    assert work_folder(Path("w"), explored) == Path("w/r1/gradient+ac-explore-mx2")
