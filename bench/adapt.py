@@ -3,8 +3,8 @@ per run and shift, with one results file and one table.
 
     longdream bench adapt runs=<run_dir>,<run_dir> [shifts=m:1.5,l:1.5,m:0.5,l:0.5]
                           [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50] [lr=1]
-                          [explore=false] [eval=0] [last=5] [seed=0] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
-                          [merge_from=a.json,b.json]
+                          [explore=false] [eval=0] [last=5] [seed=0] [suite=pendulum] [work=runs/adapt] [out=<folder>]
+                          [rerun=false] [merge_from=a.json,b.json]
 
 `runs` are training run directories (their backbone, seed and env come from their config). `seed`
 seeds the deployment (the shifted env's initial states and the adaptation's draws) and is the same for
