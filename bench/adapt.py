@@ -139,16 +139,17 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
     None where the results already hold it."""
     from agents.adapt import main as adapt
 
-    key = (run.name, tag(shift), label(mode, a["ac"]), a["episodes"], a["updates"] if mode == "gradient" else 0,
-           a["lr"] if mode == "gradient" else 1.0, a["eval"], bool(a["explore"]) and mode != "retrain")
-    if key in done:
-        print(f"[adapt] {run.name} {tag(shift)} {key[2]}: in the results already (rerun=true measures it again)", flush=True)
+    # what tells this row apart from the others (its `_key`), as the row will hold it
+    ident = {"run": run.name, "shift_tag": tag(shift), "mode": label(mode, a["ac"]), "episodes": a["episodes"],
+             "updates": a["updates"] if mode == "gradient" else 0, "lr": a["lr"] if mode == "gradient" else 1.0,
+             "eval": a["eval"], "explore": bool(a["explore"]) and mode != "retrain"}
+    if _key(ident) in done:
+        print(f"[adapt] {run.name} {tag(shift)} {ident['mode']}: in the results already (rerun=true measures it again)", flush=True)
         return None
-    out = work_folder(Path(a["work"]), {"run": run.name, "mode": key[2], "updates": key[4], "lr": key[5], "eval": key[6], "explore": key[7],
-                                         "shift_tag": tag(shift)})
+    out = work_folder(Path(a["work"]), ident)
     tic = time.time()
     data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
-                  f"ac={a['ac']}", f"lr={a['lr']}", f"explore={key[7]}", f"eval={a['eval']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
+                  f"ac={a['ac']}", f"lr={a['lr']}", f"explore={ident['explore']}", f"eval={a['eval']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
     eps = data["rows"]
     final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
     # the deployment's own episodes; a retrain's curve ends at its eval after training, as it always has
@@ -156,8 +157,7 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
     return {"run": run.name, "env": data["env"], "backbone": data["backbone"], "training": training(trained.env), "seed": trained.train.seed,
             "adapt_seed": data["seed"],
             "shift": shift,
-            "shift_tag": tag(shift), "mode": key[2], "ac": bool(a["ac"]) and mode == "gradient",
-            "episodes": a["episodes"], "updates": key[4], "lr": key[5], "eval": key[6], "explore": key[7], "last": len(final), "env_steps": eps[-1]["env_steps"],
+            **ident, "ac": bool(a["ac"]) and mode == "gradient", "last": len(final), "env_steps": eps[-1]["env_steps"],
             "reference": data["reference"],
             "recovered_fraction": float(np.mean([r["recovered_fraction"] for r in final])),
             "recovered_first": float(eps[0]["recovered_fraction"]),
