@@ -202,7 +202,7 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
                     state_shapes=agent.wm.core.state_shapes(), context=t.replay_context, every=t.replay_context_every,
                     expected_rows=expected_rows, fixed_shapes=cfg.agent.cuda_graph)
     counters = {"env_steps": 0, "agent_steps": 0, "updates": 0, "updates_due": 0.0, "episodes": 0,
-                "nonfinite": 0, "last_log": 0, "last_eval": 0, "last_video": 0}
+                "nonfinite": 0, "last_log": 0, "last_eval": 0, "last_video": 0, "wall_s": 0.0}
 
     ckpt = checkpoint.latest(run_dir) if run_dir.exists() else None
     step = int(ckpt.name.split("-")[1]) if ckpt is not None else -1
@@ -230,7 +230,8 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
         results["eval_return_before"] = float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 10_000)))
         writer.add_scalar("eval/return", results["eval_return_before"], 0)
 
-    def save_checkpoint():
+    def save_checkpoint():  # with the run's wall time so far, all of its segments (a resume adds to it)
+        counters["wall_s"] = clock["before"] + time.time() - clock["start"]
         save_state(run_dir, counters["env_steps"], agent, opts, counters, replay)
 
     make_fn = functools.partial(_collect_env, cfg.env, primer_shapes=shapes)
@@ -239,7 +240,8 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
 
     repeat, tokens = cfg.env.action_repeat, t.batch_size * t.seq_len
     metrics, recent_returns = defaultdict(list), []
-    clock = {"start": time.time(), "ckpt": time.time(), "train": 0.0, "log": time.time(), "log_steps": counters["env_steps"]}
+    clock = {"start": time.time(), "ckpt": time.time(), "train": 0.0, "log": time.time(), "log_steps": counters["env_steps"],
+             "before": counters["wall_s"]}  # the wall time of the segments before this one, to their last checkpoint
     bar = tqdm(total=t.steps, initial=min(counters["env_steps"], t.steps), unit="step",
                disable=not (t.progress and group.main), dynamic_ncols=True, desc="train")
     try:
@@ -324,7 +326,8 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
         write_open_loop(agent, replay, writer, counters["env_steps"], device)
     writer.close()
     results.update(env_steps=counters["env_steps"], updates=counters["updates"], episodes=counters["episodes"],
-                   wall_s=time.time() - clock["start"], videos=str(run_dir / "videos"),
+                   wall_s=clock["before"] + time.time() - clock["start"], wall_s_segment=time.time() - clock["start"],
+                   videos=str(run_dir / "videos"),
                    checkpoint=str(checkpoint.latest(run_dir)), tensorboard=str(run_dir / "tb"))
     return results
 

@@ -19,7 +19,8 @@ runs' periodic evals: mean over seeds per backbone, the band from the worst to t
 
 A benchmark resumes: each finished run is merged into the results file at once, a later invocation
 skips the runs whose row is there (`rerun=true` measures them again), and a run that was stopped
-continues from its last checkpoint. A run replaces the row of the same (env, backbone, seed, steps,
+continues from its last checkpoint; its wall time adds its segments (each counted to its last
+checkpoint, so a stop loses at most `checkpoint_every` seconds of it). A run replaces the row of the same (env, backbone, seed, steps,
 preset, extra, dims) and keeps the others (`merge=false` starts afresh), so seeds measured on
 different days add up. Each row records its own machine, date, eval episodes and torch threads; the
 summary averages over seeds. `merge_from=a.json,b.json` trains nothing: it folds results files
@@ -116,7 +117,9 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
     save_overrides(run, overrides)  # as `longdream train` leaves it: eval, dataset and adapt read it (keep=true)
     tic = time.time()
     res = train(cfg)
-    wall = time.time() - tic
+    # a resumed run's wall time: its earlier segments (to their last checkpoint, as the checkpoint holds
+    # them) and this one whole
+    wall = res["wall_s"] - res["wall_s_segment"] + time.time() - tic
     returns = [res["eval_return_after"]]
     agent, policy, shapes = build_agent(cfg, cfg.train.device)
     if a["episodes"] > 1:  # the loop's final eval uses eval_episodes; report exactly `episodes`
@@ -125,7 +128,7 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
     params = agent.param_counts()
     row = {"backbone": backbone, "seed": seed, "env_steps": res["env_steps"], "updates": res["updates"],
            "eval_return_mean": float(np.mean(returns)), "eval_return_std": float(np.std(returns)),
-           "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1), "episodes": len(returns),
+           "eval_return_before": res.get("eval_return_before"), "wall_s": round(wall, 1), "resumed": resumed, "episodes": len(returns),
            "threads": torch.get_num_threads(), "params": params, "dims": dataclasses.asdict(cfg.core),
            "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
            "replay_context": cfg.train.replay_context, "commit": commit(),

@@ -119,13 +119,20 @@ def test_kill_and_resume_continues_with_replay(tmp_path, capsys):
     ckpt = run / "checkpoints" / pointer.read_text()
     saved = torch.load(ckpt / "agent.pt", weights_only=False)["counters"]
     meta = Replay.read_meta(ckpt)
-    assert saved["updates"] > 0 and meta["hi"][0] > 0
+    assert saved["updates"] > 0 and meta["hi"][0] > 0 and saved["wall_s"] > 0
+    # the run's wall time adds up over its segments: mark the stopped one's as 1000 s
+    payload = torch.load(ckpt / "agent.pt", weights_only=False)
+    payload["counters"]["wall_s"] = 1000.0
+    torch.save(payload, ckpt / "agent.pt")
     target = saved["env_steps"] + 64
+    tic = time.time()
     assert main(["train", f"run_dir={run}", f"steps={target}", "progress=false"]) == 0
+    segment = time.time() - tic
     assert f"at env step {saved['env_steps']:,}: {meta['hi'][0]:,} replay rows" in capsys.readouterr().out
     final = torch.load(run / "checkpoints" / pointer.read_text() / "agent.pt", weights_only=False)["counters"]
     assert target <= final["env_steps"] < target + 16
     assert final["updates"] > saved["updates"]
+    assert 1000.0 < final["wall_s"] < 1000.0 + segment
     new = Replay.read_meta(run / "checkpoints" / pointer.read_text())
     assert new["hi"][0] >= meta["hi"][0] + 32  # the old replay stream came back and grew (64 env steps, repeat 1)
     # every row the checkpoint recorded is still there, unchanged
