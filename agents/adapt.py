@@ -1,8 +1,8 @@
 """`longdream adapt`: deploy a trained agent where the dynamics changed, and measure how it copes.
 
     longdream adapt run_dir=<trained run> shift.<p>=<scale> [mode=frozen|context|gradient|retrain]
-                    [episodes=10] [updates=50] [ac=false] [lr=1] [explore=false] [eval=0] [horizon=16] [context=8]
-                    [seed=0] [out=<folder>]
+                    [episodes=10] [updates=50] [wm_updates=0] [ac=false] [lr=1] [explore=false] [eval=0]
+                    [horizon=16] [context=8] [seed=0] [out=<folder>]
 
 `shift.<p>` scales a physical parameter as `env.shift` does (envs/shift.py). Every episode is one
 row: its return, and the world model's open-loop prediction error on it (windows of the episode:
@@ -16,7 +16,9 @@ Modes:
   (the run's batch size and sequence length), rolled back where the error on the latest episode grew;
   with `ac=true` each step is the whole learner update (world model, then actor and critic in
   imagination from the windows' states, as training does), so the policy adapts too, and a rollback
-  restores all of it; `lr` scales every learning rate of these steps (the run's own at 1);
+  restores all of it; `wm_updates` world-model steps come before them (the model fits the new data
+  first, then the actor-critic learns in it); `lr` scales every learning rate of these steps (the
+  run's own at 1);
 - retrain: the reference, a new agent trained from scratch on the shifted env with the run's settings
   and seed (plus `seed`) for the env steps of `episodes` full episodes; its rows are its training
   episodes (no prediction error) and a last one, the eval return after training.
@@ -44,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "ac": False, "lr": 1.0, "explore": False, "eval": 0, "horizon": 16, "context": 8,
+DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "wm_updates": 0, "ac": False, "lr": 1.0, "explore": False, "eval": 0, "horizon": 16, "context": 8,
             "seed": 0, "out": "", "reference": True, "device": "cpu"}
 MODES = ("frozen", "context", "gradient", "retrain")
 
@@ -80,6 +82,9 @@ def parse(argv: list[str]) -> tuple[dict, dict]:
     for k in ("episodes", "horizon", "context"):
         if opts[k] < 1:
             raise ConfigError(f"{k} must be at least 1, got {opts[k]}")
+    for k in ("updates", "wm_updates"):
+        if opts[k] < 0:
+            raise ConfigError(f"{k} is a number of steps per episode (0 for none), got {opts[k]}")
     if opts["eval"] < 0:
         raise ConfigError(f"eval is a number of episodes (0 for none), got {opts['eval']}")
     if not opts["lr"] > 0:
@@ -145,11 +150,12 @@ def prediction_error(wm, ep: dict, context: int, horizon: int) -> float:
     return float((pred[:, context:] - w["obs"][:, context:]).pow(2).mean())
 
 
-def adapt_wm(agent, opts: dict, episodes: list[dict], updates: int, batch: int, seq: int, rng) -> None:
+def adapt_wm(agent, opts: dict, episodes: list[dict], updates: int, batch: int, seq: int, rng, wm_updates: int = 0) -> None:
     """`updates` steps on random windows of `seq` rows of the episodes seen so far, each window starting
     an episode; windows are sliced where they are drawn, not built all at once. `opts` names the
     optimisers to step: {"wm"} alone trains the world model on its loss; with "actor" and "critic" too,
-    each step is the full learner update (agents.dreamer.update)."""
+    each step is the full learner update (agents.dreamer.update). `wm_updates` world-model steps come
+    first, whatever `opts` holds: the model fits the new data before the actor-critic learns in it."""
     from agents.dreamer import autocast, update
 
     starts = [(ep, s) for ep in episodes for s in range(ep["obs"].shape[0] - seq + 1)]
@@ -157,11 +163,11 @@ def adapt_wm(agent, opts: dict, episodes: list[dict], updates: int, batch: int, 
         return
     first = torch.zeros(batch, seq)
     first[:, 0] = 1
-    for _ in range(updates):
+    for step in range(wm_updates + updates):
         pick = [starts[k] for k in rng.integers(len(starts), size=batch)]
         b = {k: torch.stack([ep[k][s:s + seq] for ep, s in pick]) for k in ("obs", "action", "reward", "is_terminal")}
         b["is_first"] = first
-        if set(opts) != {"wm"}:
+        if step >= wm_updates and set(opts) != {"wm"}:
             update(agent, opts, b)
             continue
         with autocast(agent):
@@ -254,9 +260,9 @@ def main(argv: list[str]) -> dict:
         err = prediction_error(agent.wm, ep, opts["context"], opts["horizon"])
         row = {"episode": i, "env_steps": steps, "return": ep["return"], "pred_error": err, **recovered(ep["return"], ref)}
         seen.append(ep)
-        if opt is not None and opts["updates"]:
+        if opt is not None and opts["updates"] + opts["wm_updates"]:
             before = copy.deepcopy(agent.state_dict()), {k: copy.deepcopy(o.state_dict()) for k, o in opt.items()}
-            adapt_wm(agent, opt, seen, opts["updates"], cfg.train.batch_size, cfg.train.seq_len, rng)
+            adapt_wm(agent, opt, seen, opts["updates"], cfg.train.batch_size, cfg.train.seq_len, rng, opts["wm_updates"])
             after = prediction_error(agent.wm, ep, opts["context"], opts["horizon"])
             row["rolled_back"] = bool(after > err)
             if row["rolled_back"]:  # the steps made the model worse on what it just saw: undo them

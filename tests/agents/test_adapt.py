@@ -106,10 +106,8 @@ def test_gradient_steps_lower_the_error_on_the_shifted_data(run):
     assert after < 0.8 * before, (before, after)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("ac", [False, True])
-def test_gradient_mode_trains_the_actor_critic_only_with_ac(run, ac):
-    """ac=false steps the world model alone; ac=true runs the learner update, actor and critic included."""
+def _deployed(run, episodes=2):
+    """The run's trained agent and `episodes` short episodes of it on a heavier pendulum."""
     from agents import checkpoint
     from agents.config import load_config
     from agents.train import _collect_env, build_agent
@@ -118,12 +116,35 @@ def test_gradient_mode_trains_the_actor_critic_only_with_ac(run, ac):
     agent, policy, shapes = build_agent(cfg, "cpu")
     agent.load_state_dict(checkpoint.load(checkpoint.latest(run))[0]["agent"])
     env = _collect_env(type(cfg.env)(**{**cfg.env.__dict__, "shift": {"m": 2.0}}), 0, shapes)
-    eps = [episode_arrays(env.rollout(40, policy=policy, break_when_any_done=True), "observation") for _ in range(2)]
+    return agent, [episode_arrays(env.rollout(40, policy=policy, break_when_any_done=True), "observation")
+                   for _ in range(episodes)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ac,updates,wm_updates", [(False, 3, 0), (True, 3, 0), (True, 0, 3)])
+def test_gradient_mode_trains_the_actor_critic_only_with_ac(run, ac, updates, wm_updates):
+    """ac=false steps the world model alone; ac=true runs the learner update, actor and critic included;
+    model-only steps (wm_updates) leave the actor and critic as they were, their optimisers there or not."""
+    agent, eps = _deployed(run)
     opts = adaptation_optimizers(agent, ac, 1.0)
     snap = {k: [p.detach().clone() for p in getattr(agent, k).parameters()] for k in ("wm", "actor", "critic")}
-    adapt_wm(agent, opts, eps, 3, 4, 8, np.random.default_rng(0))
+    adapt_wm(agent, opts, eps, updates, 4, 8, np.random.default_rng(0), wm_updates=wm_updates)
     moved = {k: any(not torch.equal(a, b) for a, b in zip(snap[k], getattr(agent, k).parameters())) for k in snap}
-    assert moved == {"wm": True, "actor": ac, "critic": ac}
+    assert moved == {"wm": True, "actor": ac and updates > 0, "critic": ac and updates > 0}
+
+
+@pytest.mark.slow
+def test_model_only_steps_come_before_the_learner_updates(run, monkeypatch):
+    """wm_updates=k: k world-model steps, then `updates` full learner updates."""
+    from agents import dreamer
+
+    agent, eps = _deployed(run)
+    opts = adaptation_optimizers(agent, True, 1.0)
+    calls, wm_step = [], opts["wm"].step
+    monkeypatch.setattr(dreamer, "update", lambda agent, opts, batch: calls.append("update"))
+    monkeypatch.setattr(opts["wm"], "step", lambda *a, **k: (calls.append("wm"), wm_step(*a, **k)))
+    adapt_wm(agent, opts, eps, 2, 4, 8, np.random.default_rng(0), wm_updates=3)
+    assert calls == ["wm"] * 3 + ["update"] * 2
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "laprop"])
@@ -143,6 +164,7 @@ def test_adaptation_optimizers_scale_the_run_learning_rates_without_warmup(optim
 @pytest.mark.parametrize("args,msg", [
     (["shift.m=1.5"], "usage: longdream adapt run_dir="),
     (["run_dir=RUN", "shift.m=1.5", "lr=0"], "lr scales the learning rates and must be positive"),
+    (["run_dir=RUN", "shift.m=1.5", "wm_updates=-1"], "wm_updates is a number of steps per episode"),
     (["run_dir=RUN", "shift.m=1.5", "eval=-1"], "eval is a number of episodes"),
     (["run_dir=RUN", "mode=sometimes", "shift.m=1.5"], "mode must be one of frozen, context, gradient"),
     (["run_dir=RUN"], "adapt needs a shift"),

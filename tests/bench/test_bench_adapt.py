@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from agents.cli import main
-from bench.adapt import parse_shift, report, work_folder
+from bench.adapt import _key, parse_shift, report, work_folder
 
 @pytest.fixture(scope="module")
 def run(pendulum_run):
@@ -106,3 +106,8 @@ def test_gradient_rows_with_other_updates_do_not_pool_with_the_default():
     text = report([row(0, 50, 0.2), row(1, 50, 0.4), explored])
     assert "| gradient+ac | 2 | 0.00 | 0.30 |" in text and "| gradient+ac, explore | 1 | 0.00 | 0.70 |" in text
     assert work_folder(Path("w"), explored) == Path("w/r1/gradient+ac-explore-mx2")
+    fitted = {**row(1, 50, 0.6), "wm_updates": 150}  # model-only steps first: a row of its own
+    text = report([row(0, 50, 0.2), row(1, 50, 0.4), fitted])
+    assert "| gradient+ac | 2 | 0.00 | 0.30 |" in text and "| gradient+ac, +150 model updates | 1 | 0.00 | 0.60 |" in text
+    assert work_folder(Path("w"), fitted) == Path("w/r1/gradient+ac-+150modelupdates-mx2")
+    assert len({_key({**r, "episodes": 10}) for r in (row(1, 50, 0.4), fitted)}) == 2  # resumes apart too
