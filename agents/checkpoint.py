@@ -14,12 +14,37 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from agents.runlock import os_error
+
+
+class Clock:
+    """A training loop's wall time across resumes (counters["wall_s"], carried in its checkpoints, so a
+    resume adds to it) and, for loops that use `maybe_save`, its checkpoint every `every` seconds."""
+
+    def __init__(self, counters: dict, every: float):
+        self.counters, self.every, self.since = counters, every, time.time()
+
+    def count(self) -> float:
+        """Adds the time since the last count to counters["wall_s"] and returns the total."""
+        now = time.time()
+        self.counters["wall_s"] += now - self.since
+        self.since = now
+        return self.counters["wall_s"]
+
+    def maybe_save(self, save) -> None:
+        if time.time() - self.since >= self.every:
+            self.count()
+            save()
+
+    def stop(self, save) -> None:
+        self.count()
+        save()
 
 
 class CheckpointError(RuntimeError):

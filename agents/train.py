@@ -231,7 +231,7 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
         writer.add_scalar("eval/return", results["eval_return_before"], 0)
 
     def save_checkpoint():  # with the run's wall time so far, all of its segments (a resume adds to it)
-        counters["wall_s"] = clock["before"] + time.time() - clock["start"]
+        wall.count()
         save_state(run_dir, counters["env_steps"], agent, opts, counters, replay)
 
     make_fn = functools.partial(_collect_env, cfg.env, primer_shapes=shapes)
@@ -240,8 +240,8 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
 
     repeat, tokens = cfg.env.action_repeat, t.batch_size * t.seq_len
     metrics, recent_returns = defaultdict(list), []
-    clock = {"start": time.time(), "ckpt": time.time(), "train": 0.0, "log": time.time(), "log_steps": counters["env_steps"],
-             "before": counters["wall_s"]}  # the wall time of the segments before this one, to their last checkpoint
+    clock = {"start": time.time(), "ckpt": time.time(), "train": 0.0, "log": time.time(), "log_steps": counters["env_steps"]}
+    wall = checkpoint.Clock(counters, t.checkpoint_every)
     bar = tqdm(total=t.steps, initial=min(counters["env_steps"], t.steps), unit="step",
                disable=not (t.progress and group.main), dynamic_ncols=True, desc="train")
     try:
@@ -326,7 +326,7 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
         write_open_loop(agent, replay, writer, counters["env_steps"], device)
     writer.close()
     results.update(env_steps=counters["env_steps"], updates=counters["updates"], episodes=counters["episodes"],
-                   wall_s=clock["before"] + time.time() - clock["start"], wall_s_segment=time.time() - clock["start"],
+                   wall_s=wall.count(), wall_s_segment=time.time() - clock["start"],
                    videos=str(run_dir / "videos"),
                    checkpoint=str(checkpoint.latest(run_dir)), tensorboard=str(run_dir / "tb"))
     return results

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from agents.offline import Clock
 from agents.offline.dataset import to_unit
 
 CORES = ("ssm", "transformer", "bc")
@@ -378,7 +377,7 @@ def train(cfg, dcfg: DecisionConfig) -> dict:
         checkpoint.save(run_dir, counters["updates"], {"agent": model.state_dict(), "opt": opt.state_dict(),
                         "sched": sched.state_dict(), "counters": dict(counters), "gen": gen.get_state()}, _NoReplay())
 
-    clock = Clock(counters, t.checkpoint_every)
+    clock = checkpoint.Clock(counters, t.checkpoint_every)
     params = sum(p.numel() for p in model.parameters())
     bar = tqdm(total=dcfg.updates, initial=counters["updates"], unit="upd", disable=not t.progress, desc=dcfg.core)
     curve = []

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from agents.offline import Clock
 from agents.offline.dataset import to_unit
 
 
@@ -103,7 +102,7 @@ def train_offline(cfg, run_dir: Path) -> dict:
         save_state(run_dir, counters["updates"], agent, opts, counters, replay)
 
     metrics, curve = defaultdict(list), []
-    clock = Clock(counters, t.checkpoint_every)
+    clock = checkpoint.Clock(counters, t.checkpoint_every)
     bar = tqdm(total=t.offline_updates, initial=counters["updates"], unit="upd", disable=not t.progress, desc="offline")
     while counters["updates"] < t.offline_updates:
         batch = replay.sample(device)
