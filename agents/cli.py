@@ -21,6 +21,7 @@ Errors a user can fix (bad keys, unknown envs, corrupt checkpoints) print one li
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -62,7 +63,9 @@ def cmd_train(args: list[str]) -> int:
               f"{res['updates']} updates, no env steps but evaluation, in {res['wall_s']:.0f} s"
               + (f"; normalized score {score:.1f}" if score is not None else ""))
     else:
-        print(f"\ntrained {res['env_steps']} env steps, {res['updates']} updates in {res['wall_s']:.0f} s")
+        wall = (f"{res['wall_s']:.0f} s" if not math.isnan(res["wall_s"]) else  # resumed from a checkpoint without it
+                f"{res['wall_s_segment']:.0f} s since the resume (the run's earlier time was not recorded)")
+        print(f"\ntrained {res['env_steps']} env steps, {res['updates']} updates in {wall}")
     if before is not None:
         print(f"eval return: before {before:.1f} -> after {res['eval_return_after']:.1f}")
     else:

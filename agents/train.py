@@ -162,6 +162,8 @@ def restore(ckpt: Path, agent: Agent, opts: dict, counters: dict, replay: Replay
     for k, opt in opts.items():
         opt.load_state_dict(payload["opts"][k])
     counters.update(payload["counters"])
+    if "wall_s" not in payload["counters"]:  # written before runs counted their time: the time so far is unknown
+        counters["wall_s"] = math.nan
     checkpoint.set_rng_state(payload["rng"])
     return restored
 
@@ -229,6 +231,7 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
     if ckpt is None and group.main:
         results["eval_return_before"] = float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 10_000)))
         writer.add_scalar("eval/return", results["eval_return_before"], 0)
+        writer.add_scalar("eval/wall_s", 0.0, 0)
 
     def save_checkpoint():  # with the run's wall time so far, all of its segments (a resume adds to it)
         wall.count()
@@ -301,6 +304,7 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
                 counters["last_eval"] = step
                 if group.main:
                     writer.add_scalar("eval/return", float(np.mean(evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + step))), step)
+                    writer.add_scalar("eval/wall_s", wall.count(), step)  # the run's time to this eval, all segments
             if distributed.broadcast_flags([time.time() - clock["ckpt"] >= t.checkpoint_every])[0]:  # rank 0's clock
                 clock["ckpt"] = time.time()
                 save_checkpoint()
@@ -322,6 +326,7 @@ def _train(cfg: Config, lock: RunLock, group: distributed.Group, run_dir: Path) 
     results["eval_returns_after"] = evaluate(cfg, policy, shapes, t.eval_episodes, t.seed + 20_000, video=video)
     results["eval_return_after"] = float(np.mean(results["eval_returns_after"]))
     writer.add_scalar("eval/return", results["eval_return_after"], counters["env_steps"])
+    writer.add_scalar("eval/wall_s", wall.count(), counters["env_steps"])
     if agent.wm.spec.pixels and replay.ready():
         write_open_loop(agent, replay, writer, counters["env_steps"], device)
     writer.close()

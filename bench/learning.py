@@ -2,8 +2,8 @@
 and seed, and report the mean eval return over 10 episodes, with wall time and machine. Targets (see
 TARGETS): Pendulum >= -300 after 20K env steps (DreamerV3-class agents get there), LunarLander >= 200
 and dm-control proprio at DreamerV3's own scores after 100K, MuJoCo at 10x the seed table's SSM policy. Rows also give the time to the
-target: the wall time from the run's start to its first periodic evaluation (`eval_every`,
-`eval_episodes`) at or above it ("-" where none reached it, or the run was resumed).
+target: the run's wall time to its first periodic evaluation (`eval_every`, `eval_episodes`) at or
+above it ("-" where none reached it), its segments added where it was stopped and resumed.
 
     longdream bench learning [tasks=pendulum,hopper] [backbones=rssm,s5wm] [steps=20000] [seeds=0,1]
                              [suite=<name>] [device=cpu] [preset=pendulum_cpu] [extra="k=v k=v"] [keep=true]
@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import textwrap
 import time
@@ -119,7 +120,9 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
     res = train(cfg)
     # a resumed run's wall time: its earlier segments (to their last checkpoint, as the checkpoint holds
     # them) and this one whole
-    wall = res["wall_s"] - res["wall_s_segment"] + time.time() - tic
+    wall = time.time() - tic
+    if math.isfinite(res["wall_s"]):  # nan: resumed from a checkpoint that did not hold the time so far
+        wall += res["wall_s"] - res["wall_s_segment"]
     returns = [res["eval_return_after"]]
     agent, policy, shapes = build_agent(cfg, cfg.train.device)
     if a["episodes"] > 1:  # the loop's final eval uses eval_episodes; report exactly `episodes`
@@ -133,8 +136,8 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
            "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
            "replay_context": cfg.train.replay_context, "commit": commit(),
            "nets": dataclasses.asdict(cfg.nets), "agent": dataclasses.asdict(cfg.agent),
-           "loss": dataclasses.asdict(cfg.loss), "curve": (curve := eval_curve(run / "tb", tic)),
-           "time_to_target_s": None if resumed else time_to_target(curve, TARGETS.get(task)),
+           "loss": dataclasses.asdict(cfg.loss), "curve": (curve := eval_curve(run / "tb", None if resumed else tic)),
+           "time_to_target_s": time_to_target(curve, TARGETS.get(task)),
            "env": task, "steps": a["steps"], "preset": a["preset"], "extra": a["extra"],
            "machine": machine(a["device"]), "date": time.strftime("%Y-%m-%d"), "overrides": overrides}
     if not a["keep"]:
@@ -142,16 +145,24 @@ def run_one(a: dict, task: str, backbone: str, seed: int, done: set) -> dict | N
     return row
 
 
-def eval_curve(logdir: Path, start: float) -> list[list[float]]:
-    """[env steps, eval return, seconds since `start`] of a run's periodic evaluations, from its
-    TensorBoard log (the seconds are the wall time at which each evaluation was logged)."""
+def eval_curve(logdir: Path, start: float | None) -> list[list[float]]:
+    """[env steps, eval return, seconds] of a run's periodic evaluations, from its TensorBoard log. The
+    seconds are the run's own wall time at each evaluation, all its segments added (`eval/wall_s`); for
+    a run logged before it had that, the time at which each evaluation was logged less `start`, or none
+    (two-element points) where `start` is None (a resumed run, whose segments' clocks do not add)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     ea.Reload()
-    if "eval/return" not in ea.Tags()["scalars"]:
+    tags = ea.Tags()["scalars"]
+    if "eval/return" not in tags:
         return []
-    return [[e.step, e.value, round(e.wall_time - start, 1)] for e in ea.Scalars("eval/return")]
+    if "eval/wall_s" in tags:
+        seconds = {e.step: e.value for e in ea.Scalars("eval/wall_s") if math.isfinite(e.value)}
+    else:
+        seconds = {} if start is None else {e.step: e.wall_time - start for e in ea.Scalars("eval/return")}
+    return [[e.step, e.value, round(seconds[e.step], 1)] if e.step in seconds else [e.step, e.value]
+            for e in ea.Scalars("eval/return")]
 
 
 def time_to_target(curve: list[list[float]], target: float | None) -> float | None:

@@ -21,7 +21,7 @@ FAST = ["size=xs", "prefill=100", "train_ratio=16", "batch_size=4", "seq_len=8",
 EXPECTED_SCALARS = {
     "loss/dec", "loss/reward", "loss/cont", "loss/dyn", "loss/rep", "loss/actor", "loss/critic",
     "train/kl", "train/actor_entropy", "train/return_scale", "train/grad_norm_wm", "train/grad_norm_actor",
-    "train/nonfinite_updates", "episode/return", "episode/length", "eval/return", "fps/env", "fps/train",
+    "train/nonfinite_updates", "episode/return", "episode/length", "eval/return", "eval/wall_s", "fps/env", "fps/train",
 }
 
 
@@ -133,11 +133,21 @@ def test_kill_and_resume_continues_with_replay(tmp_path, capsys):
     assert target <= final["env_steps"] < target + 16
     assert final["updates"] > saved["updates"]
     assert 1000.0 < final["wall_s"] < 1000.0 + segment
+    last_eval = tags(run).Scalars("eval/wall_s")[-1]  # the final eval's time is the run's, both segments
+    assert last_eval.step == final["env_steps"] and 1000.0 < last_eval.value < 1000.0 + segment
     new = Replay.read_meta(run / "checkpoints" / pointer.read_text())
     assert new["hi"][0] >= meta["hi"][0] + 32  # the old replay stream came back and grew (64 env steps, repeat 1)
     # every row the checkpoint recorded is still there, unchanged
     rp = Replay.open(run / "replay", run / "checkpoints" / pointer.read_text())
     assert rp.verify() == [] and rp.lo[0] == 0
+    # a checkpoint written before runs counted their time: the total is unknown, and said so
+    ckpt = run / "checkpoints" / pointer.read_text()
+    payload = torch.load(ckpt / "agent.pt", weights_only=False)
+    del payload["counters"]["wall_s"]
+    torch.save(payload, ckpt / "agent.pt")
+    capsys.readouterr()
+    assert main(["train", f"run_dir={run}", f"steps={final['env_steps'] + 32}", "progress=false"]) == 0
+    assert "s since the resume (the run's earlier time was not recorded)" in capsys.readouterr().out
 
 
 def one_line_error(capsys, argv):

@@ -89,6 +89,28 @@ def test_time_to_target_is_the_first_evaluation_at_or_above_it(tmp_path):
     assert "time to target" in text and "| 1.6 min |" in text
 
 
+def test_curve_seconds_are_the_run_own_wall_time_across_resumes(tmp_path):
+    """Where the log holds eval/wall_s (the run's time, its segments added) the curve's seconds are
+    those, whenever the events were written; without it they are the events' times less `start`, and
+    none for a resumed run (start None) or where the run's time is unknown (nan)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    with SummaryWriter(old) as w:
+        for step, ret in [(0, -1000.0), (2000, -400.0), (4000, -250.0)]:
+            w.add_scalar("eval/return", ret, step)
+    with SummaryWriter(new) as w:
+        for step, ret, sec in [(0, -1000.0, 0.0), (2000, -400.0, float("nan")), (4000, -250.0, 7200.0)]:
+            w.add_scalar("eval/return", ret, step)
+            w.add_scalar("eval/wall_s", sec, step)
+    assert learning.eval_curve(new, 0.0) == [[0, -1000.0, 0.0], [2000, -400.0], [4000, -250.0, 7200.0]]
+    assert learning.eval_curve(new, None) == learning.eval_curve(new, 0.0)  # the run's own clock: no start needed
+    assert learning.time_to_target(learning.eval_curve(new, None), -300.0) == 7200.0
+    assert [len(p) for p in learning.eval_curve(old, None)] == [2, 2, 2]
+    timed = learning.eval_curve(old, 0.0)
+    assert [p[:2] for p in timed] == [[0, -1000.0], [2000, -400.0], [4000, -250.0]] and all(p[2] > 1e9 for p in timed)
+
+
 def test_several_tasks_need_a_suite_name():
     from agents.config import ConfigError
 
