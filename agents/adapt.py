@@ -1,8 +1,8 @@
 """`longdream adapt`: deploy a trained agent where the dynamics changed, and measure how it copes.
 
     longdream adapt run_dir=<trained run> shift.<p>=<scale> [mode=frozen|context|gradient|retrain]
-                    [episodes=10] [updates=50] [wm_updates=0] [ac=false] [lr=1] [explore=false] [eval=0]
-                    [horizon=16] [context=8] [seed=0] [out=<folder>]
+                    [episodes=10] [updates=50] [wm_updates=0] [rollback=true] [ac=false] [lr=1] [explore=false]
+                    [eval=0] [horizon=16] [context=8] [seed=0] [out=<folder>]
 
 `shift.<p>` scales a physical parameter as `env.shift` does (envs/shift.py). Every episode is one
 row: its return, and the world model's open-loop prediction error on it (windows of the episode:
@@ -13,7 +13,8 @@ Modes:
 - context: the model's state runs on across episodes (an episode start is not a reset), so what it
   has seen of the new dynamics stays in its memory; no gradient step;
 - gradient: after each episode, `updates` world-model steps on windows of the episodes seen so far
-  (the run's batch size and sequence length), rolled back where the error on the latest episode grew;
+  (the run's batch size and sequence length), rolled back where the error on the latest episode grew
+  (`rollback=false` keeps them whatever the error did);
   with `ac=true` each step is the whole learner update (world model, then actor and critic in
   imagination from the windows' states, as training does), so the policy adapts too, and a rollback
   restores all of it; `wm_updates` world-model steps come before them (the model fits the new data
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "wm_updates": 0, "ac": False, "lr": 1.0, "explore": False, "eval": 0, "horizon": 16, "context": 8,
+DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "wm_updates": 0, "rollback": True, "ac": False, "lr": 1.0, "explore": False, "eval": 0, "horizon": 16, "context": 8,
             "seed": 0, "out": "", "reference": True, "device": "cpu"}
 MODES = ("frozen", "context", "gradient", "retrain")
 
@@ -264,7 +265,7 @@ def main(argv: list[str]) -> dict:
             before = copy.deepcopy(agent.state_dict()), {k: copy.deepcopy(o.state_dict()) for k, o in opt.items()}
             adapt_wm(agent, opt, seen, opts["updates"], cfg.train.batch_size, cfg.train.seq_len, rng, opts["wm_updates"])
             after = prediction_error(agent.wm, ep, opts["context"], opts["horizon"])
-            row["rolled_back"] = bool(after > err)
+            row["rolled_back"] = bool(opts["rollback"] and after > err)
             if row["rolled_back"]:  # the steps made the model worse on what it just saw: undo them
                 agent.load_state_dict(before[0])
                 for k, o in opt.items():

@@ -3,7 +3,7 @@ per run and shift, with one results file and one table.
 
     longdream bench adapt runs=<run_dir>,<run_dir> [shifts=m:1.5,l:1.5,m:0.5,l:0.5]
                           [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50]
-                          [wm_updates=0] [lr=1] [explore=false] [eval=0] [last=5] [seed=0] [suite=pendulum]
+                          [wm_updates=0] [rollback=true] [lr=1] [explore=false] [eval=0] [last=5] [seed=0] [suite=pendulum]
                           [work=runs/adapt] [out=<folder>]
                           [rerun=false] [merge_from=a.json,b.json]
 
@@ -17,8 +17,9 @@ agent on the unshifted env, a random policy on the shift) and one row of
 bench/results/adapt_<suite>.json / .md, written as soon as it is measured; a later invocation skips the
 rows that are there (`rerun=true` measures them again). `gradient` runs with `ac=` (true: world model
 and actor-critic steps; false: the world model alone) and is reported as `gradient+ac` or `gradient`;
-`wm_updates` world-model steps before each episode's `updates` (reported where not 0); `lr` scales its
-learning rates (reported where it is not 1). `explore=true` samples the deployment's
+`wm_updates` world-model steps before each episode's `updates` (reported where not 0), `rollback=false`
+keeps every episode's steps (reported as "no rollback"); `lr` scales its learning rates (reported where
+it is not 1). `explore=true` samples the deployment's
 actions as training's collection does instead of acting greedily (reported as "explore"; not for retrain).
 
 A row's `recovered_fraction` is (return - random) / (in-distribution - random) averaged over the last
@@ -39,7 +40,7 @@ import numpy as np
 from bench.report import RESULTS, machine, markdown, parse, portable, write
 
 DEFAULTS = {"runs": "", "shifts": "m:1.5,l:1.5,m:0.5,l:0.5", "modes": "frozen,context,gradient,retrain", "ac": True,
-            "episodes": 10, "updates": 50, "wm_updates": 0, "lr": 1.0, "explore": False, "eval": 0, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
+            "episodes": 10, "updates": 50, "wm_updates": 0, "rollback": True, "lr": 1.0, "explore": False, "eval": 0, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
             "merge_from": "", "device": "cpu", "seed": 0}
 TARGET = 0.8  # recovered fraction to reach within the budget (the adaptation issue's Pendulum target)
 
@@ -87,6 +88,8 @@ def shown(row: dict) -> str:
         text += f", {row['updates']} updates"
     if row["mode"].startswith("gradient") and row.get("wm_updates", 0):
         text += f", +{row['wm_updates']} model updates"
+    if row["mode"].startswith("gradient") and not row.get("rollback", True):
+        text += ", no rollback"
     if row["mode"].startswith("gradient") and row.get("lr", 1.0) != 1.0:
         text += f", lr x{row['lr']:g}"
     if row.get("explore", False):
@@ -146,6 +149,7 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
     # what tells this row apart from the others (its `_key`), as the row will hold it
     ident = {"run": run.name, "shift_tag": tag(shift), "mode": label(mode, a["ac"]), "episodes": a["episodes"],
              "updates": a["updates"] if mode == "gradient" else 0, "wm_updates": a["wm_updates"] if mode == "gradient" else 0,
+             "rollback": bool(a["rollback"]) or mode != "gradient",
              "lr": a["lr"] if mode == "gradient" else 1.0,
              "eval": a["eval"], "explore": bool(a["explore"]) and mode != "retrain"}
     if _key(ident) in done:
@@ -154,7 +158,7 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
     out = work_folder(Path(a["work"]), ident)
     tic = time.time()
     data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
-                  f"wm_updates={a['wm_updates']}", f"ac={a['ac']}", f"lr={a['lr']}", f"explore={ident['explore']}", f"eval={a['eval']}",
+                  f"wm_updates={a['wm_updates']}", f"rollback={a['rollback']}", f"ac={a['ac']}", f"lr={a['lr']}", f"explore={ident['explore']}", f"eval={a['eval']}",
                   f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
     eps = data["rows"]
     final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
@@ -177,7 +181,7 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
 
 def _key(row: dict) -> tuple:
     return (row["run"], row["shift_tag"], row["mode"], row["episodes"], row["updates"], row.get("wm_updates", 0), row.get("lr", 1.0),
-            row.get("eval", 0), row.get("explore", False))
+            row.get("eval", 0), row.get("explore", False), row.get("rollback", True))
 
 
 def _load(path: Path) -> list[dict]:

@@ -49,6 +49,29 @@ def test_eval_rows_follow_the_budget_on_starts_of_their_own(run, tmp_path):
 
 
 @pytest.mark.slow
+def test_rollback_restores_the_agent_unless_turned_off(run, tmp_path, monkeypatch):
+    """With the error made to grow after every episode's steps, the default rolls each back (the agent
+    after the budget is the frozen one: the same eval returns); rollback=false keeps them."""
+    from agents import adapt
+
+    errors = iter(range(1, 1000))
+    monkeypatch.setattr(adapt, "prediction_error", lambda *a: float(next(errors)))
+
+    def deploy(name, *more):
+        out = tmp_path / name
+        assert main(["adapt", f"run_dir={run}", "shift.m=1.5", "episodes=2", "updates=2", "eval=2", "reference=false",
+                     f"out={out}", *more]) == 0
+        rows = json.loads((out / "adapt.json").read_text())["rows"]
+        return [r.get("rolled_back") for r in rows if not r.get("eval")], [r["return"] for r in rows if r.get("eval")]
+
+    _, frozen = deploy("frozen", "mode=frozen")
+    flags, rolled = deploy("rolled", "mode=gradient", "ac=true")
+    assert flags == [True, True] and rolled == frozen
+    flags, kept = deploy("kept", "mode=gradient", "ac=true", "rollback=false")
+    assert flags == [False, False] and kept != frozen
+
+
+@pytest.mark.slow
 def test_explore_samples_the_deployment_and_leaves_the_eval_greedy(run, tmp_path):
     """explore=true: the deployment episodes act as training's collection does (sampled), the eval ones as
     without it (greedy, the same starts): the frozen agent's eval rows match, its deployment rows do not."""

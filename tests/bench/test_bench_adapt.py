@@ -111,3 +111,7 @@ def test_gradient_rows_with_other_updates_do_not_pool_with_the_default():
     assert "| gradient+ac | 2 | 0.00 | 0.30 |" in text and "| gradient+ac, +150 model updates | 1 | 0.00 | 0.60 |" in text
     assert work_folder(Path("w"), fitted) == Path("w/r1/gradient+ac-+150modelupdates-mx2")
     assert len({_key({**r, "episodes": 10}) for r in (row(1, 50, 0.4), fitted)}) == 2  # resumes apart too
+    kept = {**row(1, 50, 0.5), "rollback": False}  # every episode's steps kept: a row of its own
+    text = report([row(0, 50, 0.2), row(1, 50, 0.4), kept])
+    assert "| gradient+ac | 2 | 0.00 | 0.30 |" in text and "| gradient+ac, no rollback | 1 | 0.00 | 0.50 |" in text
+    assert len({_key({**r, "episodes": 10}) for r in (row(1, 50, 0.4), kept)}) == 2
