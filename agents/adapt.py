@@ -1,8 +1,8 @@
 """`longdream adapt`: deploy a trained agent where the dynamics changed, and measure how it copes.
 
     longdream adapt run_dir=<trained run> shift.<p>=<scale> [mode=frozen|context|gradient|retrain]
-                    [episodes=10] [updates=50] [wm_updates=0] [rollback=true] [ac=false] [lr=1] [explore=false]
-                    [eval=0] [horizon=16] [context=8] [seed=0] [out=<folder>]
+                    [episodes=10] [updates=50] [wm_updates=0] [rollback=true] [ac=false] [imagination=0] [lr=1]
+                    [explore=false] [eval=0] [horizon=16] [context=8] [seed=0] [out=<folder>]
 
 `shift.<p>` scales a physical parameter as `env.shift` does (envs/shift.py). Every episode is one
 row: its return, and the world model's open-loop prediction error on it (windows of the episode:
@@ -19,7 +19,8 @@ Modes:
   imagination from the windows' states, as training does), so the policy adapts too, and a rollback
   restores all of it; `wm_updates` world-model steps come before them (the model fits the new data
   first, then the actor-critic learns in it); `lr` scales every learning rate of these steps (the
-  run's own at 1);
+  run's own at 1); `imagination=H` imagines H steps in the actor-critic's updates instead of the
+  run's own horizon (0), so that less of the return rests on a critic trained on the old dynamics;
 - retrain: the reference, a new agent trained from scratch on the shifted env with the run's settings
   and seed (plus `seed`) for the env steps of `episodes` full episodes; its rows are its training
   episodes (no prediction error) and a last one, the eval return after training.
@@ -47,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "wm_updates": 0, "rollback": True, "ac": False, "lr": 1.0, "explore": False, "eval": 0, "horizon": 16, "context": 8,
+DEFAULTS = {"run_dir": "", "mode": "frozen", "episodes": 10, "updates": 50, "wm_updates": 0, "rollback": True, "imagination": 0, "ac": False, "lr": 1.0, "explore": False, "eval": 0, "horizon": 16, "context": 8,
             "seed": 0, "out": "", "reference": True, "device": "cpu"}
 MODES = ("frozen", "context", "gradient", "retrain")
 
@@ -86,6 +87,8 @@ def parse(argv: list[str]) -> tuple[dict, dict]:
     for k in ("updates", "wm_updates"):
         if opts[k] < 0:
             raise ConfigError(f"{k} is a number of steps per episode (0 for none), got {opts[k]}")
+    if opts["imagination"] < 0:
+        raise ConfigError(f"imagination is a number of imagined steps (0: the run's own horizon), got {opts['imagination']}")
     if opts["eval"] < 0:
         raise ConfigError(f"eval is a number of episodes (0 for none), got {opts['eval']}")
     if not opts["lr"] > 0:
@@ -214,6 +217,8 @@ def main(argv: list[str]) -> dict:
     _collect_env(shifted, opts["seed"], {}).close()  # a shift the env does not have fails here, in one line
     agent, policy, shapes = build_agent(cfg, opts["device"])
     agent.load_state_dict(checkpoint.load(ckpt)[0]["agent"])
+    if opts["imagination"]:
+        agent.cfg = dataclasses.replace(agent.cfg, horizon=opts["imagination"])
     obs_key = policy.obs_keys[0]
     if len(policy.obs_keys) > 1:
         raise ConfigError("adapt measures one observation key; this run's model reads several")

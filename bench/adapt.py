@@ -3,9 +3,9 @@ per run and shift, with one results file and one table.
 
     longdream bench adapt runs=<run_dir>,<run_dir> [shifts=m:1.5,l:1.5,m:0.5,l:0.5]
                           [modes=frozen,context,gradient,retrain] [ac=true] [episodes=10] [updates=50]
-                          [wm_updates=0] [rollback=true] [lr=1] [explore=false] [eval=0] [last=5] [seed=0] [suite=pendulum]
-                          [work=runs/adapt] [out=<folder>]
-                          [rerun=false] [merge_from=a.json,b.json]
+                          [wm_updates=0] [rollback=true] [imagination=0] [lr=1] [explore=false] [eval=0] [last=5]
+                          [seed=0] [suite=pendulum] [work=runs/adapt] [out=<folder>] [rerun=false]
+                          [merge_from=a.json,b.json]
 
 `runs` are training run directories (their backbone, seed and env come from their config). `seed`
 seeds the deployment (the shifted env's initial states and the adaptation's draws) and is the same for
@@ -18,7 +18,8 @@ bench/results/adapt_<suite>.json / .md, written as soon as it is measured; a lat
 rows that are there (`rerun=true` measures them again). `gradient` runs with `ac=` (true: world model
 and actor-critic steps; false: the world model alone) and is reported as `gradient+ac` or `gradient`;
 `wm_updates` world-model steps before each episode's `updates` (reported where not 0), `rollback=false`
-keeps every episode's steps (reported as "no rollback"); `lr` scales its learning rates (reported where
+keeps every episode's steps (reported as "no rollback"), `imagination=H` imagines H steps in its
+actor-critic updates (reported where not 0: the run's own horizon); `lr` scales its learning rates (reported where
 it is not 1). `explore=true` samples the deployment's
 actions as training's collection does instead of acting greedily (reported as "explore"; not for retrain).
 
@@ -40,7 +41,7 @@ import numpy as np
 from bench.report import RESULTS, machine, markdown, parse, portable, write
 
 DEFAULTS = {"runs": "", "shifts": "m:1.5,l:1.5,m:0.5,l:0.5", "modes": "frozen,context,gradient,retrain", "ac": True,
-            "episodes": 10, "updates": 50, "wm_updates": 0, "rollback": True, "lr": 1.0, "explore": False, "eval": 0, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
+            "episodes": 10, "updates": 50, "wm_updates": 0, "rollback": True, "imagination": 0, "lr": 1.0, "explore": False, "eval": 0, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
             "merge_from": "", "device": "cpu", "seed": 0}
 TARGET = 0.8  # recovered fraction to reach within the budget (the adaptation issue's Pendulum target)
 
@@ -88,6 +89,8 @@ def shown(row: dict) -> str:
         text += f", {row['updates']} updates"
     if row["mode"].startswith("gradient") and row.get("wm_updates", 0):
         text += f", +{row['wm_updates']} model updates"
+    if row["mode"].startswith("gradient") and row.get("imagination", 0):
+        text += f", imagination {row['imagination']}"
     if row["mode"].startswith("gradient") and not row.get("rollback", True):
         text += ", no rollback"
     if row["mode"].startswith("gradient") and row.get("lr", 1.0) != 1.0:
@@ -149,7 +152,7 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
     # what tells this row apart from the others (its `_key`), as the row will hold it
     ident = {"run": run.name, "shift_tag": tag(shift), "mode": label(mode, a["ac"]), "episodes": a["episodes"],
              "updates": a["updates"] if mode == "gradient" else 0, "wm_updates": a["wm_updates"] if mode == "gradient" else 0,
-             "rollback": bool(a["rollback"]) or mode != "gradient",
+             "rollback": bool(a["rollback"]) or mode != "gradient", "imagination": a["imagination"] if mode == "gradient" else 0,
              "lr": a["lr"] if mode == "gradient" else 1.0,
              "eval": a["eval"], "explore": bool(a["explore"]) and mode != "retrain"}
     if _key(ident) in done:
@@ -158,7 +161,8 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
     out = work_folder(Path(a["work"]), ident)
     tic = time.time()
     data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
-                  f"wm_updates={a['wm_updates']}", f"rollback={a['rollback']}", f"ac={a['ac']}", f"lr={a['lr']}", f"explore={ident['explore']}", f"eval={a['eval']}",
+                  f"wm_updates={a['wm_updates']}", f"rollback={a['rollback']}", f"imagination={a['imagination']}",
+                  f"ac={a['ac']}", f"lr={a['lr']}", f"explore={ident['explore']}", f"eval={a['eval']}",
                   f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
     eps = data["rows"]
     final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
@@ -181,7 +185,7 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
 
 def _key(row: dict) -> tuple:
     return (row["run"], row["shift_tag"], row["mode"], row["episodes"], row["updates"], row.get("wm_updates", 0), row.get("lr", 1.0),
-            row.get("eval", 0), row.get("explore", False), row.get("rollback", True))
+            row.get("eval", 0), row.get("explore", False), row.get("rollback", True), row.get("imagination", 0))
 
 
 def _load(path: Path) -> list[dict]:

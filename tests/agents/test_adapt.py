@@ -72,6 +72,21 @@ def test_rollback_restores_the_agent_unless_turned_off(run, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
+def test_imagination_sets_the_horizon_of_the_adaptation_updates(run, tmp_path, monkeypatch):
+    """imagination=H: every actor-critic update of the adaptation imagines H steps (the run's own
+    horizon without it)."""
+    from agents import dreamer
+
+    seen, imagine = [], dreamer.imagine_all
+    monkeypatch.setattr(dreamer, "imagine_all", lambda core, starts, policy, h: (seen.append(h), imagine(core, starts, policy, h))[1])
+    for extra in ([], ["imagination=7"]):
+        seen.clear()
+        assert main(["adapt", f"run_dir={run}", "shift.m=1.5", "mode=gradient", "ac=true", "episodes=1", "updates=2",
+                     "reference=false", f"out={tmp_path / str(len(extra))}", *extra]) == 0
+        assert seen == [7 if extra else dreamer.AgentConfig().horizon] * 2
+
+
+@pytest.mark.slow
 def test_explore_samples_the_deployment_and_leaves_the_eval_greedy(run, tmp_path):
     """explore=true: the deployment episodes act as training's collection does (sampled), the eval ones as
     without it (greedy, the same starts): the frozen agent's eval rows match, its deployment rows do not."""
@@ -188,6 +203,7 @@ def test_adaptation_optimizers_scale_the_run_learning_rates_without_warmup(optim
     (["shift.m=1.5"], "usage: longdream adapt run_dir="),
     (["run_dir=RUN", "shift.m=1.5", "lr=0"], "lr scales the learning rates and must be positive"),
     (["run_dir=RUN", "shift.m=1.5", "wm_updates=-1"], "wm_updates is a number of steps per episode"),
+    (["run_dir=RUN", "shift.m=1.5", "imagination=-3"], "imagination is a number of imagined steps"),
     (["run_dir=RUN", "shift.m=1.5", "eval=-1"], "eval is a number of episodes"),
     (["run_dir=RUN", "mode=sometimes", "shift.m=1.5"], "mode must be one of frozen, context, gradient"),
     (["run_dir=RUN"], "adapt needs a shift"),

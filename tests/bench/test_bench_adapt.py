@@ -115,3 +115,6 @@ def test_gradient_rows_with_other_updates_do_not_pool_with_the_default():
     text = report([row(0, 50, 0.2), row(1, 50, 0.4), kept])
     assert "| gradient+ac | 2 | 0.00 | 0.30 |" in text and "| gradient+ac, no rollback | 1 | 0.00 | 0.50 |" in text
     assert len({_key({**r, "episodes": 10}) for r in (row(1, 50, 0.4), kept)}) == 2
+    longer = {**row(1, 50, 0.5), "imagination": 45}  # a longer imagination: a row of its own
+    assert "| gradient+ac, imagination 45 | 1 | 0.00 | 0.50 |" in report([row(1, 50, 0.4), longer])
+    assert len({_key({**r, "episodes": 10}) for r in (row(1, 50, 0.4), longer)}) == 2
