@@ -43,6 +43,9 @@ from bench.report import RESULTS, machine, markdown, parse, portable, write
 DEFAULTS = {"runs": "", "shifts": "m:1.5,l:1.5,m:0.5,l:0.5", "modes": "frozen,context,gradient,retrain", "ac": True,
             "episodes": 10, "updates": 50, "wm_updates": 0, "rollback": True, "imagination": 0, "lr": 1.0, "explore": False, "eval": 0, "last": 5, "suite": "pendulum", "work": "runs/adapt", "out": "", "rerun": False,
             "merge_from": "", "device": "cpu", "seed": 0}
+# the options that shape only a gradient mode, at the values every other mode's row holds (and that a
+# row written before the option existed stands for): one table for a row's identity, its key and the call
+GRADIENT_OPTIONS = {"updates": 0, "wm_updates": 0, "rollback": True, "imagination": 0, "lr": 1.0}
 TARGET = 0.8  # recovered fraction to reach within the budget (the adaptation issue's Pendulum target)
 
 
@@ -85,16 +88,13 @@ def shown(row: dict) -> str:
     number of updates per episode or a scaled learning rate say so, and rows measured on evaluation
     episodes after the budget say how many, so that they do not pool with the default's rows."""
     text = row["mode"]
-    if row["mode"].startswith("gradient") and row["updates"] != DEFAULTS["updates"]:
-        text += f", {row['updates']} updates"
-    if row["mode"].startswith("gradient") and row.get("wm_updates", 0):
-        text += f", +{row['wm_updates']} model updates"
-    if row["mode"].startswith("gradient") and row.get("imagination", 0):
-        text += f", imagination {row['imagination']}"
-    if row["mode"].startswith("gradient") and not row.get("rollback", True):
-        text += ", no rollback"
-    if row["mode"].startswith("gradient") and row.get("lr", 1.0) != 1.0:
-        text += f", lr x{row['lr']:g}"
+    if row["mode"].startswith("gradient"):
+        g = {k: row.get(k, v) for k, v in GRADIENT_OPTIONS.items()}
+        text += f", {g['updates']} updates" if g["updates"] != DEFAULTS["updates"] else ""
+        text += f", +{g['wm_updates']} model updates" if g["wm_updates"] else ""
+        text += f", imagination {g['imagination']}" if g["imagination"] else ""
+        text += ", no rollback" if not g["rollback"] else ""
+        text += f", lr x{g['lr']:g}" if g["lr"] != 1.0 else ""
     if row.get("explore", False):
         text += ", explore"
     if row.get("eval", 0):
@@ -151,19 +151,16 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
 
     # what tells this row apart from the others (its `_key`), as the row will hold it
     ident = {"run": run.name, "shift_tag": tag(shift), "mode": label(mode, a["ac"]), "episodes": a["episodes"],
-             "updates": a["updates"] if mode == "gradient" else 0, "wm_updates": a["wm_updates"] if mode == "gradient" else 0,
-             "rollback": bool(a["rollback"]) or mode != "gradient", "imagination": a["imagination"] if mode == "gradient" else 0,
-             "lr": a["lr"] if mode == "gradient" else 1.0,
+             **{k: type(v)(a[k]) if mode == "gradient" else v for k, v in GRADIENT_OPTIONS.items()},
              "eval": a["eval"], "explore": bool(a["explore"]) and mode != "retrain"}
     if _key(ident) in done:
         print(f"[adapt] {run.name} {tag(shift)} {ident['mode']}: in the results already (rerun=true measures it again)", flush=True)
         return None
     out = work_folder(Path(a["work"]), ident)
     tic = time.time()
-    data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}", f"updates={a['updates']}",
-                  f"wm_updates={a['wm_updates']}", f"rollback={a['rollback']}", f"imagination={a['imagination']}",
-                  f"ac={a['ac']}", f"lr={a['lr']}", f"explore={ident['explore']}", f"eval={a['eval']}",
-                  f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
+    data = adapt([f"run_dir={run}", f"seed={a['seed']}", f"mode={mode}", f"episodes={a['episodes']}",
+                  *(f"{k}={a[k]}" for k in GRADIENT_OPTIONS), f"ac={a['ac']}", f"explore={ident['explore']}",
+                  f"eval={a['eval']}", f"out={out}", f"device={a['device']}", *(f"shift.{k}={v}" for k, v in shift.items())])
     eps = data["rows"]
     final = [r for r in eps if r.get("eval")] or eps[-a["last"]:]
     # the deployment's own episodes; a retrain's curve ends at its eval after training, as it always has
@@ -184,8 +181,8 @@ def run_one(a: dict, run: Path, trained, shift: dict, mode: str, done: set) -> d
 
 
 def _key(row: dict) -> tuple:
-    return (row["run"], row["shift_tag"], row["mode"], row["episodes"], row["updates"], row.get("wm_updates", 0), row.get("lr", 1.0),
-            row.get("eval", 0), row.get("explore", False), row.get("rollback", True), row.get("imagination", 0))
+    return (row["run"], row["shift_tag"], row["mode"], row["episodes"], *(row.get(k, v) for k, v in GRADIENT_OPTIONS.items()),
+            row.get("eval", 0), row.get("explore", False))
 
 
 def _load(path: Path) -> list[dict]:
