@@ -431,6 +431,20 @@ def test_penalty_lowers_imagined_rewards_by_the_ensembles_disagreement():
     assert float(with_penalty["train/imag_reward"]) == pytest.approx(float(plain["train/imag_reward"]) - 2.5 * doubt, rel=1e-5, abs=1e-6)
 
 
+def test_ensemble_disagreement_is_the_members_std():
+    """The in-place disagreement equals its obvious twin: torch's std over the stacked members."""
+    from agents.dreamer import Ensemble
+
+    torch.manual_seed(0)
+    ens = Ensemble(feat=12, action_dim=3, out=20, units=16, members=4)
+    feat, action = torch.randn(5, 7, 12), torch.randn(5, 7, 3)
+    fast = ens.disagreement(feat, action)
+    with torch.no_grad():
+        slow = ens(feat, action).std(0).mean(-1)
+    assert fast.shape == (5, 7) and not fast.requires_grad
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
 def test_offline_dreamer_steps_the_env_only_to_evaluate(tmp_path, monkeypatch):
     """`train offline=<dataset>`: the ensemble and the other modules learn from the dataset's rows; the
     only env steps are the evaluations (before, at eval_every updates, after); it resumes."""
