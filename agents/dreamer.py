@@ -237,9 +237,12 @@ class Ensemble(nn.Module):
                                                    nn.Linear(units, units), nn.LayerNorm(units), nn.SiLU(),
                                                    nn.Linear(units, out)) for _ in range(members))
 
-    def forward(self, feat: Tensor, action: Tensor) -> Tensor:
+    def outputs(self, feat: Tensor, action: Tensor) -> list[Tensor]:
         x = torch.cat([feat, action], -1)
-        return torch.stack([m(x) for m in self.members])  # (K, ..., out)
+        return [m(x) for m in self.members]  # K x (..., out)
+
+    def forward(self, feat: Tensor, action: Tensor) -> Tensor:
+        return torch.stack(self.outputs(feat, action))  # (K, ..., out)
 
     def loss(self, feat: Tensor, action: Tensor, target: Tensor) -> Tensor:
         return (self(feat, action) - target).pow(2).sum(-1).mean()
@@ -249,8 +252,7 @@ class Ensemble(nn.Module):
         """The members' std (unbiased, as torch.std) averaged over the latent's entries: (...). Written
         out member by member, in place: torch's std over the leading dim of the stacked (K, N, H, out)
         outputs is several times slower on the CPU than the whole ensemble's forward pass."""
-        x = torch.cat([feat, action], -1)
-        outs = [m(x) for m in self.members]
+        outs = self.outputs(feat, action)
         mean = torch.zeros_like(outs[0])
         for o in outs:
             mean.add_(o)
