@@ -16,8 +16,10 @@ score; without them the score column is empty).
 Results: bench/results/offline_<suite>.json (one row per run: method, env, dataset, seed,
 normalized_score, eval return, the dataset's mean return, params, updates, wall time, machine, date,
 overrides) and .md (normalized score per dataset and method, mean over seeds, and the mean over the
-datasets). A benchmark resumes: a run whose row is in the results file is skipped, and a stopped run
-continues from its checkpoint (run directories under `runs=`, default runs/bench_offline).
+datasets; the weighted methods are named with their weight, `dreamer_penalty 10`, so rows of two weights
+in one file stay apart). A benchmark resumes: a run whose row is in the results file is skipped, and a stopped run
+continues from its checkpoint (run directories under `runs=`, default runs/bench_offline, named by
+dataset, method with its weight, and seed).
 `merge_from=` folds results files written elsewhere with `out=` (benchmarks run side by side) into this
 one before running what is still missing.
 """
@@ -50,6 +52,18 @@ def _decision(core: str):
 METHODS = {"dreamer": _dreamer(), "dreamer_penalty": _dreamer("agent.penalty={penalty:g}"),
            "dreamer_bc": _dreamer("agent.bc={bc:g}"), "ssm": _decision("ssm"), "transformer": _decision("transformer"),
            "bc": _decision("bc")}
+
+
+# the methods whose own setting is a weight: named with it, in run directories and in the report
+WEIGHTS = {"dreamer_penalty": "agent.penalty", "dreamer_bc": "agent.bc"}
+
+
+def label(method: str, ov: list[str]) -> str:
+    """The method as the report names it: with its weight where it has one (`dreamer_penalty 10`), so that
+    rows of two weights in one results file are never averaged together."""
+    key = WEIGHTS.get(method)
+    weight = next((o.split("=", 1)[1] for o in ov if key and o.startswith(key + "=")), None)
+    return method if weight is None else f"{method} {weight}"
 
 
 def overrides(a: dict, method: str, dataset: str, seed: int, run_dir: Path) -> list[str]:
@@ -92,7 +106,8 @@ def main(argv: list[str]) -> dict:
     for d in datasets:
         for method in methods:
             for seed in [int(s) for s in a["seeds"].split(",")]:
-                run_dir = Path(a["runs"]) / f"{d.replace('/', '_')}-{method}-seed{seed}"
+                named = label(method, METHODS[method](a)).replace(" ", "")  # dreamer_penalty10: the weight in the name
+                run_dir = Path(a["runs"]) / f"{d.replace('/', '_')}-{named}-seed{seed}"
                 ov = overrides(a, method, d, seed, run_dir)
                 if any(_key(r["overrides"]) == _key(ov) for r in rows):
                     print(f"[offline] {d} {method} seed {seed}: in the results, skipped", flush=True)
@@ -121,23 +136,24 @@ def main(argv: list[str]) -> dict:
 
 def report(rows: list[dict]) -> str:
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    name = {id(r): label(r["method"], r["overrides"]) for r in rows}
+    methods = list(dict.fromkeys(name.values()))
 
     def cell(vals):
         vals = [v for v in vals if v is not None]
         return f"{np.mean(vals):.1f} ({len(vals)})" if vals else "-"
 
     def mean_score(m, d):
-        vals = [r["normalized_score"] for r in rows if (r["method"], r["dataset"]) == (m, d) and r["normalized_score"] is not None]
+        vals = [r["normalized_score"] for r in rows if (name[id(r)], r["dataset"]) == (m, d) and r["normalized_score"] is not None]
         return float(np.mean(vals)) if vals else None
 
     score = []
     for m in methods:
         per = [mean_score(m, d) for d in datasets]
-        score.append([m, *[cell([r["normalized_score"] for r in rows if (r["method"], r["dataset"]) == (m, d)]) for d in datasets],
+        score.append([m, *[cell([r["normalized_score"] for r in rows if (name[id(r)], r["dataset"]) == (m, d)]) for d in datasets],
                       f"{np.mean(per):.1f}" if all(v is not None for v in per) else "-"])
     ret = [[d, f"{np.mean([r['dataset_mean_return'] for r in rows if r['dataset'] == d]):.1f}",
-            *[cell([r["eval_return"] for r in rows if (r["method"], r["dataset"]) == (m, d)]) for m in methods]]
+            *[cell([r["eval_return"] for r in rows if (name[id(r)], r["dataset"]) == (m, d)]) for m in methods]]
            for d in datasets]
     return "\n".join([
         "Offline learning: normalized score 100 (R - R_random) / (R_expert - R_random) with each dataset's references, "
@@ -147,7 +163,7 @@ def report(rows: list[dict]) -> str:
         markdown(["dataset", "dataset mean", *methods], ret), "", "Runs:", "",
         markdown(["method", "dataset", "seed", "score", "return", "params", "updates", "acting (ms/step, env included)",
                   "wall time", "machine", "date"],
-                 [[r["method"], r["dataset"], r["seed"], "-" if r["normalized_score"] is None else f"{r['normalized_score']:.1f}",
+                 [[name[id(r)], r["dataset"], r["seed"], "-" if r["normalized_score"] is None else f"{r['normalized_score']:.1f}",
                    f"{r['eval_return']:.1f}", f"{r['params'] / 1e6:.2f}M", r["updates"],
                    "-" if r.get("act_ms_per_step") is None else f"{r['act_ms_per_step']:.2f}", f"{r['wall_s'] / 60:.1f} min",
                    r["machine"], r["date"]] for r in rows])])

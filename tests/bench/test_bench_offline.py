@@ -37,10 +37,32 @@ def test_bench_offline_runs_every_method_and_resumes(tmp_path):
         assert r["episode_weight"] == ("length" if r["method"] in ("ssm", "bc") else None)
     saved = json.loads((tmp_path / "out" / "offline_toy.json").read_text())["runs"]
     assert any("agent.bc=1" in r["overrides"] for r in saved if r["method"] == "dreamer_bc")
-    assert len(saved) == 6 and "| dreamer_penalty |" in (tmp_path / "out" / "offline_toy.md").read_text()
+    assert (tmp_path / "runs" / "test_pendulum_toy-v0-dreamer_penalty1-seed0").is_dir()  # the weight in its name
+    assert len(saved) == 6 and "| dreamer_penalty 1 |" in (tmp_path / "out" / "offline_toy.md").read_text()
     assert len(main(args)["runs"]) == 6  # everything is in the results: nothing runs again
     elsewhere = [a for a in args if not a.startswith("out=")] + [f"out={tmp_path / 'merged'}",
                                                                  f"merge_from={tmp_path / 'out' / 'offline_toy.json'}"]
     merged = main(elsewhere)["runs"]  # folded in from another results file: nothing runs either
     assert [r["method"] for r in merged] == [r["method"] for r in rows]
     assert (tmp_path / "merged" / "offline_toy.json").exists()
+
+
+def test_report_keeps_two_weights_of_one_method_apart():
+    """Rows of dreamer_penalty at two weights in one results file are two methods in the report, never
+    one average; the weight names the run directory too (a second weight must not resume the first's run)."""
+    from bench.offline import label, report
+
+    def row(method, weight, seed, score):
+        key = {"dreamer_penalty": "agent.penalty", "dreamer_bc": "agent.bc"}.get(method)
+        ov = ["offline=d", f"seed={seed}"] + ([f"{key}={weight}"] if key else [])
+        return {"method": method, "dataset": "d", "seed": seed, "normalized_score": score, "eval_return": score,
+                "dataset_mean_return": 0.0, "params": 1e5, "updates": 1, "wall_s": 60.0, "machine": "m", "date": "x",
+                "overrides": ov}
+
+    rows = [row("dreamer", None, 0, 10.0), row("dreamer_penalty", 1, 0, 20.0), row("dreamer_penalty", 10, 0, 40.0),
+            row("dreamer_penalty", 10, 1, 60.0)]
+    assert [label(r["method"], r["overrides"]) for r in rows] == ["dreamer", "dreamer_penalty 1", "dreamer_penalty 10",
+                                                                  "dreamer_penalty 10"]
+    table = report(rows)
+    assert "| dreamer_penalty 1 | 20.0 (1) | 20.0 |" in table
+    assert "| dreamer_penalty 10 | 50.0 (2) | 50.0 |" in table
