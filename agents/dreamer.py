@@ -196,8 +196,14 @@ class Agent(nn.Module):
         self.critic = TwoHot(feat, nets.units, nets.layers, nets.bins)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.retnorm = ReturnNorm(cfg)
-        self.ensemble = (Ensemble(feat, spec.action_dim, math.prod(wm.core.state_shapes()["stoch"]), nets.units, cfg.ensemble)
-                         if cfg.penalty > 0 else None)
+        self.ensemble = None
+        if cfg.penalty > 0:
+            # drawn from a fork of the random stream: every later draw (replay windows, latent samples, actions)
+            # is then the one a run without the penalty makes, so its world model learns exactly as that run's
+            # does offline and the two runs differ by the penalty alone, not by a reseeding
+            with torch.random.fork_rng(devices=[]):
+                self.ensemble = Ensemble(feat, spec.action_dim, math.prod(wm.core.state_shapes()["stoch"]), nets.units,
+                                         cfg.ensemble)
 
     def param_counts(self) -> dict[str, int]:
         """Parameters per part, as the results files report them (world model / actor / critic)."""

@@ -466,6 +466,30 @@ def test_offline_dreamer_steps_the_env_only_to_evaluate(tmp_path, monkeypatch):
     assert len(steps) == 3 * 200 + 200  # resumed: no evaluation before, one after
 
 
+def test_penalty_runs_learn_the_same_world_model_as_plain_ones(tmp_path):
+    """With and without the penalty, an offline run draws the same random numbers (the ensemble starts
+    from a fork of the stream), so the world models learn identically and the runs differ only where
+    the penalty acts: the actor and critic."""
+    from agents import checkpoint
+    from agents.config import load_config
+    from agents.train import train
+
+    pendulum_dataset(tmp_path)
+    params = {}
+    for penalty in (0, 3):
+        run = tmp_path / f"run{penalty}"
+        cfg, _ = load_config(["env=pendulum", "preset=quickstart", "offline=test/pendulum/toy-v0", f"offline_root={tmp_path}",
+                              f"run_dir={run}", "progress=false", "eval_episodes=1", "eval_every=0", "batch_size=4",
+                              "seq_len=8", "offline_updates=3", f"agent.penalty={penalty}", "seed=5"])
+        train(cfg)
+        params[penalty] = checkpoint.load(checkpoint.latest(run))[0]["agent"]
+    plain, penalised = params[0], params[3]
+    wm = [k for k in plain if k.startswith("wm.")]
+    assert wm and all(torch.equal(plain[k], penalised[k]) for k in wm)
+    assert any(k.startswith("ensemble.") for k in penalised) and not any(k.startswith("ensemble.") for k in plain)
+    assert not all(torch.equal(plain[k], penalised[k]) for k in plain if k.startswith("actor."))  # the penalty acted
+
+
 def test_behaviour_loss_compares_each_state_with_the_action_taken_there():
     """agent.bc: the actor at row t's state against the action stored with row t+1 (the action into
     it), rows whose successor starts an episode left out; its gradient moves the actor to the data."""
