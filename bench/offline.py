@@ -48,14 +48,13 @@ def _decision(core: str):
                       f"decision.eval_episodes={a['eval_episodes']}"]
 
 
-# each method's own overrides, from the benchmark's arguments
-METHODS = {"dreamer": _dreamer(), "dreamer_penalty": _dreamer("agent.penalty={penalty:g}"),
-           "dreamer_bc": _dreamer("agent.bc={bc:g}"), "ssm": _decision("ssm"), "transformer": _decision("transformer"),
-           "bc": _decision("bc")}
-
-
 # the methods whose own setting is a weight: named with it, in run directories and in the report
 WEIGHTS = {"dreamer_penalty": "agent.penalty", "dreamer_bc": "agent.bc"}
+
+# each method's own overrides, from the benchmark's arguments
+METHODS = {"dreamer": _dreamer(), "dreamer_penalty": _dreamer(WEIGHTS["dreamer_penalty"] + "={penalty:g}"),
+           "dreamer_bc": _dreamer(WEIGHTS["dreamer_bc"] + "={bc:g}"), "ssm": _decision("ssm"), "transformer": _decision("transformer"),
+           "bc": _decision("bc")}
 
 
 def label(method: str, ov: list[str]) -> str:

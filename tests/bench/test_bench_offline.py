@@ -49,11 +49,11 @@ def test_bench_offline_runs_every_method_and_resumes(tmp_path):
 
 def test_report_keeps_two_weights_of_one_method_apart():
     """Rows of dreamer_penalty at two weights in one results file are two methods in the report, never
-    one average; the weight names the run directory too (a second weight must not resume the first's run)."""
-    from bench.offline import label, report
+    one average (the bench run above checks the weight in the run directory's name)."""
+    from bench.offline import WEIGHTS, label, report
 
     def row(method, weight, seed, score):
-        key = {"dreamer_penalty": "agent.penalty", "dreamer_bc": "agent.bc"}.get(method)
+        key = WEIGHTS.get(method)
         ov = ["offline=d", f"seed={seed}"] + ([f"{key}={weight}"] if key else [])
         return {"method": method, "dataset": "d", "seed": seed, "normalized_score": score, "eval_return": score,
                 "dataset_mean_return": 0.0, "params": 1e5, "updates": 1, "wall_s": 60.0, "machine": "m", "date": "x",
