@@ -135,7 +135,13 @@ def main(argv: list[str]) -> dict:
 
 def report(rows: list[dict]) -> str:
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    name = {id(r): label(r["method"], r["overrides"]) for r in rows}
+    base = {id(r): label(r["method"], r["overrides"]) for r in rows}
+    budgets: dict[str, set] = {}
+    for r in rows:
+        budgets.setdefault(base[id(r)], set()).add(r["updates"])
+    # a method run at two budgets in one file (a run continued with more updates) is two methods, named
+    # with their budget: never one average of both
+    name = {id(r): base[id(r)] + (f" @{r['updates']}" if len(budgets[base[id(r)]]) > 1 else "") for r in rows}
     methods = list(dict.fromkeys(name.values()))
 
     def cell(vals):

@@ -66,3 +66,21 @@ def test_report_keeps_two_weights_of_one_method_apart():
     table = report(rows)
     assert "| dreamer_penalty 1 | 20.0 (1) | 20.0 |" in table
     assert "| dreamer_penalty 10 | 50.0 (2) | 50.0 |" in table
+
+
+def test_report_keeps_two_budgets_of_one_method_apart():
+    """A method continued to more updates in the same results file is reported per budget, not averaged
+    with its shorter runs; a method at one budget keeps its plain name."""
+    from bench.offline import report
+
+    def row(method, updates, seed, score):
+        return {"method": method, "dataset": "d", "seed": seed, "normalized_score": score, "eval_return": score,
+                "dataset_mean_return": 0.0, "params": 1e5, "updates": updates, "wall_s": 60.0, "machine": "m",
+                "date": "x", "overrides": ["offline=d", f"seed={seed}", f"offline_updates={updates}"]}
+
+    rows = [row("dreamer", 1000, 0, -4.0), row("dreamer", 1000, 1, -2.0), row("dreamer", 3000, 0, 20.0),
+            row("dreamer", 3000, 1, 60.0), row("ssm", 1500, 0, 70.0)]
+    table = report(rows)
+    assert "| dreamer @1000 | -3.0 (2) | -3.0 |" in table
+    assert "| dreamer @3000 | 40.0 (2) | 40.0 |" in table
+    assert "| ssm | 70.0 (1) | 70.0 |" in table
