@@ -47,6 +47,13 @@ def test_bench_offline_runs_every_method_and_resumes(tmp_path):
     assert (tmp_path / "merged" / "offline_toy.json").exists()
 
 
+def _row(method, seed, score, own, updates=1):
+    """A results row on dataset `d` whose score and return are `score`, with the method's own overrides."""
+    return {"method": method, "dataset": "d", "seed": seed, "normalized_score": score, "eval_return": score,
+            "dataset_mean_return": 0.0, "params": 1e5, "updates": updates, "wall_s": 60.0, "machine": "m", "date": "x",
+            "overrides": ["offline=d", f"seed={seed}", *own]}
+
+
 def test_report_keeps_two_weights_of_one_method_apart():
     """Rows of dreamer_penalty at two weights in one results file are two methods in the report, never
     one average (the bench run above checks the weight in the run directory's name)."""
@@ -54,10 +61,7 @@ def test_report_keeps_two_weights_of_one_method_apart():
 
     def row(method, weight, seed, score):
         key = WEIGHTS.get(method)
-        ov = ["offline=d", f"seed={seed}"] + ([f"{key}={weight}"] if key else [])
-        return {"method": method, "dataset": "d", "seed": seed, "normalized_score": score, "eval_return": score,
-                "dataset_mean_return": 0.0, "params": 1e5, "updates": 1, "wall_s": 60.0, "machine": "m", "date": "x",
-                "overrides": ov}
+        return _row(method, seed, score, [f"{key}={weight}"] if key else [])
 
     rows = [row("dreamer", None, 0, 10.0), row("dreamer_penalty", 1, 0, 20.0), row("dreamer_penalty", 10, 0, 40.0),
             row("dreamer_penalty", 10, 1, 60.0)]
@@ -74,9 +78,7 @@ def test_report_keeps_two_budgets_of_one_method_apart():
     from bench.offline import report
 
     def row(method, updates, seed, score):
-        return {"method": method, "dataset": "d", "seed": seed, "normalized_score": score, "eval_return": score,
-                "dataset_mean_return": 0.0, "params": 1e5, "updates": updates, "wall_s": 60.0, "machine": "m",
-                "date": "x", "overrides": ["offline=d", f"seed={seed}", f"offline_updates={updates}"]}
+        return _row(method, seed, score, [f"offline_updates={updates}"], updates)
 
     rows = [row("dreamer", 1000, 0, -4.0), row("dreamer", 1000, 1, -2.0), row("dreamer", 3000, 0, 20.0),
             row("dreamer", 3000, 1, 60.0), row("ssm", 1500, 0, 70.0)]
